@@ -1,0 +1,1 @@
+"""Reference example networks (plain PyTorch) used to exercise lwcompile."""

@@ -1,0 +1,350 @@
+"""The driver: trace -> for each site, each rule, each guard -> apply -> verify -> report.
+
+The engine knows no particular rule or guard; they are handed to it. All work happens on a
+deep copy of the user's model, in eval mode (so BatchNorm statistics never move), and the
+copy is handed back only after the whole result has been verified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .cost import count_macs, count_params, random_inputs
+from .errors import LwCompileError, RuleError, UntraceableError, VerificationError
+from .inputs import run_example
+from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
+from .rule import Guard, Match, Proposal, Refuse, Rule, Site
+from .state import preserved_state
+from .trace import TracedModel, join, record_calls, trace_model
+
+
+@dataclass
+class Workspace:
+    """The copy being rewritten, and where each traced region's graph lives inside it."""
+
+    root: nn.Module
+    traced: TracedModel
+    #: region name -> GraphModule installed in ``root`` (only these may be edited as graphs)
+    installed: dict[str, fx.GraphModule]
+
+
+def describe(module: nn.Module) -> str:
+    """A short human name for a module, e.g. ``Conv2d 64->64 3x3``."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = "x".join(map(str, module.kernel_size))
+        extras = [f"s{module.stride[0]}"] if max(module.stride) > 1 else []
+        extras += [f"d{module.dilation[0]}"] if max(module.dilation) > 1 else []
+        extras += [f"g{module.groups}"] if module.groups > 1 else []
+        tail = f" ({', '.join(extras)})" if extras else ""
+        return f"{type(module).__name__} {module.in_channels}->{module.out_channels} {k}{tail}"
+    return type(module).__name__
+
+
+def prepare(model: nn.Module, args: tuple, kwargs: dict) -> Workspace:
+    """Copy, trace, and install each traced region's GraphModule in the copy."""
+    try:
+        root = copy.deepcopy(model)
+    except Exception as exc:
+        raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
+    root.eval()
+    traced = trace_model(root, args, kwargs)
+    installed: dict[str, fx.GraphModule] = {}
+    for region in traced.regions:
+        if not region.traced or region.specialised:
+            continue
+        gm = region.graph_module
+        if region.name == "":
+            root = gm
+        else:
+            root.set_submodule(region.name, gm)
+        installed[region.name] = gm
+    if not installed and not traced.opaque_leaves and not any(
+        r.traced for r in traced.regions
+    ):
+        raise UntraceableError(
+            "no part of the model could be traced or visited: "
+            + "; ".join(traced.log or ["the model has no submodules to visit"])
+        )
+    return Workspace(root, traced, installed)
+
+
+def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
+               kwargs: dict) -> list[Site]:
+    """Every leaf call of a module of ``types``, with its shapes, in execution order."""
+    candidates: dict[str, tuple[str, fx.Node | None, bool]] = {}
+    for region in ws.traced.regions:
+        if not region.traced:
+            continue
+        editable = region.name in ws.installed
+        for node in region.graph_module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            name = join(region.name, node.target)
+            if isinstance(ws.root.get_submodule(name), types) and name not in candidates:
+                candidates[name] = (region.name, node, editable)
+    for name in ws.traced.opaque_leaves:
+        if isinstance(ws.root.get_submodule(name), types):
+            candidates.setdefault(name, (name.rpartition(".")[0], None, False))
+    modules = {name: ws.root.get_submodule(name) for name in candidates}
+    calls = record_calls(ws.root, modules, args, kwargs)
+    sites = []
+    for name in calls:  # dict order of first call = execution order
+        region, node, editable = candidates[name]
+        call = calls[name]
+        shapes = tuple(a.shape for a in call.args if isinstance(a, torch.Tensor))
+        out = call.output.shape if isinstance(call.output, torch.Tensor) else None
+        sites.append(Site(name, modules[name], shapes, out, node, region, editable))
+    return sites
+
+
+def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any]) -> nn.Module:
+    """The matched nodes as a standalone module taking ``inputs``: what a replacement must equal."""
+    graph = fx.Graph()
+    env = {n: graph.placeholder(f"in_{i}") for i, n in enumerate(inputs)}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(gm, graph)
+
+
+def _check_replacement(rule: Rule, original: nn.Module, replacement: nn.Module,
+                       shapes: tuple[torch.Size, ...]) -> tuple[str, int, int]:
+    """Run both on the same random input: '' if the replacement stands in, else the problem."""
+    inputs = random_inputs(shapes)
+    with torch.no_grad():
+        expected = original(*inputs)
+        try:
+            got = replacement(*inputs)
+            macs_after = count_macs(replacement, *inputs)
+        except Exception as exc:
+            return f"replacement fails to run: {type(exc).__name__}: {exc}"[:300], 0, 0
+        macs_before = count_macs(original, *inputs)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = got.shape if isinstance(got, torch.Tensor) else type(got).__name__
+        return (f"replacement output {tuple(shape)} != original {tuple(expected.shape)}",
+                macs_before, macs_after)
+    if rule.exact and not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        err = (got - expected).abs().max().item()
+        return f"rule claims to be exact but differs by up to {err:.3g}", macs_before, macs_after
+    return "", macs_before, macs_after
+
+
+def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.Node]) -> None:
+    site = match.site
+    if not match.nodes:
+        ws.root.set_submodule(site.name, replacement)
+        return
+    gm = ws.installed[site.region]
+    target = f"{site.node.target.replace('.', '_')}_lw"
+    gm.add_submodule(target, replacement)
+    last = match.nodes[-1]
+    with gm.graph.inserting_after(last):
+        new = gm.graph.call_module(target, args=tuple(match.inputs))
+    new.meta = dict(last.meta)
+    last.replace_all_uses_with(new)
+    for node in reversed(match.nodes):
+        if not node.users:
+            gm.graph.erase_node(node)
+            erased.add(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _original_of(ws: Workspace, match: Match) -> nn.Module:
+    if not match.nodes:
+        return match.site.module
+    return _subgraph(ws.installed[match.site.region], match.nodes, match.inputs)
+
+
+def _normalise(match: Match) -> Match:
+    """Fill defaults so the engine can treat every match the same way."""
+    if not match.nodes:
+        return match
+    inputs = match.inputs if match.inputs is not None else tuple(match.nodes[0].all_input_nodes)
+    shapes = match.input_shapes or tuple(n.meta["tensor_meta"].shape for n in inputs)
+    return Match(match.site, tuple(match.nodes), tuple(inputs), shapes, match.info)
+
+
+def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Guard],
+           erased: set[fx.Node], log: list[str]) -> Row | None:
+    """Ask each rule, then every guard; apply the first rewrite that survives. One row.
+
+    A rule that refuses the site lets later rules try; if none rewrites it, the first
+    refusal (or a guard's veto of it, which names the deeper reason) becomes the row.
+    """
+    misses: list[str] = []
+    refusal: Row | None = None
+    for rule in rules:
+        if not isinstance(site.module, rule.applies_to):
+            continue
+        try:
+            outcome = rule.match(site)
+        except Exception as exc:
+            return _failed(site, rule, f"matcher raised {type(exc).__name__}: {exc}")
+        if isinstance(outcome, Refuse):
+            if refusal is None:
+                refusal = _kept(site, rule.name, REFUSED, outcome.reason)
+                veto = _first_veto(guards, Proposal(rule, Match(site), None))
+                if veto is not None:
+                    refusal = _kept(site, *veto)
+            continue
+        if not isinstance(outcome, Match):
+            misses.append(f"{rule.name}: {getattr(outcome, 'reason', 'no match')}")
+            continue
+        match = _normalise(outcome)
+        if match.nodes and not site.graph_editable:
+            return _failed(site, rule, "needs graph context, but this site's region was not "
+                           "traced as an editable graph")
+        if any(n in erased for n in match.nodes):
+            misses.append(f"{rule.name}: part of the match was already rewritten")
+            continue
+        original = _original_of(ws, match)
+        try:
+            replacement = rule.build(match)
+        except Exception as exc:
+            return _failed(site, rule, f"builder raised {type(exc).__name__}: {exc}")
+        if not isinstance(replacement, nn.Module):
+            return _failed(site, rule, f"builder returned {type(replacement).__name__}, "
+                           "not an nn.Module")
+        _match_placement(replacement, site.module)
+        veto = _first_veto(guards, Proposal(rule, match, replacement))
+        if veto is not None:
+            return _kept(site, *veto, params=count_params(original))
+        problem, macs_before, macs_after = _check_replacement(
+            rule, original, replacement, match.shapes)
+        row = Row(site.name, describe(site.module), rule.describe(replacement), APPLIED,
+                  rule.name, "", count_params(original), count_params(replacement),
+                  macs_before, macs_after)
+        if problem:
+            row.outcome, row.reason, row.replacement = ROLLED_BACK, problem, "kept"
+            row.params_after, row.macs_after = row.params_before, row.macs_before
+            return row
+        _apply(ws, match, replacement, erased)
+        return row
+    if refusal is None and misses:
+        log.append(f"{site.name}: no rule matched ({'; '.join(misses)})")
+    return refusal
+
+
+def _first_veto(guards: Sequence[Guard], proposal: Proposal) -> tuple[str, str, str] | None:
+    for guard in guards:
+        veto = guard.check(proposal)
+        if veto is not None:
+            return guard.name, KEPT, veto.reason
+    return None
+
+
+def _kept(site: Site, decided_by: str, outcome: str, reason: str,
+          params: int | None = None) -> Row:
+    params = count_params(site.module) if params is None else params
+    try:
+        macs = count_macs(site.module, *random_inputs(site.input_shapes))
+    except Exception:  # a site we only report on must not stop compilation
+        macs = 0
+    return Row(site.name, describe(site.module), "kept", outcome, decided_by, reason[:300],
+               params, params, macs, macs)
+
+
+def _failed(site: Site, rule: Rule, reason: str) -> Row:
+    return _kept(site, rule.name, ROLLED_BACK, reason)
+
+
+def _match_placement(replacement: nn.Module, like: nn.Module) -> None:
+    ref = next(like.parameters(), None)
+    if ref is not None:
+        replacement.to(device=ref.device, dtype=ref.dtype)
+
+
+def _output_shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_output_shapes(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _output_shapes(v) for k, v in out.items()}
+    return type(out).__name__
+
+
+def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    with preserved_state(module), torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
+                 guards: Sequence[Guard], held_back: dict[str, str]) -> tuple[nn.Module, Report]:
+    """One pass over the model; sites in ``held_back`` are reported but left as they are."""
+    ws = prepare(model, args, kwargs)
+    report = Report(log=list(ws.traced.log))
+    types = tuple({t for rule in rules for t in rule.applies_to})
+    erased: set[fx.Node] = set()
+    for site in find_sites(ws, types, args, kwargs) if types else []:
+        if site.node is not None and site.node in erased:
+            continue
+        if site.name in held_back:
+            report.rows.append(_kept(site, "verify", ROLLED_BACK, held_back[site.name]))
+            continue
+        row = decide(ws, site, rules, guards, erased, report.log)
+        if row is not None:
+            report.rows.append(row)
+    return ws.root, report
+
+
+def _first_failure(result: nn.Module, args: tuple, kwargs: dict, expected: Any) -> str:
+    try:
+        out = run(result, args, kwargs)
+    except Exception as exc:
+        return f"result fails to run: {type(exc).__name__}: {exc}"[:300]
+    got = _output_shapes(out)
+    return "" if got == expected else f"result output shapes {got} != original {expected}"
+
+
+def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
+                     guards: Sequence[Guard], inferred: bool = False) -> tuple[nn.Module, Report]:
+    """Compile, check the whole result, and roll back the culprit rewrite until it passes.
+
+    Each site was already checked alone; a whole-model failure means rewrites interact, so
+    the first applied rewrite whose inclusion breaks the model is found by bisection over
+    the applied ones in order and held back, and compilation is repeated.
+    """
+    names = {r.name for r in rules}
+    if len(names) != len(rules):
+        raise RuleError("two rules share a name; give each rule a distinct `name`")
+    try:
+        reference = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
+    expected = _output_shapes(run_example(reference, args, kwargs, inferred))
+    macs_before = count_macs(reference, *args, **kwargs)
+    held_back: dict[str, str] = {}
+    while True:
+        result, report = compile_once(model, args, kwargs, rules, guards, held_back)
+        problem = _first_failure(result, args, kwargs, expected)
+        if not problem:
+            break
+        applied = [r.site for r in report.applied]
+        if not applied:
+            raise VerificationError(f"the traced model itself fails verification: {problem}")
+        lo, hi = 1, len(applied)  # smallest prefix of applied rewrites that fails
+        while lo < hi:
+            mid = (lo + hi) // 2
+            keep = set(applied[:mid])
+            trial, _ = compile_once(model, args, kwargs, rules, guards,
+                                    held_back | {s: "" for s in applied if s not in keep})
+            if _first_failure(trial, args, kwargs, expected):
+                hi = mid
+            else:
+                lo = mid + 1
+        held_back[applied[lo - 1]] = f"whole-model check failed with it: {problem}"
+    report.summary = Summary(count_params(model), count_params(result), macs_before,
+                             count_macs(result, *args, **kwargs))
+    flags = {id(m): m.training for m in model.modules()}
+    for m in result.modules():
+        m.train(flags.get(id(m), model.training))
+    return result, report

@@ -1,0 +1,212 @@
+"""Hierarchical torch.fx tracing that survives real restoration networks.
+
+Algorithm:
+1. Try to trace a module whole. If tracing raises inside a submodule, that submodule is
+   marked as a leaf (opaque) and tracing is retried, so one bad block costs only itself.
+2. A graph that traces is run on the module's real inputs (recorded from one eager forward)
+   and compared with eager: fx can trace without error and still be wrong (a Python ``if``
+   baked in, a forward that assigns attributes).
+3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
+   are visited in turn. Convs met directly inside opaque code become module-only sites: they
+   can still be swapped, but nothing is known about what feeds or consumes them.
+
+Module state (``__dict__``) is snapshotted and restored around every trace and run, because
+some forwards assign attributes (``self.mean = self.mean.type_as(x)``, fused weights).
+Tracing knows nothing of rewrites.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .state import preserved_state
+
+
+@dataclass
+class Region:
+    """A module of the model seen as one unit of tracing."""
+
+    name: str
+    module: nn.Module
+    graph_module: fx.GraphModule | None = None
+    opaque_reason: str = ""
+    #: traced with some non-tensor arguments fixed: the graph is for analysis only and is
+    #: never installed in the result (it would bake those values in).
+    specialised: bool = False
+
+    @property
+    def traced(self) -> bool:
+        return self.graph_module is not None
+
+
+@dataclass
+class TracedModel:
+    """The outcome of tracing: regions (traced or opaque) and leaf modules met in opaque code."""
+
+    regions: list[Region] = field(default_factory=list)
+    #: qualified names of leaf modules called from opaque (untraced) code
+    opaque_leaves: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
+
+
+class _LeafTracer(fx.Tracer):
+    """An fx tracer that treats chosen submodules as leaves and remembers where it failed."""
+
+    def __init__(self, opaque: set[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.opaque or super().is_leaf_module(m, qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # the innermost failing module sees the exception first
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+@dataclass
+class Call:
+    """The first call of a module in an eager forward: its arguments and result."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+def record_calls(
+    root: nn.Module, targets: dict[str, nn.Module], args: tuple, kwargs: dict
+) -> dict[str, Call]:
+    """Run ``root`` once and record the first call of each target module."""
+    calls: dict[str, Call] = {}
+    handles = []
+    for name, module in targets.items():
+        def hook(_m, a, kw, out, name=name):
+            calls.setdefault(name, Call(a, kw, out))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with preserved_state(root), torch.no_grad():
+            root(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list[Any]]:
+    """Bind a call to ``forward``'s parameters; non-tensor arguments become concrete args."""
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    concrete = {
+        k: v for k, v in bound.arguments.items()
+        if sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      inspect.Parameter.KEYWORD_ONLY)
+        and not isinstance(v, torch.Tensor) and v is not None
+    }
+    return concrete, list(bound.arguments.values())
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5,
+                                                            equal_nan=True))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[str]]:
+    """Trace one module, marking failing submodules opaque; return it and its opaque leaves."""
+    opaque: set[str] = set()
+    try:
+        concrete, values = _split_concrete(module, call)
+    except TypeError as exc:
+        return Region(name, module, opaque_reason=f"cannot bind recorded call: {exc}"), opaque
+    while True:
+        tracer = _LeafTracer(opaque)
+        try:
+            with preserved_state(module):
+                graph = tracer.trace(module, concrete_args=concrete or None)
+            gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            break
+        except Exception as exc:  # fx raises anything the user's forward raises
+            culprit = tracer.failed_in
+            if not culprit or culprit in opaque:
+                return Region(name, module, opaque_reason=_short(exc)), set()
+            opaque.add(culprit)
+    try:
+        with preserved_state(module), torch.no_grad():
+            values_for_graph = [
+                v for v, p in zip(values, inspect.signature(module.forward).parameters.values(),
+                                  strict=False)
+                if p.kind is not inspect.Parameter.VAR_KEYWORD
+            ]
+            out = ShapeProp(gm).propagate(*values_for_graph)
+    except Exception as exc:
+        reason = f"traced graph fails to run: {_short(exc)}"
+        return Region(name, module, opaque_reason=reason), set()
+    if not _same(out, call.output):
+        return Region(name, module, opaque_reason="traced graph disagrees with eager"), set()
+    return Region(name, module, gm, specialised=bool(concrete)), opaque
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """fx's own notion of a leaf: torch.nn built-ins other than containers."""
+    return fx.Tracer().is_leaf_module(module, "")
+
+
+def trace_model(model: nn.Module, args: tuple, kwargs: dict) -> TracedModel:
+    """Trace ``model`` hierarchically, level by level, one eager forward per level."""
+    result = TracedModel()
+    pending: dict[str, nn.Module] = {"": model}
+    calls = {"": Call(args, kwargs, None)}
+    with preserved_state(model), torch.no_grad():
+        calls[""].output = model(*args, **kwargs)
+    while pending:
+        if set(pending) != {""}:
+            calls = record_calls(model, pending, args, kwargs)
+        next_level: dict[str, nn.Module] = {}
+        for name, module in pending.items():
+            if name not in calls:
+                result.log.append(f"{name}: never called in the forward pass; skipped")
+                continue
+            if is_leaf(module):
+                result.opaque_leaves.append(name)
+                continue
+            region, opaque = trace_region(name, module, calls[name])
+            result.regions.append(region)
+            if region.traced:
+                children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}
+            else:
+                result.log.append(f"{name or '<root>'}: opaque ({region.opaque_reason})")
+                children = {join(name, n): c for n, c in module.named_children()}
+            next_level.update(children)
+        pending = next_level
+    return result
