@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .cost import count_macs, count_params, random_inputs
 from .errors import (
     ExampleInputError,
     LwCompileError,
@@ -19,12 +20,15 @@ from .errors import (
     UntraceableError,
     VerificationError,
 )
-from .modules import LIST
+from .flow import DataFlow, is_depthwise, record_flow
+from .modules import GSAT, LIST, PointwiseOverParts, Resize
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 
 __all__ = [
-    "LIST", "ExampleInputError", "Guard", "LwCompileError", "Match", "NoMatch",
+    "GSAT", "LIST", "DataFlow", "PointwiseOverParts", "Resize", "count_macs", "count_params",
+    "is_depthwise", "random_inputs", "record_flow", "ExampleInputError", "Guard",
+    "LwCompileError", "Match", "NoMatch",
     "NotAModuleError", "Proposal", "Refuse", "Report", "Row", "Rule", "RuleError", "Site",
     "Summary",
     "UntraceableError", "Veto", "VerificationError", "default_guards", "default_rules",
@@ -34,16 +38,24 @@ __all__ = [
 
 def default_rules() -> list[Rule]:
     """The built-in rules (from the ``rules`` folder), in priority order."""
+    from .rules.gsat_dilated import GsatRule
     from .rules.list_conv import ListRule
+    from .rules.split_concat_pointwise import SplitConcatPointwiseRule
+    from .rules.strided_conv import StridedConvRule
+    from .rules.subpixel import SubpixelRule
+    from .rules.transposed_conv import TransposedConvRule
 
-    return sorted([ListRule()], key=lambda r: r.priority)
+    rules = [SplitConcatPointwiseRule(), SubpixelRule(), GsatRule(), StridedConvRule(),
+             TransposedConvRule(), ListRule()]
+    return sorted(rules, key=lambda r: r.priority)
 
 
 def default_guards() -> list[Guard]:
     """The guards applied by default to every rule, built-in or not."""
+    from .rules.depthwise_subpixel import DepthwiseSubpixelGuard
     from .rules.image_boundary import ImageBoundaryGuard
 
-    return [ImageBoundaryGuard()]
+    return [ImageBoundaryGuard(), DepthwiseSubpixelGuard()]
 
 
 def lighten(

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .cost import count_macs, count_params, random_inputs
+from .cost import Measured, count_macs, count_params, measure, random_inputs, run_counting
 from .errors import LwCompileError, RuleError, UntraceableError, VerificationError
+from .flow import record_flow
+from .graph import concat_skips
 from .inputs import run_example
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
-from .state import preserved_state
-from .trace import TracedModel, join, record_calls, trace_model
+from .trace import TracedModel, join, trace_model
 
 
 @dataclass
@@ -92,15 +93,12 @@ def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
     for name in ws.traced.opaque_leaves:
         if isinstance(ws.root.get_submodule(name), types):
             candidates.setdefault(name, (name.rpartition(".")[0], None, False))
-    modules = {name: ws.root.get_submodule(name) for name in candidates}
-    calls = record_calls(ws.root, modules, args, kwargs)
+    flow = record_flow(ws.root, args, kwargs, watch=candidates)
     sites = []
-    for name in calls:  # dict order of first call = execution order
+    for name, (shapes, out) in flow.shapes.items():  # first-call order = execution order
         region, node, editable = candidates[name]
-        call = calls[name]
-        shapes = tuple(a.shape for a in call.args if isinstance(a, torch.Tensor))
-        out = call.output.shape if isinstance(call.output, torch.Tensor) else None
-        sites.append(Site(name, modules[name], shapes, out, node, region, editable))
+        sites.append(Site(name, ws.root.get_submodule(name), shapes, out, node, region,
+                          editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle))
     return sites
 
 
@@ -116,16 +114,16 @@ def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any
 
 def _check_replacement(rule: Rule, original: nn.Module, replacement: nn.Module,
                        shapes: tuple[torch.Size, ...]) -> tuple[str, int, int]:
-    """Run both on the same random input: '' if the replacement stands in, else the problem."""
+    """Run both on the same random input: '' if the replacement stands in, else the problem.
+
+    Also returns the MACs of both, counted on that same run.
+    """
     inputs = random_inputs(shapes)
-    with torch.no_grad():
-        expected = original(*inputs)
-        try:
-            got = replacement(*inputs)
-            macs_after = count_macs(replacement, *inputs)
-        except Exception as exc:
-            return f"replacement fails to run: {type(exc).__name__}: {exc}"[:300], 0, 0
-        macs_before = count_macs(original, *inputs)
+    expected, macs_before = run_counting(original, inputs)
+    try:
+        got, macs_after = run_counting(replacement, inputs)
+    except Exception as exc:
+        return f"replacement fails to run: {type(exc).__name__}: {exc}"[:300], macs_before, 0
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         shape = got.shape if isinstance(got, torch.Tensor) else type(got).__name__
         return (f"replacement output {tuple(shape)} != original {tuple(expected.shape)}",
@@ -155,6 +153,7 @@ def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.N
             erased.add(node)
     gm.graph.lint()
     gm.recompile()
+    gm.delete_all_unused_submodules()
 
 
 def _original_of(ws: Workspace, match: Match) -> nn.Module:
@@ -272,16 +271,14 @@ def _output_shapes(out: Any) -> Any:
     return type(out).__name__
 
 
-def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    with preserved_state(module), torch.no_grad():
-        return module(*args, **kwargs)
-
-
 def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                  guards: Sequence[Guard], held_back: dict[str, str]) -> tuple[nn.Module, Report]:
     """One pass over the model; sites in ``held_back`` are reported but left as they are."""
     ws = prepare(model, args, kwargs)
     report = Report(log=list(ws.traced.log))
+    report.notes["concat_skips"] = [
+        asdict(skip) for name, gm in ws.installed.items()
+        for skip in concat_skips(gm.graph, name)]
     types = tuple({t for rule in rules for t in rule.applies_to})
     erased: set[fx.Node] = set()
     for site in find_sites(ws, types, args, kwargs) if types else []:
@@ -296,13 +293,17 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
     return ws.root, report
 
 
-def _first_failure(result: nn.Module, args: tuple, kwargs: dict, expected: Any) -> str:
+def _first_failure(result: nn.Module, args: tuple, kwargs: dict,
+                   expected: Any) -> tuple[str, Measured | None]:
+    """'' if the result runs and gives the original's output shapes, else the problem; and
+    what was measured on that run."""
     try:
-        out = run(result, args, kwargs)
+        run = measure(result, args, kwargs)
     except Exception as exc:
-        return f"result fails to run: {type(exc).__name__}: {exc}"[:300]
-    got = _output_shapes(out)
-    return "" if got == expected else f"result output shapes {got} != original {expected}"
+        return f"result fails to run: {type(exc).__name__}: {exc}"[:300], None
+    got = _output_shapes(run.output)
+    return ("" if got == expected else f"result output shapes {got} != original {expected}",
+            run)
 
 
 def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
@@ -320,12 +321,12 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
         reference = copy.deepcopy(model).eval()
     except Exception as exc:
         raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
-    expected = _output_shapes(run_example(reference, args, kwargs, inferred))
-    macs_before = count_macs(reference, *args, **kwargs)
+    before = run_example(reference, args, kwargs, inferred)
+    expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}
     while True:
         result, report = compile_once(model, args, kwargs, rules, guards, held_back)
-        problem = _first_failure(result, args, kwargs, expected)
+        problem, after = _first_failure(result, args, kwargs, expected)
         if not problem:
             break
         applied = [r.site for r in report.applied]
@@ -337,13 +338,13 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
             keep = set(applied[:mid])
             trial, _ = compile_once(model, args, kwargs, rules, guards,
                                     held_back | {s: "" for s in applied if s not in keep})
-            if _first_failure(trial, args, kwargs, expected):
+            if _first_failure(trial, args, kwargs, expected)[0]:
                 hi = mid
             else:
                 lo = mid + 1
         held_back[applied[lo - 1]] = f"whole-model check failed with it: {problem}"
-    report.summary = Summary(count_params(model), count_params(result), macs_before,
-                             count_macs(result, *args, **kwargs))
+    report.summary = Summary(count_params(model), count_params(result), before.macs, after.macs,
+                             before.peak_bytes, after.peak_bytes)
     flags = {id(m): m.training for m in model.modules()}
     for m in result.modules():
         m.train(flags.get(id(m), model.training))

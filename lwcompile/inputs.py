@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cost import Measured, measure
 from .errors import ExampleInputError
-from .state import preserved_state
 
 DEFAULT_SIZE = 64
 
@@ -39,14 +39,16 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     return (image.to(device=ref.device, dtype=ref.dtype),)
 
 
-def run_example(model: nn.Module, args: tuple, kwargs: dict[str, Any], inferred: bool) -> Any:
+def run_example(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                inferred: bool) -> Measured:
     """Run the model once (no grad, state restored) and turn its failure into a clear error.
+
+    Returns the output with the MACs and peak activation memory measured on that run.
 
     Call it on a copy in eval mode: a forward may still touch state we cannot restore.
     """
     try:
-        with preserved_state(model), torch.no_grad():
-            return model(*args, **kwargs)
+        return measure(model, args, kwargs)
     except Exception as exc:
         hint = ("the inferred 1xCx64x64 input does not fit this model; pass "
                 "example_inputs=(...)" if inferred else "check example_inputs")

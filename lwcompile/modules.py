@@ -7,6 +7,7 @@ light networks by hand with them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,3 +48,94 @@ class LIST(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)
         return torch.cat([self.pointwise_branch(squeezed), self.spatial_branch(squeezed)], dim=1)
+
+
+class GSAT(nn.Module):
+    """Drop-in for a dense dilated 3x3 conv (C -> C): grouped, shuffled, residual.
+
+    A grouped dilated 3x3 keeps the receptive field at 1/groups of the cost; the channel
+    shuffle lets the grouped 1x1 that follows mix information across groups; the residual
+    add and ReLU follow the authors' reference module.
+    """
+
+    def __init__(self, channels: int, dilation: int, groups: int = 8,
+                 padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"GSAT needs channels divisible by groups; got {channels}/{groups}")
+        self.grouped_dilated = nn.Conv2d(channels, channels, 3, padding=dilation,
+                                         dilation=dilation, groups=groups,
+                                         padding_mode=padding_mode)
+        self.shuffle = nn.ChannelShuffle(groups)
+        self.grouped_pointwise = nn.Conv2d(channels, channels, 1, groups=groups)
+        self.norm = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.grouped_pointwise(self.shuffle(self.grouped_dilated(x)))
+        return self.act(self.norm(y) + x)
+
+
+class Resize(nn.Module):
+    """Bilinear resize to the spatial size a given conv (or transposed conv) would produce.
+
+    The size is computed from the input at run time with the conv's own arithmetic, so a
+    resample+LIST replacement matches the original for every input size, odd ones included.
+    """
+
+    def __init__(self, kind: str, kernel_size: tuple[int, int] = (1, 1),
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1),
+                 output_padding: tuple[int, int] = (0, 0)) -> None:
+        super().__init__()
+        if kind not in ("conv", "transposed", "scale"):
+            raise ValueError(f"kind must be conv, transposed or scale, not {kind!r}")
+        self.kind = kind
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.output_padding = dilation, output_padding
+
+    def output_size(self, size: tuple[int, int]) -> list[int]:
+        out = []
+        for i, n in enumerate(size):
+            k, s, p, d = self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]
+            if self.kind == "conv":
+                out.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+            elif self.kind == "transposed":
+                out.append((n - 1) * s - 2 * p + d * (k - 1) + self.output_padding[i] + 1)
+            else:
+                out.append(n * s)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.output_size((x.shape[-2], x.shape[-1]))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, stride={self.stride}"
+
+
+class PointwiseOverParts(nn.Module):
+    """A 1x1 conv over ``cat(parts, dim=1)`` computed as a sum of 1x1 convs over each part.
+
+    Exactly equal to the original, but the concatenated tensor is never materialised: in a
+    U-Net decoder that tensor is often the largest activation alive.
+    """
+
+    def __init__(self, conv: nn.Conv2d, part_channels: list[int]) -> None:
+        super().__init__()
+        if sum(part_channels) != conv.in_channels or conv.groups != 1:
+            raise ValueError("parts must add up to the conv's input channels (groups=1)")
+        weights = torch.split(conv.weight.detach(), part_channels, dim=1)
+        self.parts = nn.ModuleList()
+        for i, (w, c) in enumerate(zip(weights, part_channels, strict=True)):
+            part = nn.Conv2d(c, conv.out_channels, 1, bias=conv.bias is not None and i == 0)
+            part.weight = nn.Parameter(w.clone())
+            if part.bias is not None:
+                part.bias = nn.Parameter(conv.bias.detach().clone())
+            self.parts.append(part)
+
+    def forward(self, *parts: torch.Tensor) -> torch.Tensor:
+        out = self.parts[0](parts[0])
+        for conv, x in zip(self.parts[1:], parts[1:], strict=True):
+            out = out + conv(x)
+        return out

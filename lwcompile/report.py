@@ -33,6 +33,9 @@ class Summary:
     params_after: int
     macs_before: int
     macs_after: int
+    #: peak bytes of activations alive at once during the example forward
+    peak_activation_before: int = 0
+    peak_activation_after: int = 0
 
     @property
     def param_ratio(self) -> float:
@@ -83,6 +86,10 @@ class Report:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths[:-1]), "---")]
         out += [fmt.format(*line).rstrip() for line in lines]
+        skips = self.notes.get("concat_skips") or []
+        if skips:
+            out.append("")
+            out.append(f"{len(skips)} concat skips: " + ", ".join(_skip(k) for k in skips))
         if self.summary is not None:
             s = self.summary
             out.append("")
@@ -90,9 +97,16 @@ class Report:
                 f"{len(self.applied)} rewritten, {len(self.refused)} kept | "
                 f"params {_num(s.params_before)} -> {_num(s.params_after)} "
                 f"({s.param_ratio:.1f}x fewer) | MACs {_num(s.macs_before)} -> "
-                f"{_num(s.macs_after)} ({s.mac_ratio:.1f}x fewer)"
+                f"{_num(s.macs_after)} ({s.mac_ratio:.1f}x fewer) | peak activations "
+                f"{s.peak_activation_before / 2**20:.1f} -> "
+                f"{s.peak_activation_after / 2**20:.1f} MiB"
             )
         return "\n".join(out)
+
+
+def _skip(skip: dict[str, Any]) -> str:
+    parts = zip(skip["inputs"], skip["depths"], strict=True)
+    return f"{skip['concat']} ({' + '.join(f'{name}@depth {d}' for name, d in parts)})"
 
 
 def _num(n: int) -> str:

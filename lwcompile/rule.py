@@ -33,6 +33,9 @@ class Site:
     region: str = ""
     #: True when the graph around the node may be rewritten (not only the module swapped)
     graph_editable: bool = False
+    #: the output reaches a pixel shuffle through pointwise ops only (seen in a real forward,
+    #: so known even where tracing failed)
+    feeds_pixel_shuffle: bool = False
 
     @property
     def producers(self) -> list[fx.Node]:

@@ -1,0 +1,143 @@
+"""Runtime data flow: which module outputs reach a pixel shuffle, seen from one real forward.
+
+fx cannot see inside code it failed to trace, so a guard asking "does this conv feed a
+pixel shuffle?" would be blind there. Instead we run the model once under a
+``TorchFunctionMode`` and tag tensors with the watched modules whose output reaches them
+through *pointwise* operations only (activations, norms, 1x1 convs, adds, concats, slicing).
+Any op that mixes neighbouring pixels clears the tag. When a tagged tensor enters a pixel
+shuffle, its tagged modules are recorded as feeding one. This works identically in traced
+graphs, opaque code and replacement modules, and needs no tracing at all.
+
+Known blind spot: a pixel shuffle hand-written with ``view``/``permute`` (or einops) is not
+recognised as one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .state import preserved_state
+
+_TAG = "_lwcompile_origins"
+
+#: torch functions / Tensor methods (by ``__name__``) that do not mix neighbouring pixels
+POINTWISE = frozenset("""
+add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ mul mul_ __mul__ __rmul__
+__imul__ div div_ __truediv__ __rtruediv__ neg abs clamp clamp_ clip pow __pow__
+relu relu_ relu6 leaky_relu leaky_relu_ prelu gelu silu silu_ sigmoid sigmoid_ tanh tanh_
+hardtanh hardtanh_ hardswish hardsigmoid elu elu_ selu mish softplus
+batch_norm layer_norm group_norm instance_norm dropout dropout2d
+cat concat concatenate stack split chunk narrow __getitem__ select
+clone contiguous to float half double type_as detach
+""".split())
+PIXEL_SHUFFLE = frozenset({"pixel_shuffle"})
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A spatial conv with one filter group per input channel: its channels share no kernel
+    mixing, so every channel that follows pointwise shares its spatial filter."""
+    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            and max(module.kernel_size) > 1)
+
+
+def _pointwise_conv(args: tuple, kwargs: dict) -> bool:
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    stride = args[3] if len(args) > 3 else kwargs.get("stride", 1)
+    return (isinstance(weight, torch.Tensor) and tuple(weight.shape[-2:]) == (1, 1)
+            and stride in (1, (1, 1), [1, 1]))
+
+
+def _origins(value: Any) -> frozenset[str]:
+    tensors = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in tensors))
+
+
+_tagged: list[weakref.ref] = []  # so tags never outlive a run (ops may return a parameter)
+
+
+def _tag(value: Any, origins: frozenset[str]) -> None:
+    for t in tree_flatten(value)[0]:
+        if isinstance(t, torch.Tensor):
+            try:
+                setattr(t, _TAG, origins)
+                _tagged.append(weakref.ref(t))
+            except (AttributeError, RuntimeError, TypeError):  # some subclasses refuse
+                pass
+
+
+def _untag_all() -> None:
+    while _tagged:
+        t = _tagged.pop()()
+        if t is not None and hasattr(t, _TAG):
+            delattr(t, _TAG)
+
+
+@dataclass
+class DataFlow:
+    """What one forward showed: watched modules that feed a pixel shuffle or the output."""
+
+    feeds_pixel_shuffle: set[str] = field(default_factory=set)
+    feeds_output: set[str] = field(default_factory=set)
+    #: watched module -> (input shapes, output shape) of its first call, in call order
+    shapes: dict[str, tuple[tuple[torch.Size, ...], torch.Size | None]] = field(
+        default_factory=dict)
+
+
+class _FlowMode(TorchFunctionMode):
+    def __init__(self, flow: DataFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__get__" or not isinstance(out, (torch.Tensor, tuple, list)):
+            return out
+        origins = _origins((args, kwargs))
+        if name in PIXEL_SHUFFLE:
+            self.flow.feeds_pixel_shuffle |= origins
+            _tag(out, frozenset())
+        elif name in POINTWISE or (name == "conv2d" and _pointwise_conv(args, kwargs)):
+            _tag(out, origins)
+        else:
+            _tag(out, frozenset())
+        return out
+
+
+def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
+                watch: Iterable[str] | None = None) -> DataFlow:
+    """Run ``model`` once and report which watched submodules feed a pixel shuffle.
+
+    ``watch`` names submodules (qualified names); by default every leaf module.
+    """
+    flow = DataFlow()
+    modules = dict(model.named_modules())
+    names = list(watch) if watch is not None else [
+        n for n, m in modules.items() if not list(m.children())]
+    handles = []
+    for name in names:
+        def hook(_m, inputs, out, name=name):
+            if name not in flow.shapes:
+                flow.shapes[name] = (
+                    tuple(a.shape for a in inputs if isinstance(a, torch.Tensor)),
+                    out.shape if isinstance(out, torch.Tensor) else None)
+            _tag(out, _origins(out) | {name})
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with preserved_state(model), torch.no_grad(), _FlowMode(flow):
+            out = model(*args, **(kwargs or {}))
+        flow.feeds_output = set(_origins(out))
+    finally:
+        for h in handles:
+            h.remove()
+        _untag_all()
+    return flow

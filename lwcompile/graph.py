@@ -1,0 +1,64 @@
+"""A networkx view of a traced region: depths, and the concat skips of U-Net style networks.
+
+A channel concat whose inputs were produced at different depths of the graph (longest path
+from the inputs) joins an early feature map to a late one: a skip connection. Rewrites of
+convs that consume one must keep the channel bookkeeping (which input channels are which),
+so the report lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Nodes are fx node names; an edge runs from each producer to each consumer."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name, op=node.op, target=str(node.target))
+        for producer in node.all_input_nodes:
+            g.add_edge(producer.name, node.name)
+    return g
+
+
+def depths(g: nx.DiGraph) -> dict[str, int]:
+    """Longest-path depth of every node from the graph's inputs."""
+    depth: dict[str, int] = {}
+    for name in nx.topological_sort(g):
+        depth[name] = max((depth[p] + 1 for p in g.predecessors(name)), default=0)
+    return depth
+
+
+@dataclass(frozen=True)
+class ConcatSkip:
+    concat: str  # qualified name of the cat node
+    inputs: tuple[str, ...]  # fx names of its inputs
+    depths: tuple[int, ...]  # their depths: a spread means a skip
+    channels: tuple[int, ...]
+
+
+def concat_skips(graph: fx.Graph, prefix: str = "") -> list[ConcatSkip]:
+    """Channel concats (dim 1 of 4-D tensors) whose inputs come from different depths."""
+    g = to_networkx(graph)
+    depth = depths(g)
+    skips = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+            continue
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = node.args[0]
+        meta = node.meta.get("tensor_meta")
+        if dim not in (1, -3) or meta is None or len(meta.shape) != 4:
+            continue
+        if not all(isinstance(p, fx.Node) and "tensor_meta" in p.meta for p in parts):
+            continue
+        part_depths = tuple(depth[p.name] for p in parts)
+        if len(set(part_depths)) > 1:
+            name = f"{prefix}.{node.name}" if prefix else node.name
+            skips.append(ConcatSkip(name, tuple(p.name for p in parts), part_depths,
+                                    tuple(p.meta["tensor_meta"].shape[1] for p in parts)))
+    return skips

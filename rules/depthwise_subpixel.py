@@ -1,0 +1,50 @@
+"""Refuse any rewrite that leaves a depthwise(-separable) conv feeding a pixel shuffle.
+
+A pixel shuffle gives each of the r^2 output phases its own channels, i.e. its own spatial
+kernel. If those channels come from a depthwise conv through pointwise ops only, every phase
+is a mix of the *same* depthwise-filtered maps: the phases share one spatial kernel and the
+upsampled image shows a periodic grid (Lahiri et al. 2021). This guard applies to every
+rule, user rules included; it looks at the replacement itself with a real forward
+(``record_flow``), and at where the site's output goes in the real model (``Site``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lwcompile import Guard, Proposal, Veto, is_depthwise, random_inputs, record_flow
+
+SAFE = "use resize-then-convolve (bilinear upsample + LIST, the `subpixel` rule) instead"
+
+
+@dataclass
+class DepthwiseSubpixelGuard(Guard):
+    name = "no-depthwise-subpixel"
+
+    def check(self, proposal: Proposal) -> Veto | None:
+        replacement, match = proposal.replacement, proposal.match
+        if replacement is None:
+            return None
+        depthwise = [n for n, m in replacement.named_modules() if is_depthwise(m)]
+        if not depthwise:
+            return None
+        flow = record_flow(replacement, random_inputs(match.shapes), watch=depthwise)
+        inside = flow.feeds_pixel_shuffle & set(depthwise)
+        if inside:
+            return Veto(f"depthwise conv {sorted(inside)[0]} would feed a pixel shuffle inside "
+                        f"the replacement: all r^2 phases would share one spatial kernel "
+                        f"(grid artifacts); {SAFE}")
+        replaces_the_shuffle = any(
+            "pixel_shuffle" in str(n.target) or "PixelShuffle" in _module_type(n)
+            for n in match.nodes)
+        if match.site.feeds_pixel_shuffle and not replaces_the_shuffle and flow.feeds_output:
+            return Veto("the replacement ends in a depthwise-separable path and this conv feeds "
+                        "a pixel shuffle: all r^2 output phases would share one spatial kernel "
+                        f"(grid artifacts); {SAFE}")
+        return None
+
+
+def _module_type(node) -> str:  # noqa: ANN001 - an fx.Node
+    if node.op != "call_module":
+        return ""
+    return type(node.graph.owning_module.get_submodule(node.target)).__name__

@@ -1,0 +1,202 @@
+"""The paper's rule set on its three kinds of network, and the guard that refuses the harmful
+depthwise sub-pixel rewrite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+from examples import glcic, srresnet, unet
+from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, is_depthwise, record_flow
+from lwcompile.report import APPLIED, KEPT
+from lwcompile.rules.split_concat_pointwise import SplitConcatPointwiseRule
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def depthwise_feeding_pixel_shuffle(model: nn.Module, inputs: tuple) -> set[str]:
+    """Independent of the guard: watch every depthwise conv in a real forward."""
+    names = [n for n, m in model.named_modules() if is_depthwise(m)]
+    return record_flow(model, inputs, watch=names).feeds_pixel_shuffle & set(names)
+
+
+def test_module_weights_match_the_paper():
+    weights = lambda m: sum(p.numel() for n, p in m.named_parameters()  # noqa: E731
+                            if n.endswith("weight") and p.dim() == 4)
+    assert n_params(LIST(64, 64)) == 2_288
+    assert weights(GSAT(64, dilation=2)) == 5_120
+
+
+@pytest.fixture(scope="module")
+def light_srresnet():
+    torch.manual_seed(0)
+    model = srresnet.build()
+    return model, lwcompile.lighten(model, srresnet.example_inputs())
+
+
+def test_srresnet(light_srresnet):
+    model, light = light_srresnet
+    assert n_params(model) / n_params(light) >= 12
+    x = srresnet.example_inputs()[0]
+    assert light(x).shape == model(x).shape == (1, 3, 128, 128)
+    rows = {r.site: r for r in light.lwcompile_report.rows}
+    assert rows["upsample.0"].decided_by == rows["upsample.3"].decided_by == "subpixel"
+    assert not any(isinstance(m, nn.PixelShuffle) for m in light.modules())
+    assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
+
+
+@pytest.fixture(scope="module")
+def light_glcic():
+    torch.manual_seed(0)
+    model = glcic.build()
+    return model, lwcompile.lighten(model, glcic.example_inputs())
+
+
+def test_glcic(light_glcic):
+    model, light = light_glcic
+    assert n_params(model) / n_params(light) >= 10
+    by_site = {r.site: r for r in light.lwcompile_report.rows}
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d) and max(conv.dilation) > 1:
+            assert by_site[name].decided_by == "gsat" and by_site[name].outcome == APPLIED
+            assert isinstance(light.get_submodule(name), GSAT)
+        elif isinstance(conv, nn.ConvTranspose2d) or (
+                isinstance(conv, nn.Conv2d) and max(conv.stride) > 1):
+            assert by_site[name].outcome == APPLIED
+            resize, lst = light.get_submodule(name)
+            assert isinstance(resize, Resize) and isinstance(lst, LIST)
+    for h, w in ((64, 64), (67, 61), (33, 50)):
+        image, mask = torch.rand(1, 3, h, w), torch.zeros(1, 1, h, w)
+        assert light(image, mask).shape == model(image, mask).shape
+
+
+@pytest.mark.parametrize("size", [(31, 17), (32, 32), (45, 64), (7, 9)])
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.Conv2d(32, 64, 4, stride=2, padding=1),
+    nn.Conv2d(32, 64, 5, stride=3, padding=2, dilation=1),
+    nn.ConvTranspose2d(32, 64, 4, stride=2, padding=1),
+    nn.ConvTranspose2d(32, 64, 3, stride=2, padding=1, output_padding=1),
+    nn.ConvTranspose2d(32, 64, 2, stride=2),
+])
+def test_resample_rewrites_keep_the_size_for_every_input(conv, size):
+    model = nn.Sequential(conv)
+    light = lwcompile.lighten(model, (torch.rand(1, 32, 16, 16),))
+    assert light.lwcompile_report.applied
+    x = torch.rand(2, 32, *size)
+    assert light(x).shape == model(x).shape
+
+
+@pytest.fixture(scope="module")
+def light_unet():
+    torch.manual_seed(0)
+    model = unet.build()
+    return model, lwcompile.lighten(model, unet.example_inputs())
+
+
+def test_unet_lists_its_concat_skips(light_unet):
+    _, light = light_unet
+    skips = light.lwcompile_report.notes["concat_skips"]
+    assert [s["channels"] for s in skips] == [(128, 128), (64, 64), (32, 32)]
+    assert all(len(set(s["depths"])) == 2 for s in skips)
+    assert "3 concat skips" in str(light.lwcompile_report)
+    # convs that consume the concats kept their channel bookkeeping: the model runs
+    x = torch.rand(1, 3, 48, 40)
+    assert light(x).shape == x.shape
+
+
+def test_split_1x1_over_concat_is_exact_and_lowers_peak_memory():
+    torch.manual_seed(0)
+    model = unet.build()
+    x = unet.example_inputs()
+    split = lwcompile.lighten(model, x, rules=[SplitConcatPointwiseRule()])
+    assert [r.decided_by for r in split.lwcompile_report.applied] == ["split-concat-1x1"] * 3
+    assert not any(n.target is torch.cat for n in split.graph.nodes)
+    y = torch.rand(1, 3, 40, 56)
+    torch.testing.assert_close(split(y), model(y), rtol=1e-5, atol=1e-5)
+    s = split.lwcompile_report.summary
+    assert s.params_after == s.params_before
+    assert s.peak_activation_after < s.peak_activation_before
+
+
+def test_list_over_a_concat_keeps_channel_bookkeeping():
+    class Fuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(3, 40, 3, padding=1)
+            self.fuse = nn.Conv2d(64, 32, 3, padding=1)
+
+        def forward(self, x):
+            return self.fuse(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    light = lwcompile.lighten(Fuse())
+    assert isinstance(light.fuse, LIST) and light.fuse.squeeze.in_channels == 64
+    assert light(torch.rand(1, 3, 20, 20)).shape == (1, 32, 20, 20)
+
+
+@dataclass
+class DepthwiseSeparableRule(Rule):
+    """The classification recipe: every kxk conv -> depthwise kxk + pointwise 1x1."""
+
+    name = "depthwise-separable"
+
+    def match(self, site: Site):
+        conv = site.module
+        if type(conv) is not nn.Conv2d or conv.kernel_size[0] < 3 or conv.stride != (1, 1):
+            return NoMatch("not a stride-1 kxk conv")
+        return Match(site)
+
+    def build(self, match: Match) -> nn.Module:
+        c = match.site.module
+        return nn.Sequential(
+            nn.Conv2d(c.in_channels, c.in_channels, c.kernel_size, padding=c.padding,
+                      groups=c.in_channels),
+            nn.Conv2d(c.in_channels, c.out_channels, 1))
+
+
+def test_guard_stops_depthwise_separable_exactly_at_the_subpixel_convs():
+    model = srresnet.SRResNet(scale=4, features=32, blocks=2)
+    x = torch.rand(1, 3, 16, 16)
+    light = lwcompile.lighten(model, (x,), rules=[DepthwiseSeparableRule()])
+    rows = light.lwcompile_report.rows
+    vetoed = {r.site for r in rows if r.decided_by == "no-depthwise-subpixel"}
+    assert vetoed == {"upsample.0", "upsample.3"}
+    for r in rows:
+        if r.site in vetoed:
+            assert r.outcome == KEPT and "grid artifacts" in r.reason and "LIST" in r.reason
+        else:
+            assert r.outcome == APPLIED or r.decided_by == "image-boundary"
+    assert sum(r.outcome == APPLIED for r in rows) == 5  # 2x2 block convs + fuse
+    assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
+    assert light(x).shape == model(x).shape
+
+
+def test_guard_also_sees_a_pixel_shuffle_inside_the_replacement():
+    class DepthwiseSubpixel(Rule):
+        """Replaces conv -> pixel shuffle with a depthwise-separable conv -> pixel shuffle."""
+
+        name = "dw-subpixel"
+        priority = 0
+
+        def match(self, site: Site):
+            users = site.consumers
+            if len(users) == 1 and users[0].op == "call_module" and "upsample" in site.name:
+                return Match(site, nodes=(site.node, users[0]))
+            return NoMatch("not followed by a pixel shuffle module")
+
+        def build(self, match: Match) -> nn.Module:
+            c = match.site.module
+            return nn.Sequential(
+                nn.Conv2d(c.in_channels, c.in_channels, 3, padding=1, groups=c.in_channels),
+                nn.Conv2d(c.in_channels, c.out_channels, 1), nn.PixelShuffle(2))
+
+    model = srresnet.SRResNet(scale=2, features=32, blocks=1)
+    light = lwcompile.lighten(model, (torch.rand(1, 3, 16, 16),), rules=[DepthwiseSubpixel()])
+    (row,) = light.lwcompile_report.rows
+    assert row.outcome == KEPT and row.decided_by == "no-depthwise-subpixel"
+    assert "inside the replacement" in row.reason
