@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .cost import Measured, count_macs, count_params, measure, random_inputs, run_counting
-from .errors import LwCompileError, RuleError, UntraceableError, VerificationError
+from .errors import LwCompileError, UntraceableError, VerificationError
 from .flow import record_flow
 from .graph import concat_skips
 from .inputs import run_example
@@ -98,7 +98,8 @@ def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
     for name, (shapes, out) in flow.shapes.items():  # first-call order = execution order
         region, node, editable = candidates[name]
         sites.append(Site(name, ws.root.get_submodule(name), shapes, out, node, region,
-                          editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle))
+                          editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle,
+                          feeds_concat=name in flow.feeds_concat))
     return sites
 
 
@@ -306,6 +307,31 @@ def _first_failure(result: nn.Module, args: tuple, kwargs: dict,
             run)
 
 
+def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool) -> Measured:
+    try:
+        reference = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
+    return run_example(reference, args, kwargs, inferred)
+
+
+def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
+              guards: Sequence[Guard], inferred: bool = False) -> Report:
+    """The decisions ``compile_verified`` would make, on a scratch copy that is thrown away.
+
+    The summary's "after" figures are estimates: totals minus each applied row's saving.
+    """
+    before = _reference_run(model, args, kwargs, inferred)
+    _, report = compile_once(model, args, kwargs, rules, guards, {})
+    params = count_params(model)
+    applied = report.applied
+    report.summary = Summary(
+        params, params - sum(r.params_before - r.params_after for r in applied),
+        before.macs, before.macs - sum(r.macs_before - r.macs_after for r in applied),
+        before.peak_bytes, 0)
+    return report
+
+
 def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                      guards: Sequence[Guard], inferred: bool = False) -> tuple[nn.Module, Report]:
     """Compile, check the whole result, and roll back the culprit rewrite until it passes.
@@ -314,14 +340,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     the first applied rewrite whose inclusion breaks the model is found by bisection over
     the applied ones in order and held back, and compilation is repeated.
     """
-    names = {r.name for r in rules}
-    if len(names) != len(rules):
-        raise RuleError("two rules share a name; give each rule a distinct `name`")
-    try:
-        reference = copy.deepcopy(model).eval()
-    except Exception as exc:
-        raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
-    before = run_example(reference, args, kwargs, inferred)
+    before = _reference_run(model, args, kwargs, inferred)
     expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}
     while True:

@@ -39,6 +39,7 @@ cat concat concatenate stack split chunk narrow __getitem__ select
 clone contiguous to float half double type_as detach
 """.split())
 PIXEL_SHUFFLE = frozenset({"pixel_shuffle"})
+CONCAT = frozenset({"cat", "concat", "concatenate"})
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -82,9 +83,11 @@ def _untag_all() -> None:
 
 @dataclass
 class DataFlow:
-    """What one forward showed: watched modules that feed a pixel shuffle or the output."""
+    """What one forward showed: watched modules that feed a pixel shuffle, a concat or the
+    model's output (through pointwise ops only)."""
 
     feeds_pixel_shuffle: set[str] = field(default_factory=set)
+    feeds_concat: set[str] = field(default_factory=set)
     feeds_output: set[str] = field(default_factory=set)
     #: watched module -> (input shapes, output shape) of its first call, in call order
     shapes: dict[str, tuple[tuple[torch.Size, ...], torch.Size | None]] = field(
@@ -103,6 +106,8 @@ class _FlowMode(TorchFunctionMode):
         if name == "__get__" or not isinstance(out, (torch.Tensor, tuple, list)):
             return out
         origins = _origins((args, kwargs))
+        if name in CONCAT:
+            self.flow.feeds_concat |= origins
         if name in PIXEL_SHUFFLE:
             self.flow.feeds_pixel_shuffle |= origins
             _tag(out, frozenset())
