@@ -4,20 +4,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-# torch is pinned to the local CPU wheel first, so nothing can pull a CUDA build later.
+.PHONY: demo test zoo coverage lint clean
+
+# torch is pinned to the local CPU wheel first, so nothing can pull a CUDA build later;
+# spandrel (the zoo of third-party networks) needs torchvision on paper, so --no-deps.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps spandrel==0.4.2 einops safetensors
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# the fast suite (CI): every test except the whole spandrel zoo
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not zoo"
+
+# every spandrel architecture, lightened and checked (about 15 minutes on 2 cores)
+zoo: $(STAMP)
+	$(PY) -m pytest -m zoo
+
+# regenerate docs/coverage.md from a run over the whole zoo
+coverage: $(STAMP)
+	$(PY) -m benchmarks.zoo_coverage
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

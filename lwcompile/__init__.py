@@ -15,10 +15,14 @@ from .api import (
     plan,
 )
 from .cost import count_macs, count_params, random_inputs
+from .data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
+from .distill import FitErrors, distill, init_layerwise
 from .errors import (
+    CompileFailed,
     ExampleInputError,
     LwCompileError,
     NotAModuleError,
+    NothingToLighten,
     RuleError,
     UntraceableError,
     VerificationError,
@@ -35,7 +39,9 @@ __all__ = [
     "NotAModuleError", "Proposal", "Refuse", "Report", "Row", "Rule", "RuleError", "Site",
     "Summary",
     "UntraceableError", "Veto", "VerificationError", "default_guards", "default_rules",
-    "lighten", "plan", "ExcludeGuard", "LwCompileWarning",
+    "lighten", "plan", "ExcludeGuard", "LwCompileWarning", "CompileFailed",
+    "NothingToLighten", "HELD_OUT", "TRAIN", "add_noise", "batches", "downscale",
+    "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
 ]
 
 

@@ -6,16 +6,17 @@ Everything here validates what the user handed in (so misuse fails early with a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
 from .engine import compile_verified, plan_only
-from .errors import NotAModuleError, RuleError
+from .errors import CompileFailed, LwCompileError, NotAModuleError, RuleError
 from .inputs import infer_example_inputs
 from .report import Report
 from .rule import Guard, Proposal, Rule, Veto
@@ -153,8 +154,9 @@ def lighten(
     glob (``"upsample.*"``); ``rule_params`` sets rule parameters by rule name
     (``{"list": {"squeeze_ratio": 8}}``). The input model is never modified.
     """
-    result, report = compile_verified(*_call(model, example_inputs, example_kwargs, rules,
-                                             guards, exclude, rule_params))
+    call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
+    with _no_raw_errors(model):
+        result, report = compile_verified(*call)
     result.lwcompile_report = report
     return result
 
@@ -175,5 +177,19 @@ def plan(
     the summary's after-figures are estimated from the rows, and the whole-model check is
     not run (in the rare case it would roll a rewrite back, lighten's report says so).
     """
-    return plan_only(*_call(model, example_inputs, example_kwargs, rules, guards, exclude,
-                            rule_params))
+    call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
+    with _no_raw_errors(model):
+        return plan_only(*call)
+
+
+@contextlib.contextmanager
+def _no_raw_errors(model: nn.Module) -> Iterator[None]:
+    """Whatever goes wrong inside compilation reaches the user as an LwCompileError."""
+    try:
+        yield
+    except LwCompileError:
+        raise
+    except Exception as exc:
+        raise CompileFailed(
+            f"lwcompile failed on {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +205,7 @@ def init_layerwise(
     teacher: nn.Module,
     data: Any = None,
     *,
-    steps: int = 200,
+    steps: int = 100,
     lr: float = 1e-2,
     calib_batches: int = 2,
     batch_size: int = 16,
@@ -222,8 +221,10 @@ def init_layerwise(
     recorded output (on ``calib_batches`` batches of ``data``, see ``lwcompile.data.batches``,
     fed through ``degrade`` first, e.g. ``add_noise(25)`` for a denoiser): ``steps`` of Adam,
     and for LIST a least-squares solve of its two output 1x1 convs before and after.
-    Sites whose replacement changes the output shape (e.g. conv + pixel shuffle rewrites,
-    whose teacher counterpart is the pair) are skipped.
+    Sites whose replacement is not at the site's name in the student or changes the output
+    shape (e.g. conv + pixel shuffle rewrites, whose teacher counterpart is the pair) are
+    skipped: they keep their initial weights until ``distill``. ``channels`` defaults to the
+    teacher's first conv's input channels.
 
     LIST's first half of output channels comes from its 1x1 branch, so with ``centre_heavy``
     the teacher channels with the most centre-heavy kernels are given to that branch: the
@@ -243,7 +244,10 @@ def init_layerwise(
         if site not in recorded:
             continue  # never called on this input
         x, y = recorded[site]
-        rep = student.get_submodule(site)
+        try:
+            rep = student.get_submodule(site)
+        except AttributeError:
+            continue  # a pair rewrite (conv + pixel shuffle) put its module under a new name
         with torch.no_grad():
             if rep(x[:1]).shape != y[:1].shape:
                 continue
@@ -293,16 +297,18 @@ def distill(
     resume: bool = True,
     progress: bool = True,
     seed: int = 0,
-    max_seconds: float | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
 
-    Adam at a constant ``lr`` (no schedule tied to ``steps``, so a longer run continues a
-    shorter one). Step ``s`` always sees the same batch and noise (generators seeded from
+    Adam at ``lr``, times ``lr_schedule(step)`` if given (a function of the step alone, so
+    that resuming stays exact; by default constant, so a longer run continues a shorter
+    one). Step ``s`` always sees the same batch and noise (generators seeded from
     ``(seed, rank, s)``), and the checkpoint holds weights, optimiser, step and RNG state:
     a run resumed from its checkpoint ends bit-identical to an uninterrupted one. Checkpoints
     are written atomically (temp file, then ``os.replace``) every ``checkpoint_every`` steps
-    and at the end. ``max_seconds`` stops early (wall clock; not reproducible).
+    and at the end. ``data``, ``batch_size``, ``crop``, ``channels`` and ``degrade`` are as
+    in ``init_layerwise``.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` set), it trains with DistributedDataParallel
     (gloo on CPU): each rank draws its own crops, gradients are averaged, rank 0 writes the
@@ -346,15 +352,17 @@ def distill(
     teacher.eval()
     model.train()
     bar = _progress(start, steps, progress and rank == 0)
-    deadline = None if max_seconds is None else time.time() + max_seconds
     done = start
     try:
         stream = _inputs(data, teacher, channels, degrade, batch_size, crop, seed, start, rank)
         for _ in range(start, steps):
             item = next(stream, None)
-            if item is None or deadline is not None and time.time() > deadline:
+            if item is None:
                 break
             step, x = item
+            if lr_schedule is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr * lr_schedule(step)
             with torch.no_grad():
                 target = teacher(x)
             value = criterion(model(x), target)
@@ -372,6 +380,7 @@ def distill(
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         if own_group:
+            del model  # DDP's reducer must go before its process group, or exit can hang
             dist.destroy_process_group()
     return student
 

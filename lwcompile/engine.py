@@ -8,6 +8,7 @@ copy is handed back only after the whole result has been verified.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,13 +18,27 @@ import torch.fx as fx
 from torch import nn
 
 from .cost import Measured, count_macs, count_params, measure, random_inputs, run_counting
-from .errors import LwCompileError, UntraceableError, VerificationError
+from .errors import (
+    LwCompileError,
+    NothingToLighten,
+    UntraceableError,
+    VerificationError,
+    one_line,
+)
 from .flow import record_flow
 from .graph import concat_skips
 from .inputs import run_example
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
 from .trace import TracedModel, join, trace_model
+
+
+class SiteBroke(Exception):
+    """Applying a rewrite left the workspace inconsistent: compile again without that site."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(reason)
+        self.site, self.reason = site, reason
 
 
 @dataclass
@@ -48,14 +63,14 @@ def describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def prepare(model: nn.Module, args: tuple, kwargs: dict) -> Workspace:
+def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Workspace:
     """Copy, trace, and install each traced region's GraphModule in the copy."""
     try:
         root = copy.deepcopy(model)
     except Exception as exc:
         raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
     root.eval()
-    traced = trace_model(root, args, kwargs)
+    traced = trace_model(root, args, kwargs, output)
     installed: dict[str, fx.GraphModule] = {}
     for region in traced.regions:
         if not region.traced or region.specialised:
@@ -77,19 +92,30 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict) -> Workspace:
 
 
 def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
-               kwargs: dict) -> list[Site]:
-    """Every leaf call of a module of ``types``, with its shapes, in execution order."""
+               kwargs: dict, log: list[str]) -> list[Site]:
+    """Every leaf call of a module of ``types``, with its shapes, in execution order.
+
+    A module whose parameters the graph also reads directly (``get_attr``, e.g. a forward
+    that does ``F.conv2d(x, self.conv.weight)``) is no site: swapping it would break those
+    reads.
+    """
     candidates: dict[str, tuple[str, fx.Node | None, bool]] = {}
+    read_directly: set[str] = set()
     for region in ws.traced.regions:
         if not region.traced:
             continue
         editable = region.name in ws.installed
         for node in region.graph_module.graph.nodes:
+            if node.op == "get_attr":
+                read_directly.add(join(region.name, node.target).rpartition(".")[0])
             if node.op != "call_module":
                 continue
             name = join(region.name, node.target)
             if isinstance(ws.root.get_submodule(name), types) and name not in candidates:
                 candidates[name] = (region.name, node, editable)
+    for name in sorted(read_directly & set(candidates)):
+        log.append(f"{name}: left alone, its parameters are also read directly by the model")
+        del candidates[name]
     for name in ws.traced.opaque_leaves:
         if isinstance(ws.root.get_submodule(name), types):
             candidates.setdefault(name, (name.rpartition(".")[0], None, False))
@@ -99,6 +125,7 @@ def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
         region, node, editable = candidates[name]
         sites.append(Site(name, ws.root.get_submodule(name), shapes, out, node, region,
                           editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle,
+                          pixel_shuffle_factor=flow.pixel_shuffle_factor.get(name),
                           feeds_concat=name in flow.feeds_concat))
     return sites
 
@@ -135,11 +162,12 @@ def _check_replacement(rule: Rule, original: nn.Module, replacement: nn.Module,
     return "", macs_before, macs_after
 
 
-def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.Node]) -> None:
+def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.Node]) -> str:
+    """Put the replacement in place; return its qualified name in the result."""
     site = match.site
     if not match.nodes:
         ws.root.set_submodule(site.name, replacement)
-        return
+        return site.name
     gm = ws.installed[site.region]
     target = f"{site.node.target.replace('.', '_')}_lw"
     gm.add_submodule(target, replacement)
@@ -155,6 +183,7 @@ def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.N
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    return join(site.region, target)
 
 
 def _original_of(ws: Workspace, match: Match) -> nn.Module:
@@ -226,7 +255,10 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
             row.outcome, row.reason, row.replacement = ROLLED_BACK, problem, "kept"
             row.params_after, row.macs_after = row.params_before, row.macs_before
             return row
-        _apply(ws, match, replacement, erased)
+        try:
+            row.result_name = _apply(ws, match, replacement, erased)
+        except Exception as exc:  # the workspace may be half-edited: start over without it
+            raise SiteBroke(site.name, f"applying it broke the graph: {one_line(exc)}") from exc
         return row
     if refusal is None and misses:
         log.append(f"{site.name}: no rule matched ({'; '.join(misses)})")
@@ -273,16 +305,20 @@ def _output_shapes(out: Any) -> Any:
 
 
 def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
-                 guards: Sequence[Guard], held_back: dict[str, str]) -> tuple[nn.Module, Report]:
-    """One pass over the model; sites in ``held_back`` are reported but left as they are."""
-    ws = prepare(model, args, kwargs)
+                 guards: Sequence[Guard], held_back: dict[str, str],
+                 reference_output: Any) -> tuple[nn.Module, Report]:
+    """One pass over the model; sites in ``held_back`` are reported but left as they are.
+
+    ``reference_output`` is the model's eager output on ``args`` (traced graphs are checked
+    against it)."""
+    ws = prepare(model, args, kwargs, reference_output)
     report = Report(log=list(ws.traced.log))
     report.notes["concat_skips"] = [
         asdict(skip) for name, gm in ws.installed.items()
         for skip in concat_skips(gm.graph, name)]
     types = tuple({t for rule in rules for t in rule.applies_to})
     erased: set[fx.Node] = set()
-    for site in find_sites(ws, types, args, kwargs) if types else []:
+    for site in find_sites(ws, types, args, kwargs, report.log) if types else []:
         if site.node is not None and site.node in erased:
             continue
         if site.name in held_back:
@@ -307,6 +343,15 @@ def _first_failure(result: nn.Module, args: tuple, kwargs: dict,
             run)
 
 
+def _nothing_done(model: nn.Module, report: Report) -> str:
+    """Why nothing was rewritten, in one paragraph: the decisions, then the log's first lines."""
+    kept = Counter(f"{r.outcome} by {r.decided_by}" for r in report.rows)
+    parts = [f"{n} site(s) {why}" for why, n in kept.most_common()]
+    parts += [line for line in report.log if "no rule matched" not in line][:3]
+    detail = "; ".join(parts) or "no conv the rules apply to was found"
+    return f"nothing to lighten in {type(model).__name__}: {detail} (see the error's .report)"
+
+
 def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool) -> Measured:
     try:
         reference = copy.deepcopy(model).eval()
@@ -322,13 +367,13 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
     The summary's "after" figures are estimates: totals minus each applied row's saving.
     """
     before = _reference_run(model, args, kwargs, inferred)
-    _, report = compile_once(model, args, kwargs, rules, guards, {})
+    _, report = compile_once(model, args, kwargs, rules, guards, {}, before.output)
     params = count_params(model)
     applied = report.applied
     report.summary = Summary(
         params, params - sum(r.params_before - r.params_after for r in applied),
         before.macs, before.macs - sum(r.macs_before - r.macs_after for r in applied),
-        before.peak_bytes, 0)
+        before.peak_bytes, None)
     return report
 
 
@@ -344,7 +389,12 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}
     while True:
-        result, report = compile_once(model, args, kwargs, rules, guards, held_back)
+        try:
+            result, report = compile_once(model, args, kwargs, rules, guards, held_back,
+                                          before.output)
+        except SiteBroke as broke:
+            held_back[broke.site] = broke.reason
+            continue
         problem, after = _first_failure(result, args, kwargs, expected)
         if not problem:
             break
@@ -356,7 +406,8 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
             mid = (lo + hi) // 2
             keep = set(applied[:mid])
             trial, _ = compile_once(model, args, kwargs, rules, guards,
-                                    held_back | {s: "" for s in applied if s not in keep})
+                                    held_back | {s: "" for s in applied if s not in keep},
+                                    before.output)
             if _first_failure(trial, args, kwargs, expected)[0]:
                 hi = mid
             else:
@@ -364,6 +415,8 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
         held_back[applied[lo - 1]] = f"whole-model check failed with it: {problem}"
     report.summary = Summary(count_params(model), count_params(result), before.macs, after.macs,
                              before.peak_bytes, after.peak_bytes)
+    if not report.applied:
+        raise NothingToLighten(_nothing_done(model, report), report)
     flags = {id(m): m.training for m in model.modules()}
     for m in result.modules():
         m.train(flags.get(id(m), model.training))

@@ -2,6 +2,12 @@
 and the message names the problem instead of surfacing a torch.fx traceback."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
 class LwCompileError(Exception):
     """Base class of every error lwcompile raises on purpose."""
 
@@ -24,3 +30,15 @@ class RuleError(LwCompileError):
 
 class VerificationError(LwCompileError):
     """The assembled result does not behave like the original (shape change, crash)."""
+
+
+class CompileFailed(LwCompileError):
+    """Compilation hit something unexpected; the message names it and the model is untouched."""
+
+
+class NothingToLighten(LwCompileError):
+    """No rewrite could be applied; ``report`` says what was found and why each was kept."""
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report

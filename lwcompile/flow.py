@@ -87,6 +87,8 @@ class DataFlow:
     model's output (through pointwise ops only)."""
 
     feeds_pixel_shuffle: set[str] = field(default_factory=set)
+    #: watched module -> upscale factor of the (first) pixel shuffle it feeds
+    pixel_shuffle_factor: dict[str, int] = field(default_factory=dict)
     feeds_concat: set[str] = field(default_factory=set)
     feeds_output: set[str] = field(default_factory=set)
     #: watched module -> (input shapes, output shape) of its first call, in call order
@@ -110,6 +112,9 @@ class _FlowMode(TorchFunctionMode):
             self.flow.feeds_concat |= origins
         if name in PIXEL_SHUFFLE:
             self.flow.feeds_pixel_shuffle |= origins
+            factor = args[1] if len(args) > 1 else kwargs.get("upscale_factor")
+            for origin in origins:
+                self.flow.pixel_shuffle_factor.setdefault(origin, int(factor))
             _tag(out, frozenset())
         elif name in POINTWISE or (name == "conv2d" and _pointwise_conv(args, kwargs)):
             _tag(out, origins)

@@ -25,6 +25,9 @@ class Row:
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
+    #: qualified name of the replacement in the result (differs from ``site`` when a rule
+    #: replaced several nodes, e.g. conv + pixel shuffle): where to find it for fine-tuning
+    result_name: str = ""
 
 
 @dataclass
@@ -33,9 +36,9 @@ class Summary:
     params_after: int
     macs_before: int
     macs_after: int
-    #: peak bytes of activations alive at once during the example forward
-    peak_activation_before: int = 0
-    peak_activation_after: int = 0
+    #: peak bytes of activations alive at once during the example forward (None: not run)
+    peak_activation_before: int | None = None
+    peak_activation_after: int | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -98,8 +101,7 @@ class Report:
                 f"params {_num(s.params_before)} -> {_num(s.params_after)} "
                 f"({s.param_ratio:.1f}x fewer) | MACs {_num(s.macs_before)} -> "
                 f"{_num(s.macs_after)} ({s.mac_ratio:.1f}x fewer) | peak activations "
-                f"{s.peak_activation_before / 2**20:.1f} -> "
-                f"{s.peak_activation_after / 2**20:.1f} MiB"
+                f"{_mib(s.peak_activation_before)} -> {_mib(s.peak_activation_after)} MiB"
             )
         return "\n".join(out)
 
@@ -107,6 +109,10 @@ class Report:
 def _skip(skip: dict[str, Any]) -> str:
     parts = zip(skip["inputs"], skip["depths"], strict=True)
     return f"{skip['concat']} ({' + '.join(f'{name}@depth {d}' for name, d in parts)})"
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f}"
 
 
 def _num(n: int) -> str:

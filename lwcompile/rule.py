@@ -36,6 +36,8 @@ class Site:
     #: the output reaches a pixel shuffle through pointwise ops only (seen in a real forward,
     #: so known even where tracing failed)
     feeds_pixel_shuffle: bool = False
+    #: the upscale factor of that pixel shuffle (None when it feeds none)
+    pixel_shuffle_factor: int | None = None
     #: the output reaches a channel concat (e.g. a U-Net skip) through pointwise ops only
     feeds_concat: bool = False
 

@@ -24,9 +24,28 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import one_line
 from .state import preserved_state
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What rules read from ``node.meta["tensor_meta"]``: the value's shape and dtype."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Run a graph and store each tensor value's shape on its node (quietly, unlike
+    ShapeProp, which prints a traceback for every failing node)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+        return result
 
 
 @dataclass
@@ -137,11 +156,6 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[str]]:
     """Trace one module, marking failing submodules opaque; return it and its opaque leaves."""
     opaque: set[str] = set()
@@ -159,7 +173,7 @@ def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[
         except Exception as exc:  # fx raises anything the user's forward raises
             culprit = tracer.failed_in
             if not culprit or culprit in opaque:
-                return Region(name, module, opaque_reason=_short(exc)), set()
+                return Region(name, module, opaque_reason=one_line(exc)), set()
             opaque.add(culprit)
     try:
         with preserved_state(module), torch.no_grad():
@@ -168,9 +182,9 @@ def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[
                                   strict=False)
                 if p.kind is not inspect.Parameter.VAR_KEYWORD
             ]
-            out = ShapeProp(gm).propagate(*values_for_graph)
+            out = ShapeRecorder(gm).run(*values_for_graph)
     except Exception as exc:
-        reason = f"traced graph fails to run: {_short(exc)}"
+        reason = f"traced graph fails to run: {one_line(exc)}"
         return Region(name, module, opaque_reason=reason), set()
     if not _same(out, call.output):
         return Region(name, module, opaque_reason="traced graph disagrees with eager"), set()
@@ -182,20 +196,23 @@ def is_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def trace_model(model: nn.Module, args: tuple, kwargs: dict) -> TracedModel:
-    """Trace ``model`` hierarchically, level by level, one eager forward per level."""
+def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> TracedModel:
+    """Trace ``model`` hierarchically, level by level, one eager forward per level below
+    the root (``output`` is the root's eager output on ``args``, already known)."""
     result = TracedModel()
     pending: dict[str, nn.Module] = {"": model}
-    calls = {"": Call(args, kwargs, None)}
-    with preserved_state(model), torch.no_grad():
-        calls[""].output = model(*args, **kwargs)
+    calls = {"": Call(args, kwargs, output)}
     while pending:
         if set(pending) != {""}:
             calls = record_calls(model, pending, args, kwargs)
         next_level: dict[str, nn.Module] = {}
         for name, module in pending.items():
             if name not in calls:
-                result.log.append(f"{name}: never called in the forward pass; skipped")
+                # containers (ModuleList, ModuleDict) are iterated, not called: visit inside
+                children = {join(name, n): c for n, c in module.named_children()}
+                if not children:
+                    result.log.append(f"{name}: never called in the forward pass; skipped")
+                next_level.update(children)
                 continue
             if is_leaf(module):
                 result.opaque_leaves.append(name)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from lwcompile import Guard, Proposal, Veto, is_depthwise, random_inputs, record_flow
 
 SAFE = "use resize-then-convolve (bilinear upsample + LIST, the `subpixel` rule) instead"
@@ -28,7 +30,7 @@ class DepthwiseSubpixelGuard(Guard):
         depthwise = [n for n, m in replacement.named_modules() if is_depthwise(m)]
         if not depthwise:
             return None
-        flow = record_flow(replacement, random_inputs(match.shapes), watch=depthwise)
+        flow = _flow(replacement, match.shapes, depthwise)
         inside = flow.feeds_pixel_shuffle & set(depthwise)
         if inside:
             return Veto(f"depthwise conv {sorted(inside)[0]} would feed a pixel shuffle inside "
@@ -42,6 +44,16 @@ class DepthwiseSubpixelGuard(Guard):
                         "a pixel shuffle: all r^2 output phases would share one spatial kernel "
                         f"(grid artifacts); {SAFE}")
         return None
+
+
+def _flow(replacement, shapes, watch):  # noqa: ANN001, ANN202
+    """Data flow does not depend on image size: try a small crop first, it is much cheaper."""
+    small = tuple(torch.Size([*s[:-2], *(min(n, 16) for n in s[-2:])]) if len(s) == 4 else s
+                  for s in shapes)
+    try:
+        return record_flow(replacement, random_inputs(small), watch=watch)
+    except Exception:  # some modules need their real size (windows, fixed patches)
+        return record_flow(replacement, random_inputs(shapes), watch=watch)
 
 
 def _module_type(node) -> str:  # noqa: ANN001 - an fx.Node

@@ -52,28 +52,24 @@ class SubpixelRule(Rule):
         conv, node = site.module, site.node
         if type(conv) is not nn.Conv2d or conv.stride != (1, 1) or conv.groups != 1:
             return NoMatch("not a stride-1 dense Conv2d")
-        if node is None:
-            return NoMatch("no traced graph here: cannot see whether a pixel shuffle follows")
-        chain = [node]
-        while len(chain[-1].users) == 1 and len(chain) < 3:
-            user = next(iter(chain[-1].users))
-            factor = pixel_shuffle_factor(user)
-            if factor is not None:
-                chain.append(user)
-                break
-            if _activation(user) is None:
-                break
-            chain.append(user)
-        if factor_of(chain) is None:
-            return NoMatch("output does not go (only) to a pixel shuffle")
-        r = factor_of(chain)
+        chain = _chain_to_shuffle(node) if node is not None else None
+        if chain is not None:
+            r = pixel_shuffle_factor(chain[-1])
+        elif site.feeds_pixel_shuffle and site.output_shape is not None and (
+                tuple(site.output_shape[-2:]) == tuple(site.input_shapes[0][-2:])):
+            r = site.pixel_shuffle_factor  # seen at run time; the shuffle stays where it is
+        else:
+            return NoMatch("output does not go to a pixel shuffle")
         if conv.out_channels % (r * r):
             return NoMatch(f"{conv.out_channels} channels are not a multiple of r^2={r * r}")
         out_channels = conv.out_channels // (r * r)
         if conv.in_channels % self.squeeze_ratio or out_channels % 2:
             return Refuse(f"LIST cannot split {conv.in_channels}->{out_channels} channels "
                           f"(squeeze {self.squeeze_ratio}, two equal branches)")
-        return Match(site, nodes=tuple(chain), info={"factor": r, "out_channels": out_channels})
+        info = {"factor": r, "out_channels": out_channels}
+        if chain is None:
+            return Match(site, info=info)
+        return Match(site, nodes=tuple(chain), info=info)
 
     def build(self, match: Match) -> nn.Module:
         conv = match.site.module
@@ -81,13 +77,28 @@ class SubpixelRule(Rule):
         layers = [Resize("scale", stride=(r, r)),
                   LIST(conv.in_channels, match.info["out_channels"], k if k % 2 else 3,
                        self.squeeze_ratio)]
-        if len(match.nodes) == 3:  # keep the activation that sat between conv and shuffle
+        if not match.nodes:
+            # the shuffle is out of reach (untraced code): hand it the low-resolution layout
+            # it expects; pixel_shuffle(pixel_unshuffle(y)) == y, so this is resize + LIST
+            layers.append(nn.PixelUnshuffle(r))
+        elif len(match.nodes) == 3:  # keep the activation that sat between conv and shuffle
             layers.append(_activation(match.nodes[1]))
         return nn.Sequential(*layers)
 
     def describe(self, replacement: nn.Module) -> str:
-        return f"bilinear x{replacement[0].stride[0]} + LIST"
+        tail = " (+ unshuffle for the shuffle that follows)" if isinstance(
+            replacement[-1], nn.PixelUnshuffle) else ""
+        return f"bilinear x{replacement[0].stride[0]} + LIST{tail}"
 
 
-def factor_of(chain: list[fx.Node]) -> int | None:
-    return pixel_shuffle_factor(chain[-1]) if len(chain) > 1 else None
+def _chain_to_shuffle(node: fx.Node) -> list[fx.Node] | None:
+    """conv [-> activation] -> pixel shuffle, each feeding only the next; else None."""
+    chain = [node]
+    while len(chain[-1].users) == 1 and len(chain) < 3:
+        user = next(iter(chain[-1].users))
+        if pixel_shuffle_factor(user) is not None:
+            return [*chain, user]
+        if _activation(user) is None:
+            return None
+        chain.append(user)
+    return None

@@ -154,8 +154,9 @@ def test_misuse_errors_are_clear():
         lwcompile.lighten(model, x, rule_params={"list": {"squeeze": 8}})
     with pytest.raises(RuleError, match="rule_params names 'lst'"):
         lwcompile.lighten(model, x, rule_params={"lst": {"squeeze_ratio": 8}})
-    light = lwcompile.lighten(model, x, rules=[ReturnsNonModule()], guards=[])
-    rows = light.lwcompile_report.rows
+    with pytest.raises(lwcompile.NothingToLighten) as caught:
+        lwcompile.lighten(model, x, rules=[ReturnsNonModule()], guards=[])
+    rows = caught.value.report.rows
     assert rows and all(r.outcome == ROLLED_BACK and r.decided_by == "returns-a-function"
                         and "not an nn.Module" in r.reason for r in rows)
 

@@ -196,7 +196,38 @@ def test_guard_also_sees_a_pixel_shuffle_inside_the_replacement():
                 nn.Conv2d(c.in_channels, c.out_channels, 1), nn.PixelShuffle(2))
 
     model = srresnet.SRResNet(scale=2, features=32, blocks=1)
-    light = lwcompile.lighten(model, (torch.rand(1, 3, 16, 16),), rules=[DepthwiseSubpixel()])
-    (row,) = light.lwcompile_report.rows
+    with pytest.raises(lwcompile.NothingToLighten, match="kept by no-depthwise-subpixel") as err:
+        lwcompile.lighten(model, (torch.rand(1, 3, 16, 16),), rules=[DepthwiseSubpixel()])
+    (row,) = err.value.report.rows
     assert row.outcome == KEPT and row.decided_by == "no-depthwise-subpixel"
     assert "inside the replacement" in row.reason
+
+
+def test_subpixel_rewrite_inside_untraceable_code():
+    """Where fx cannot see the shuffle, the conv is swapped for resize + LIST + unshuffle:
+    the shuffle that follows undoes the unshuffle exactly, so the result is resize + LIST."""
+
+    class PaddedSR(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(3, 32, 3, padding=1)
+            self.up = nn.Conv2d(32, 32 * 4, 3, padding=1)
+            self.shuffle = nn.PixelShuffle(2)
+            self.tail = nn.Conv2d(32, 3, 3, padding=1)
+
+        def forward(self, x):
+            if x.shape[-1] % 2:  # shape-dependent control flow: nothing here traces
+                x = nn.functional.pad(x, (0, 1))
+            return self.tail(self.shuffle(torch.relu(self.up(self.head(x)))))
+
+    model = PaddedSR()
+    x = torch.rand(1, 3, 12, 15)
+    light = lwcompile.lighten(model, (x,))
+    (row,) = light.lwcompile_report.applied
+    assert row.site == "up" and row.decided_by == "subpixel" and "unshuffle" in row.replacement
+    resize, lst, unshuffle = light.up
+    assert isinstance(unshuffle, nn.PixelUnshuffle) and unshuffle.downscale_factor == 2
+    h = torch.rand(1, 32, 6, 8)
+    torch.testing.assert_close(light.shuffle(light.up(h)), lst(resize(h)))
+    assert light(x).shape == model(x).shape
+    assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
