@@ -3,14 +3,13 @@ depthwise sub-pixel rewrite."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from torch import nn
 
 import lwcompile
 from examples import glcic, srresnet, unet
+from examples.custom_rules import DepthwiseSeparable
 from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, is_depthwise, record_flow
 from lwcompile.report import APPLIED, KEPT
 from lwcompile.rules.split_concat_pointwise import SplitConcatPointwiseRule
@@ -26,6 +25,12 @@ def depthwise_feeding_pixel_shuffle(model: nn.Module, inputs: tuple) -> set[str]
     return record_flow(model, inputs, watch=names).feeds_pixel_shuffle & set(names)
 
 
+def lightened(example) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001 - an examples module
+    torch.manual_seed(0)
+    model = example.build()
+    return model, lwcompile.lighten(model, example.example_inputs())
+
+
 def test_module_weights_match_the_paper():
     weights = lambda m: sum(p.numel() for n, p in m.named_parameters()  # noqa: E731
                             if n.endswith("weight") and p.dim() == 4)
@@ -33,15 +38,8 @@ def test_module_weights_match_the_paper():
     assert weights(GSAT(64, dilation=2)) == 5_120
 
 
-@pytest.fixture(scope="module")
-def light_srresnet():
-    torch.manual_seed(0)
-    model = srresnet.build()
-    return model, lwcompile.lighten(model, srresnet.example_inputs())
-
-
-def test_srresnet(light_srresnet):
-    model, light = light_srresnet
+def test_srresnet():
+    model, light = lightened(srresnet)
     assert n_params(model) / n_params(light) >= 12
     x = srresnet.example_inputs()[0]
     assert light(x).shape == model(x).shape == (1, 3, 128, 128)
@@ -51,15 +49,8 @@ def test_srresnet(light_srresnet):
     assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
 
 
-@pytest.fixture(scope="module")
-def light_glcic():
-    torch.manual_seed(0)
-    model = glcic.build()
-    return model, lwcompile.lighten(model, glcic.example_inputs())
-
-
-def test_glcic(light_glcic):
-    model, light = light_glcic
+def test_glcic():
+    model, light = lightened(glcic)
     assert n_params(model) / n_params(light) >= 10
     by_site = {r.site: r for r in light.lwcompile_report.rows}
     for name, conv in model.named_modules():
@@ -92,15 +83,8 @@ def test_resample_rewrites_keep_the_size_for_every_input(conv, size):
     assert light(x).shape == model(x).shape
 
 
-@pytest.fixture(scope="module")
-def light_unet():
-    torch.manual_seed(0)
-    model = unet.build()
-    return model, lwcompile.lighten(model, unet.example_inputs())
-
-
-def test_unet_lists_its_concat_skips(light_unet):
-    _, light = light_unet
+def test_unet_lists_its_concat_skips():
+    _, light = lightened(unet)
     skips = light.lwcompile_report.notes["concat_skips"]
     assert [s["channels"] for s in skips] == [(128, 128), (64, 64), (32, 32)]
     assert all(len(set(s["depths"])) == 2 for s in skips)
@@ -139,30 +123,10 @@ def test_list_over_a_concat_keeps_channel_bookkeeping():
     assert light(torch.rand(1, 3, 20, 20)).shape == (1, 32, 20, 20)
 
 
-@dataclass
-class DepthwiseSeparableRule(Rule):
-    """The classification recipe: every kxk conv -> depthwise kxk + pointwise 1x1."""
-
-    name = "depthwise-separable"
-
-    def match(self, site: Site):
-        conv = site.module
-        if type(conv) is not nn.Conv2d or conv.kernel_size[0] < 3 or conv.stride != (1, 1):
-            return NoMatch("not a stride-1 kxk conv")
-        return Match(site)
-
-    def build(self, match: Match) -> nn.Module:
-        c = match.site.module
-        return nn.Sequential(
-            nn.Conv2d(c.in_channels, c.in_channels, c.kernel_size, padding=c.padding,
-                      groups=c.in_channels),
-            nn.Conv2d(c.in_channels, c.out_channels, 1))
-
-
 def test_guard_stops_depthwise_separable_exactly_at_the_subpixel_convs():
     model = srresnet.SRResNet(scale=4, features=32, blocks=2)
     x = torch.rand(1, 3, 16, 16)
-    light = lwcompile.lighten(model, (x,), rules=[DepthwiseSeparableRule()])
+    light = lwcompile.lighten(model, (x,), rules=[DepthwiseSeparable()])
     rows = light.lwcompile_report.rows
     vetoed = {r.site for r in rows if r.decided_by == "no-depthwise-subpixel"}
     assert vetoed == {"upsample.0", "upsample.3"}
