@@ -28,7 +28,9 @@ from .errors import (
     VerificationError,
 )
 from .flow import DataFlow, is_depthwise, record_flow
+from .html_report import write_html
 from .modules import GSAT, LIST, PointwiseOverParts, Resize
+from .persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 
@@ -42,6 +44,8 @@ __all__ = [
     "lighten", "plan", "ExcludeGuard", "LwCompileWarning", "CompileFailed",
     "NothingToLighten", "HELD_OUT", "TRAIN", "add_noise", "batches", "downscale",
     "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
+    "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
+    "write_html",
 ]
 
 

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .engine import compile_verified, plan_only
@@ -132,6 +133,8 @@ def _call(model: nn.Module, example_inputs: Sequence[Any] | None,
     checked_guards = _checked_guards(guards, exclude)
     _warn_unused_excludes(model, exclude)
     inferred = example_inputs is None
+    if isinstance(example_inputs, torch.Tensor):  # one tensor, not a batch to unpack
+        example_inputs = (example_inputs,)
     args = infer_example_inputs(model) if inferred else tuple(example_inputs)
     return model, args, dict(example_kwargs or {}), checked_rules, checked_guards, inferred
 

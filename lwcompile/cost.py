@@ -96,6 +96,8 @@ def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:
     return run_counting(module, args, kwargs)[1]
 
 
-def random_inputs(shapes: tuple[torch.Size, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
+def random_inputs(shapes: tuple[torch.Size, ...], seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Reproducible random tensors of these shapes (the site's dtype: half models too)."""
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(s, generator=generator) for s in shapes)
+    return tuple(torch.randn(s, generator=generator).to(dtype) for s in shapes)

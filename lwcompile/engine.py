@@ -141,12 +141,13 @@ def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any
 
 
 def _check_replacement(rule: Rule, original: nn.Module, replacement: nn.Module,
-                       shapes: tuple[torch.Size, ...]) -> tuple[str, int, int]:
+                       shapes: tuple[torch.Size, ...],
+                       dtype: torch.dtype) -> tuple[str, int, int]:
     """Run both on the same random input: '' if the replacement stands in, else the problem.
 
     Also returns the MACs of both, counted on that same run.
     """
-    inputs = random_inputs(shapes)
+    inputs = random_inputs(shapes, dtype=dtype)
     expected, macs_before = run_counting(original, inputs)
     try:
         got, macs_after = run_counting(replacement, inputs)
@@ -247,7 +248,7 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
         if veto is not None:
             return _kept(site, *veto, params=count_params(original))
         problem, macs_before, macs_after = _check_replacement(
-            rule, original, replacement, match.shapes)
+            rule, original, replacement, match.shapes, site.dtype)
         row = Row(site.name, describe(site.module), rule.describe(replacement), APPLIED,
                   rule.name, "", count_params(original), count_params(replacement),
                   macs_before, macs_after)
@@ -277,7 +278,7 @@ def _kept(site: Site, decided_by: str, outcome: str, reason: str,
           params: int | None = None) -> Row:
     params = count_params(site.module) if params is None else params
     try:
-        macs = count_macs(site.module, *random_inputs(site.input_shapes))
+        macs = count_macs(site.module, *random_inputs(site.input_shapes, dtype=site.dtype))
     except Exception:  # a site we only report on must not stop compilation
         macs = 0
     return Row(site.name, describe(site.module), "kept", outcome, decided_by, reason[:300],

@@ -42,6 +42,12 @@ class Site:
     feeds_concat: bool = False
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the module computes in (its parameters'), for making test inputs."""
+        param = next(self.module.parameters(), None)
+        return param.dtype if param is not None else torch.float32
+
+    @property
     def producers(self) -> list[fx.Node]:
         return list(self.node.all_input_nodes) if self.node is not None else []
 

@@ -81,7 +81,8 @@ class TracedModel:
 class _LeafTracer(fx.Tracer):
     """An fx tracer that treats chosen submodules as leaves and remembers where it failed."""
 
-    def __init__(self, opaque: set[str]) -> None:
+    def __init__(self, opaque: frozenset[str] | set[str] = frozenset()) -> None:
+        # a default, because fx re-creates the tracer class when unpickling a GraphModule
         super().__init__()
         self.opaque = opaque
         self.failed_in: str | None = None
@@ -168,6 +169,9 @@ def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[
         try:
             with preserved_state(module):
                 graph = tracer.trace(module, concrete_args=concrete or None)
+            for node in graph.nodes:
+                if isinstance(node.type, str):  # `from __future__ import annotations`:
+                    node.type = None  # string annotations make the GraphModule unpicklable
             gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             break
         except Exception as exc:  # fx raises anything the user's forward raises

@@ -30,7 +30,7 @@ class DepthwiseSubpixelGuard(Guard):
         depthwise = [n for n, m in replacement.named_modules() if is_depthwise(m)]
         if not depthwise:
             return None
-        flow = _flow(replacement, match.shapes, depthwise)
+        flow = _flow(replacement, match.shapes, depthwise, match.site.dtype)
         inside = flow.feeds_pixel_shuffle & set(depthwise)
         if inside:
             return Veto(f"depthwise conv {sorted(inside)[0]} would feed a pixel shuffle inside "
@@ -46,14 +46,14 @@ class DepthwiseSubpixelGuard(Guard):
         return None
 
 
-def _flow(replacement, shapes, watch):  # noqa: ANN001, ANN202
+def _flow(replacement, shapes, watch, dtype):  # noqa: ANN001, ANN202
     """Data flow does not depend on image size: try a small crop first, it is much cheaper."""
     small = tuple(torch.Size([*s[:-2], *(min(n, 16) for n in s[-2:])]) if len(s) == 4 else s
                   for s in shapes)
     try:
-        return record_flow(replacement, random_inputs(small), watch=watch)
+        return record_flow(replacement, random_inputs(small, dtype=dtype), watch=watch)
     except Exception:  # some modules need their real size (windows, fixed patches)
-        return record_flow(replacement, random_inputs(shapes), watch=watch)
+        return record_flow(replacement, random_inputs(shapes, dtype=dtype), watch=watch)
 
 
 def _module_type(node) -> str:  # noqa: ANN001 - an fx.Node

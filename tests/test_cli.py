@@ -1,0 +1,306 @@
+"""The ``lwcompile`` command line: exit codes, JSON output, MODEL specs, report pages.
+
+One test runs the real command in a subprocess on a spandrel ESRGAN checkpoint; the others
+call ``lwcompile.cli.main(argv)`` (what the console script runs) in-process, to stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lwcompile
+from lwcompile import cli, persist
+from lwcompile.html_report import to_png
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 3, 3, padding=1))
+
+
+def not_a_model():
+    return (1, 2)
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A current folder holding ``lwc_tiny.py`` (the factory ``lwc_tiny:build``)."""
+    (tmp_path / "lwc_tiny.py").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def needs_spandrel() -> None:
+    try:
+        with cli.torchvision_stub():
+            import spandrel  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"spandrel is not installed: {exc}")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def esrgan_checkpoint(path: Path) -> int:
+    """A small ESRGAN (RRDBNet: 16 features, 1 RRDB block, x2) saved as a plain state dict,
+    the way released checkpoints are; spandrel identifies it from the keys alone."""
+    with cli.torchvision_stub():
+        from spandrel.architectures.ESRGAN import ESRGAN
+    torch.manual_seed(0)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=2)
+    torch.save(model.state_dict(), path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_lighten_an_esrgan_checkpoint_end_to_end(tmp_path):
+    needs_spandrel()
+    params = esrgan_checkpoint(tmp_path / "esrgan.pth")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lwcompile.cli", "lighten", "esrgan.pth", "-o", "out.pt",
+         "--input", "1x3x16x16", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # stdout is the JSON alone; progress went to stderr
+    assert "lightening RRDBNet" in done.stderr
+    assert result["class_name"] == "RRDBNet" and result["output"] == "out.pt"
+    rows = result["report"]["rows"]
+    assert len(rows) == 20
+    assert sum(r["outcome"] == "applied" for r in rows) == 18
+    assert {r["site"] for r in rows if r["outcome"] == "kept"} == {"model.0", "model.7"}
+    summary = result["report"]["summary"]
+    assert summary["params_before"] == params == 291_667
+    assert summary["params_after"] < params / 6
+    light = persist.load(tmp_path / "out.pt", expected="RRDBNet")
+    assert sum(p.numel() for p in light.parameters()) == summary["params_after"]
+    with torch.no_grad():
+        assert light(torch.rand(1, 3, 12, 20)).shape == (1, 3, 24, 40)
+
+
+def test_help_shows_examples(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "examples:" in out and "lwcompile lighten examples.dncnn:build" in out
+    assert "exit codes: 0 ok, 1 lwcompile refused" in out
+    code, out, _ = run(capsys, "report", "--help")
+    assert code == 0 and "--teacher" in out and "examples:" in out
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["frobnicate", "x"],
+    ["lighten", "lwc_tiny:build"],  # no -o
+    ["lighten", "lwc_tiny:build", "-o", "o.pt", "--input", "1x3xfoo"],
+    ["lighten", "lwc_tiny:build", "-o", "o.pt", "--input", "0x3x8x8"],
+    ["lighten", "lwc_tiny:build", "-o", "o.pt", "--distill", "0"],
+    ["lighten", "lwc_tiny:build", "-o", "o.pt", "--data", "photos"],  # --data needs --distill
+    ["report", "o.pt", "--image", "a.png", "--data", "photos"],
+])
+def test_usage_errors_exit_2(capsys, workdir, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "usage: lwcompile" in err and out == ""
+    assert not (workdir / "o.pt").exists()
+
+
+def test_refused_model_exits_1_with_the_reason(capsys, workdir):
+    code, out, err = run(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
+                         "-o", "out.pt")
+    assert code == 1 and out == ""
+    assert "lightening Identity: failed" in err
+    assert err.endswith("lwcompile: error: nothing to lighten in Identity: no conv the rules "
+                        "apply to was found (see the error's .report)\n")
+    assert not (workdir / "out.pt").exists()
+    code, out, _ = run(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
+                       "-o", "out.pt", "--json", "-q")
+    assert code == 1
+    assert json.loads(out)["error"]["type"] == "NothingToLighten"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("no_such_module_lwc:build", "cannot find 'no_such_module_lwc:build'.*No module named"),
+    ("lwc_tiny:missing", "cannot find 'lwc_tiny:missing'.*has no attribute"),
+    ("lwc_tiny", "'lwc_tiny' is no file, nor a factory"),
+    ("math:pi", "is a float, not a factory"),
+    ("lwc_tiny:not_a_model", "returned a tuple, not an nn.Module"),
+    ("missing.pth", "'missing.pth' is no file"),
+])
+def test_model_spec_errors_exit_1(capsys, workdir, spec, message):
+    code, _, err = run(capsys, "plan", spec)
+    assert code == 1
+    assert err.startswith("lwcompile: error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_checkpoint_that_is_not_a_model_exits_1(capsys, workdir):
+    needs_spandrel()
+    torch.save({"mean": torch.zeros(3), "epoch": 7}, workdir / "stats.pth")
+    code, _, err = run(capsys, "lighten", "stats.pth", "-o", "out.pt")
+    assert code == 1
+    assert "stats.pth is not a model checkpoint spandrel can identify" in err
+    (workdir / "notes.pth").write_text("not a checkpoint at all")
+    code, _, err = run(capsys, "plan", "notes.pth")
+    assert code == 1 and "notes.pth is not a model checkpoint" in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_saved_file_exits_1(capsys, workdir):
+    (workdir / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    code, _, err = run(capsys, "report", "noise.pt")
+    assert code == 1 and "noise.pt is not an lwcompile save file" in err
+    persist.save(torch.nn.Conv2d(1, 1, 3), workdir / "cut.pt")
+    (workdir / "cut.pt").write_bytes((workdir / "cut.pt").read_bytes()[:-10])
+    code, _, err = run(capsys, "report", "cut.pt", "--html", "r.html")
+    assert code == 1 and "cut.pt is truncated or corrupt" in err
+    assert not (workdir / "r.html").exists()
+
+
+def test_plan_of_a_factory(capsys, workdir):
+    code, out, err = run(capsys, "plan", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
+    assert code == 0, err
+    report = json.loads(out)["report"]
+    assert [(r["site"], r["outcome"]) for r in report["rows"]] == [
+        ("0", "kept"), ("2", "applied"), ("4", "applied"), ("6", "kept")]
+    assert report["summary"]["params_before"] == 448 + 2 * 2_320 + 435
+
+
+def test_profile_without_lwcompile_profile_lists_site_costs(capsys, workdir, monkeypatch):
+    monkeypatch.delattr(lwcompile, "profile", raising=False)
+    monkeypatch.setitem(sys.modules, "lwcompile.profile", None)  # as if not there yet
+    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [(x["site"], x["params"], x["macs"]) for x in result["layers"]] == [
+        ("0", 448, 16 * 16 * 16 * 27), ("2", 2_320, 16 * 16 * 16 * 144),
+        ("4", 2_320, 16 * 16 * 16 * 144), ("6", 435, 3 * 16 * 16 * 144)]
+    assert result["total"]["params"] == 5_523
+    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16")
+    assert code == 0 and "% MACs" in out and "whole model: 5,523 parameters" in out
+
+
+def test_profile_uses_lwcompile_profile_when_there(capsys, workdir, monkeypatch):
+    calls = []
+
+    def profile(model, inputs):
+        calls.append((type(model).__name__, tuple(inputs[0].shape)))
+        return {"layers": 3}
+
+    monkeypatch.setattr(lwcompile, "profile", profile, raising=False)
+    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x8x8", "--json")
+    assert code == 0 and calls == [("Sequential", (1, 3, 8, 8))]
+    assert json.loads(out)["profile"] == {"layers": 3}
+
+
+def test_profile_with_the_real_profiler(capsys, workdir):
+    if cli._optional_function("profile") is None:
+        pytest.skip("lwcompile.profile is not there yet")
+    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--json")  # input inferred
+    assert code == 0, err
+    profile = json.loads(out)["profile"]
+    assert profile["params"] == 5_523
+    assert [x["name"] for x in profile["layers"] if x["params"]] == ["0", "2", "4", "6"]
+
+
+def test_lighten_then_report_as_text_and_html(capsys, workdir):
+    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt",
+                         "--input", "1x3x16x16")
+    assert code == 0, err
+    assert "saved to light.pt" in out and "lightening Sequential: done" in err
+    light = persist.load(workdir / "light.pt")
+    assert [r.site for r in light.lwcompile_report.applied] == ["2", "4"]
+
+    code, out, _ = run(capsys, "report", "light.pt")
+    assert code == 0 and "2 rewritten, 2 kept" in out
+
+    code, out, err = run(capsys, "report", "light.pt", "--html", "r.html",
+                         "--teacher", "lwc_tiny:build", "--json")
+    assert code == 0, err
+    page = (workdir / "r.html").read_text()
+    assert "<svg" in page and "lwcompile report: Sequential" in page
+    if importlib.util.find_spec("skimage") is None:  # its camera is the default image
+        assert json.loads(out)["crops"] == 0 and "scikit-image is not installed" in err
+    else:
+        assert json.loads(out)["crops"] == 3 and page.count("data:image/png;base64,") == 3
+        assert "teacher (original)" in page and "student (lightened)" in page
+
+    image = workdir / "patch.png"
+    image.write_bytes(to_png(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))))
+    code, out, err = run(capsys, "report", "light.pt", "--html", "r2.html", "--image",
+                         "patch.png", "--json")
+    assert code == 0, err
+    assert json.loads(out)["crops"] == 2  # input and student: no teacher given
+    code, out, _ = run(capsys, "report", "light.pt", "--html", "r3.html", "--no-crops", "--json")
+    assert json.loads(out)["crops"] == 0
+    assert "data:image/png" not in (workdir / "r3.html").read_text()
+
+
+def test_distill_option_calls_lwcompile_distill(capsys, workdir, monkeypatch):
+    calls = []
+
+    def distill(student, teacher, data, steps):
+        calls.append((type(teacher).__name__, data, steps))
+        with torch.no_grad():
+            student.get_submodule("6").bias.fill_(0.5)  # visible in the saved file
+        print("distill progress")  # must not reach stdout: --json stays parseable
+        return student
+
+    monkeypatch.setattr(lwcompile, "distill", distill, raising=False)
+    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt", "--input",
+                         "1x3x16x16", "--distill", "3", "--data", "photos", "--json")
+    assert code == 0, err
+    assert calls == [("Sequential", "photos", 3)]
+    assert json.loads(out)["distill_steps"] == 3 and "distill progress" in err
+    assert torch.all(persist.load(workdir / "light.pt").get_submodule("6").bias == 0.5)
+
+
+def test_distill_unavailable_is_a_clear_error(capsys, workdir, monkeypatch):
+    monkeypatch.delattr(lwcompile, "distill", raising=False)
+    monkeypatch.setitem(sys.modules, "lwcompile.distill", None)  # as if not installed
+    code, _, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt", "--input",
+                       "1x3x16x16", "--distill", "3")
+    assert code == 1 and "--distill needs lwcompile.distill" in err
+    assert not (workdir / "light.pt").exists()
+
+
+def test_distill_for_real(capsys, workdir):
+    """One real distillation step on a folder of one image changes the saved weights."""
+    (workdir / "photos").mkdir()
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(1))
+    (workdir / "photos" / "a.png").write_bytes(to_png(image))
+    for argv in (["-o", "plain.pt"], ["-o", "distilled.pt", "--distill", "1", "--data",
+                                      "photos"]):
+        code, _, err = run(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16", *argv)
+        assert code == 0, err
+    plain = persist.load(workdir / "plain.pt").state_dict()
+    distilled = persist.load(workdir / "distilled.pt").state_dict()
+    assert plain.keys() == distilled.keys()
+    assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
