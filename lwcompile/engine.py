@@ -79,6 +79,7 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Workspa
         if region.name == "":
             root = gm
         else:
+            _keep_plain_attributes(region.module, gm)
             root.set_submodule(region.name, gm)
         installed[region.name] = gm
     if not installed and not traced.opaque_leaves and not any(
@@ -89,6 +90,25 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Workspa
             + "; ".join(traced.log or ["the model has no submodules to visit"])
         )
     return Workspace(root, traced, installed)
+
+
+def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Parent code may read plain attributes of a submodule (``self.net.dim_in``): keep them."""
+    for key, value in module.__dict__.items():
+        if not key.startswith("_") and key not in gm.__dict__ and not isinstance(
+                value, (nn.Module, torch.Tensor)):
+            gm.__dict__[key] = value
+
+
+def uninstall_subregions(ws: Workspace) -> None:
+    """Put the original modules back where sub-region graphs were installed.
+
+    Their parents' code may need more of the original than a GraphModule offers (methods,
+    properties); then sub-regions are analysed as graphs but rewritten module by module.
+    """
+    for name in [n for n in ws.installed if n]:
+        ws.root.set_submodule(name, ws.traced.region(name).module)
+        del ws.installed[name]
 
 
 def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
@@ -319,7 +339,16 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
         for skip in concat_skips(gm.graph, name)]
     types = tuple({t for rule in rules for t in rule.applies_to})
     erased: set[fx.Node] = set()
-    for site in find_sites(ws, types, args, kwargs, report.log) if types else []:
+    try:
+        sites = find_sites(ws, types, args, kwargs, report.log) if types else []
+    except Exception as exc:
+        if not any(ws.installed):
+            raise
+        uninstall_subregions(ws)
+        report.log.append(f"sub-region graphs not installed ({one_line(exc)}): rewriting "
+                          "inside them module by module")
+        sites = find_sites(ws, types, args, kwargs, report.log)
+    for site in sites:
         if site.node is not None and site.node in erased:
             continue
         if site.name in held_back:
