@@ -247,3 +247,41 @@ def test_channels_that_do_not_split_are_refused_with_a_reason():
     assert all(r.outcome == REFUSED for r in rows)
     assert "3 input channels do not split into 4" in reasons[0]
     assert "18 input channels do not split into 4" in reasons[1]
+
+
+def test_parent_code_that_needs_the_original_submodule():
+    """An untraceable parent reads a plain attribute and calls a method of a traceable
+    child: the attribute survives on the installed graph; the method forces the child back
+    to its own class, rewritten module by module."""
+
+    class Child(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.width = 32
+            self.conv = nn.Conv2d(32, 32, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+        def gain(self) -> float:
+            return 0.5
+
+    class Parent(nn.Module):
+        def __init__(self, use_method: bool) -> None:
+            super().__init__()
+            self.use_method = use_method
+            self.head, self.child = nn.Conv2d(3, 32, 3, padding=1), Child()
+            self.tail = nn.Conv2d(32, 3, 3, padding=1)
+
+        def forward(self, x):
+            if x.shape[-1] % 2:  # untraceable at the top
+                x = F.pad(x, (0, 1))
+            h = self.child(self.head(x))[:, : self.child.width]
+            return self.tail(h * (self.child.gain() if self.use_method else 1.0))
+
+    x = torch.rand(1, 3, 16, 15)
+    for use_method, kind in ((False, torch.fx.GraphModule), (True, Child)):
+        light = lwcompile.lighten(Parent(use_method), (x,))
+        assert isinstance(light.child, kind)
+        assert isinstance(light.child.get_submodule("conv"), LIST)
+        assert light(x).shape == (1, 3, 16, 16)
