@@ -17,6 +17,7 @@ from .api import (
 from .cost import count_macs, count_params, random_inputs
 from .data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
 from .distill import FitErrors, distill, init_layerwise
+from .emit import emit_fast
 from .errors import (
     CompileFailed,
     ExampleInputError,
@@ -27,10 +28,13 @@ from .errors import (
     UntraceableError,
     VerificationError,
 )
+from .export import export_onnx, export_program
 from .flow import DataFlow, is_depthwise, record_flow
 from .html_report import write_html
+from .mobile import export_mobile
 from .modules import GSAT, LIST, PointwiseOverParts, Resize
 from .persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
+from .profile import profile
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 
@@ -45,7 +49,7 @@ __all__ = [
     "NothingToLighten", "HELD_OUT", "TRAIN", "add_noise", "batches", "downscale",
     "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
-    "write_html",
+    "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
 ]
 
 

@@ -1,0 +1,115 @@
+"""How long ``lwcompile.lighten`` takes, next to one torch.fx trace + one forward.
+
+    python -m benchmarks.compile_time                    # ESRGAN RRDBNet (23 blocks) + 4 examples
+    python -m benchmarks.compile_time --only DnCNN-17 --repeats 5
+    python -m benchmarks.compile_time --only RRDBNet --profile   # + where lighten's time goes
+
+The reference is the least any graph compiler must do: ``torch.fx.symbolic_trace(model)``
+plus one forward on the example input; the issue's target is lighten <= 2x that. Both are
+timed alternately ``--repeats`` times after one warm-up lighten of a small model (one-time
+import and dispatcher costs), medians. Writes benchmarks/results/compile_time.json; with
+``--profile`` also the cProfile summary of one lighten (results/compile_profile.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lwcompile
+from benchmarks.speed import CASES, RESULTS, THREADS, machine, table, write_json
+from examples import dncnn
+
+TARGET = 2.0
+
+
+def models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]]:
+    from examples.zoo import rrdbnet_full
+
+    def rrdbnet_input() -> tuple:
+        return (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),)
+
+    return {"RRDBNet": (rrdbnet_full, rrdbnet_input),
+            **{name: (c.build, c.example_inputs) for name, c in CASES.items()}}
+
+
+def trace_and_forward(model: nn.Module, inputs: tuple) -> None:
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        traced(*inputs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(name: str, repeats: int) -> dict:
+    build, make_inputs = models()[name]
+    model, inputs = build(), make_inputs()
+    baseline, light = [], []
+    for _ in range(repeats):
+        baseline.append(timed(lambda: trace_and_forward(model, inputs)))
+        light.append(timed(lambda: lwcompile.lighten(model, inputs)))
+    ratio = statistics.median(light) / statistics.median(baseline)
+    return {"network": name, "input": [list(a.shape) for a in inputs],
+            "convs": sum(isinstance(m, nn.Conv2d) for m in model.modules()),
+            "trace_forward_s": baseline, "lighten_s": light,
+            "median_trace_forward_s": statistics.median(baseline),
+            "median_lighten_s": statistics.median(light), "ratio": ratio,
+            "target_met": ratio <= TARGET}
+
+
+def profile_lighten(name: str, top: int = 30) -> str:
+    build, make_inputs = models()[name]
+    model, inputs = build(), make_inputs()
+    profiler = cProfile.Profile()
+    profiler.runcall(lwcompile.lighten, model, inputs)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
+    stats.print_stats(r"lwcompile|rules", top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    info = machine()
+    lwcompile.lighten(dncnn.DnCNN(features=32, depth=4), (torch.rand(1, 1, 32, 32),))  # warm-up
+    results = []
+    for name in args.only or list(models()):
+        print(f"{name} ...", flush=True)
+        results.append(bench(name, args.repeats))
+        write_json("compile_time", {"machine": info, "repeats": args.repeats,
+                                    "results": results})
+    rows = [[r["network"], str(r["convs"]), f"{r['median_trace_forward_s']:.2f}",
+             f"{r['median_lighten_s']:.2f}", f"{r['ratio']:.1f}x",
+             "met" if r["target_met"] else "NOT met"] for r in results]
+    print(f"\nmedian of {args.repeats}, alternating, {THREADS} threads")
+    print(table(rows, ["network", "convs", "trace+forward s", "lighten s", "ratio",
+                       f"<= {TARGET:.0f}x"]))
+    if args.profile:
+        for name in args.only or ["RRDBNet"]:
+            text = profile_lighten(name)
+            path = RESULTS / "compile_profile.txt"
+            path.write_text(text)
+            print(f"\ncProfile of lighten({name}) written to {path}")
+            print("\n".join(text.splitlines()[:60]))
+
+
+if __name__ == "__main__":
+    main()

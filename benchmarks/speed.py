@@ -1,0 +1,134 @@
+"""Shared pieces of the speed benchmarks: the four networks at benchmark size, the runtimes
+a model can run in, and table / JSON output.
+
+Wall-clock numbers are only comparable within one run: every benchmark times its
+variants interleaved (``lwcompile.profile.time_interleaved``) and quotes medians and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from examples import dncnn, glcic, srresnet, unet
+from lwcompile.emit import ChannelsLast
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    example_inputs: Callable[[], tuple]  # small: what lighten traces and verifies on
+    bench_inputs: Callable[[], tuple]  # the size the latency is measured at
+
+
+def _images(*shapes: tuple[int, ...]) -> Callable[[], tuple]:
+    def make() -> tuple:
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.rand(s, generator=g) for s in shapes)
+    return make
+
+
+def _image_and_mask(size: int) -> Callable[[], tuple]:
+    def make() -> tuple:
+        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., size * 5 // 16: size * 11 // 16, size // 4: size * 3 // 4] = 1.0
+        return image, mask
+    return make
+
+
+def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return build().eval()
+    return make
+
+
+CASES = {
+    "DnCNN-17": Case("DnCNN-17", _seeded(dncnn.build), dncnn.example_inputs,
+                     _images((1, 1, 256, 256))),
+    "SRResNet x4": Case("SRResNet x4", _seeded(srresnet.build), srresnet.example_inputs,
+                        _images((1, 3, 128, 128))),
+    "GLCIC": Case("GLCIC", _seeded(glcic.build), glcic.example_inputs, _image_and_mask(256)),
+    "U-Net": Case("U-Net", _seeded(unet.build), unet.example_inputs, _images((1, 3, 256, 256))),
+}
+
+
+def eager(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
+    return lambda: model(*inputs)
+
+
+def channels_last(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
+    wrapped = model if isinstance(model, ChannelsLast) else ChannelsLast(model)
+    return lambda: wrapped(*inputs)
+
+
+def onnxruntime_session(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
+    """Export to ONNX (opset 17) and run with CPUExecutionProvider on ``THREADS`` threads."""
+    import onnxruntime as ort
+
+    from lwcompile.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, inputs, Path(tmp) / "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {f"input_{i}": a.numpy() for i, a in enumerate(inputs)}
+    return lambda: session.run(None, feed)
+
+
+def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(name: str, data: dict) -> Path:
+    """Write benchmarks/results/<name>.json atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """Versions, threads and the load average (call at the start: a loaded machine skews)."""
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpu": platform.processor()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg"] = f.read().split()[:3]
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,279 @@
+"""Export a model to an ExecuTorch ``.pte`` run by XNNPACK, and say which ops XNNPACK took.
+
+    export = export_mobile(light, example_inputs, "dncnn.pte")
+    print(export.report)      # ops and MACs delegated to XNNPACK vs left to portable kernels
+
+A light network only pays off on a phone if its cheap ops (depthwise and thin 1x1 convs,
+concats, bilinear resizes, channel shuffles) run inside the XNNPACK delegate: an op left to
+ExecuTorch's portable kernels runs single-threaded, unvectorised, and splits the delegate in
+two. The report is read from the lowered program itself, so it is what the ``.pte`` does.
+
+Needs ExecuTorch (``pip install lwcompile[mobile]``); measured with executorch 1.5.1 and
+torch 2.13. Shapes are static: the ``.pte`` accepts inputs of the example inputs' shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx.node import map_arg
+from torch.utils.flop_counter import flop_registry
+
+from .errors import LwCompileError, one_line
+from .mobile_forms import xnnpack_forms
+
+INSTALL_HINT = "pip install lwcompile[mobile]"
+
+
+class MobileUnavailableError(LwCompileError, ImportError):
+    """ExecuTorch (the mobile runtime and its XNNPACK backend) is not installed."""
+
+
+class MobileExportError(LwCompileError):
+    """torch.export or ExecuTorch lowering failed on this model; the cause is chained."""
+
+
+def _executorch() -> Any:
+    """Import ExecuTorch lazily: it is an optional, heavy dependency of this module only."""
+    try:
+        import executorch.exir as exir
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
+    except ImportError as exc:
+        raise MobileUnavailableError(
+            f"mobile export needs ExecuTorch, which is not installed ({one_line(exc)}); "
+            f"install it with `{INSTALL_HINT}`"
+        ) from exc
+    return exir, XnnpackPartitioner
+
+
+@dataclass
+class DelegationReport:
+    """Which ops of a lowered program XNNPACK runs, and which fall back to portable kernels.
+
+    Ops are counted as edge-dialect ops before XNNPACK fuses anything (a BatchNorm folded into
+    its conv still counts as one delegated op); MACs use ``torch.utils.flop_counter`` formulas,
+    as ``lwcompile.count_macs`` does.
+    """
+
+    delegated: dict[str, int]  # op name -> how many run inside XNNPACK delegates
+    portable: dict[str, int]  # op name -> how many run as portable kernels
+    delegated_macs: int
+    portable_macs: int
+    partitions: int  # number of XNNPACK delegate calls; 1 = one uninterrupted subgraph
+
+    @property
+    def ops_delegated(self) -> int:
+        return sum(self.delegated.values())
+
+    @property
+    def ops_portable(self) -> int:
+        return sum(self.portable.values())
+
+    @property
+    def op_share(self) -> float:
+        """Fraction of ops delegated (1.0 when the program has no ops at all)."""
+        total = self.ops_delegated + self.ops_portable
+        return self.ops_delegated / total if total else 1.0
+
+    @property
+    def mac_share(self) -> float:
+        total = self.delegated_macs + self.portable_macs
+        return self.delegated_macs / total if total else 1.0
+
+    @property
+    def fully_delegated(self) -> bool:
+        return self.ops_portable == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "delegated": dict(self.delegated), "portable": dict(self.portable),
+            "ops_delegated": self.ops_delegated, "ops_portable": self.ops_portable,
+            "delegated_macs": self.delegated_macs, "portable_macs": self.portable_macs,
+            "op_share": round(self.op_share, 4), "mac_share": round(self.mac_share, 4),
+            "partitions": self.partitions,
+        }
+
+    def __str__(self) -> str:
+        names = sorted(set(self.delegated) | set(self.portable),
+                       key=lambda n: (-self.delegated.get(n, 0) - self.portable.get(n, 0), n))
+        width = max([len(n) for n in names] + [2])
+        lines = [f"{'op':<{width}}  XNNPACK  portable"]
+        lines += [f"{n:<{width}}  {self.delegated.get(n, 0):>7}  {self.portable.get(n, 0):>8}"
+                  for n in names]
+        lines.append(
+            f"{self.ops_delegated}/{self.ops_delegated + self.ops_portable} ops "
+            f"({self.op_share:.1%}) and {self.mac_share:.1%} of "
+            f"{(self.delegated_macs + self.portable_macs) / 1e6:.1f}M MACs delegated to XNNPACK "
+            f"in {self.partitions} partition{'s' * (self.partitions != 1)}"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class MobileExport:
+    """A written ``.pte`` and what XNNPACK took of it."""
+
+    path: Path
+    size_bytes: int
+    input_shapes: list[tuple[int, ...]]
+    report: DelegationReport
+    #: equivalent forms emitted for XNNPACK (``lwcompile.mobile_forms``): kind -> count
+    forms: dict[str, int]
+    #: max |pte - eager| on the example inputs, or None when not checked
+    max_abs_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "size_bytes": self.size_bytes,
+                "input_shapes": [list(s) for s in self.input_shapes], "forms": dict(self.forms),
+                "max_abs_error": self.max_abs_error, "report": self.report.to_dict()}
+
+    def __str__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        checked = ("" if self.max_abs_error is None
+                   else f", max |pte - eager| = {self.max_abs_error:.2e}")
+        forms = ", ".join(f"{k} x{n}" for k, n in self.forms.items()) or "none"
+        return (f"{self.path} ({self.size_bytes / 1024:.0f} KiB, inputs {shapes}{checked})\n"
+                f"XNNPACK forms: {forms}\n{self.report}")
+
+
+def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
+                  optimize: bool = True, verify: bool = True) -> MobileExport:
+    """Write ``model`` as an XNNPACK-delegated ExecuTorch program to ``path``.
+
+    The model is exported in eval mode (BatchNorm with running statistics, as deployed) and
+    its training flags are restored afterwards. With ``optimize``, BatchNorms and ReLUs after
+    a concat and concats feeding squeezing convs are rewritten into equivalent forms XNNPACK
+    fuses (``lwcompile.mobile_forms``; outputs change by float rounding only). Constant
+    subexpressions are folded before partitioning: ``1 - mask`` otherwise leaves a copy of
+    the scalar 1 outside XNNPACK.
+    With ``verify``, the written file is run once on ``example_inputs`` by the ExecuTorch
+    runtime and compared with the eager model (``max_abs_error``).
+    """
+    exir, XnnpackPartitioner = _executorch()
+    example_inputs = tuple(example_inputs)
+    path = Path(path)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            exported = torch.export.export(model, example_inputs)
+            forms = Counter()
+            if optimize:
+                module = exported.module()
+                forms = xnnpack_forms(module)
+                if forms:
+                    exported = torch.export.export(module, example_inputs)
+            lowered = exir.to_edge_transform_and_lower(
+                exported, transform_passes=[_fold_constants_pass()],
+                partitioner=[XnnpackPartitioner()],
+            )
+            report = delegation_report(lowered.exported_program())
+            program = lowered.to_executorch()
+            expected = model(*example_inputs) if verify else None
+    except LwCompileError:
+        raise
+    except Exception as exc:
+        raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(program.buffer)
+    error = None
+    if verify:
+        tensors = [a for a in example_inputs if isinstance(a, Tensor)]
+        got = load_pte(path)(*tensors)
+        want = [expected] if isinstance(expected, Tensor) else list(expected)
+        error = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
+    shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
+    return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error)
+
+
+def load_pte(path: str | Path) -> Callable[..., list[Tensor]]:
+    """Load a ``.pte`` in the ExecuTorch Python runtime; call the result with input tensors."""
+    _executorch()
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    return lambda *inputs: list(method.execute(list(inputs)))
+
+
+def delegation_report(program: Any) -> DelegationReport:
+    """Count the ops (and MACs) inside XNNPACK delegate calls vs outside, in a lowered program.
+
+    ``program`` is the ``ExportedProgram`` of ``to_edge_transform_and_lower(...)``: every
+    ``executorch_call_delegate`` holds the subgraph it replaced (``original_module``), and
+    every other op node is left to a portable kernel.
+    """
+    delegated: Counter[str] = Counter()
+    portable: Counter[str] = Counter()
+    macs = {"delegated": 0, "portable": 0}
+    partitions = 0
+    graph_module = program.graph_module
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if node.target is torch.ops.higher_order.executorch_call_delegate:
+            partitions += 1
+            lowered = getattr(graph_module, node.args[0].target)
+            for inner in lowered.original_module.graph.nodes:
+                if inner.op == "call_function" and inner.target is not operator.getitem:
+                    delegated[_op_name(inner.target)] += 1
+                    macs["delegated"] += _node_macs(inner)
+        else:
+            portable[_op_name(node.target)] += 1
+            macs["portable"] += _node_macs(node)
+    return DelegationReport(dict(delegated), dict(portable), macs["delegated"],
+                            macs["portable"], partitions)
+
+
+
+def _op_name(target: Any) -> str:
+    """'aten.convolution' for the edge op aten.convolution.default."""
+    name = getattr(target, "__name__", str(target))
+    return name.removesuffix(".default")
+
+
+def _node_macs(node: torch.fx.Node) -> int:
+    """MACs of one graph node from its recorded fake tensors (0 for ops without a formula)."""
+    aten_op = getattr(node.target, "_op", node.target)  # edge op -> the aten op it wraps
+    formula = flop_registry.get(getattr(aten_op, "_overloadpacket", None))
+    if formula is None:
+        return 0
+    args = map_arg(node.args, lambda a: a.meta.get("val"))
+    kwargs = map_arg(node.kwargs, lambda a: a.meta.get("val"))
+    return int(formula(*args, out_val=node.meta.get("val"), **kwargs)) // 2
+
+
+def _fold_constants_pass() -> Any:
+    """An ExecuTorch pass folding ops whose inputs are all constants into new constants.
+
+    ``_skip_dim_order=False`` matters: the edge dialect turns a Python scalar into a
+    ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take.
+    """
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    class FoldConstants(ExportedProgramPassBase):
+        def call(self, exported_program: Any) -> ExportedProgramPassResult:
+            folded = constant_prop_pass(exported_program, _skip_dim_order=False)
+            return ExportedProgramPassResult(folded, True)
+
+    return FoldConstants()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Switch to eval for the export and restore each submodule's own training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

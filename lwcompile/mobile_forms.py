@@ -1,0 +1,173 @@
+"""Equivalent forms of an exported graph that run faster on XNNPACK; used by ``export_mobile``.
+
+XNNPACK folds a BatchNorm into the conv right before it and fuses a ReLU into it, so a plain
+conv-BN-ReLU stack costs only its convs. A light block ends in a channel concatenation
+(LIST's two branches), and a BatchNorm or ReLU after a ``cat`` gets no such fusion: each is
+one more full pass over memory, on top of the concat's own copy. On a memory-bound light
+net those passes cost as much as the convs. Three rewrites, each exact in real arithmetic
+(float results differ by rounding only), remove them:
+
+- ``bn-into-cat-convs``: ``bn(cat(conv_i))`` -> ``cat(conv_i')``, each conv's weight and
+  bias scaled by its slice of the BatchNorm (eval statistics);
+- ``relu-into-cat-parts``: ``relu(cat(conv_i))`` -> ``cat(relu(conv_i))``, fused by XNNPACK
+  (``prelu-into-cat-parts`` likewise, slicing per-channel slopes: not fused, but it lets the
+  next rewrite remove the concat);
+- ``conv-over-cat-split``: ``conv(cat(x_i))`` -> ``sum_i conv_i(x_i)`` (groups 1), when the
+  adds move less memory than the concat they remove (a squeezing conv after LIST).
+
+They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
+or lightened, and never touch the model itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+_CONV_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)  # aten.conv2d's own defaults
+
+
+def xnnpack_forms(gm: fx.GraphModule) -> Counter[str]:
+    """Rewrite ``gm`` (an ``ExportedProgram.module()``) in place; return rewrites per kind."""
+    done: Counter[str] = Counter()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is aten.batch_norm.default and not _arg(node, 5, False):
+            done["bn-into-cat-convs"] += _fold_bn(gm, node)
+    for node in list(graph.nodes):
+        if node.target in (aten.relu.default, aten.relu_.default):
+            done["relu-into-cat-parts"] += _activation_into_parts(gm, node)
+        elif node.target is aten.prelu.default:
+            done["prelu-into-cat-parts"] += _activation_into_parts(gm, node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.cat.default:
+            done["conv-over-cat-split"] += _split_convs(gm, node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return +done
+
+
+def _arg(node: fx.Node, i: int, default: object = None) -> object:
+    return node.args[i] if len(node.args) > i else default
+
+
+def _conv_args(node: fx.Node) -> list:
+    """input, weight, bias, stride, padding, dilation, groups of an aten.conv2d node."""
+    return [*node.args, *_CONV_DEFAULTS[len(node.args):]]
+
+
+def _channel_cat(node: object) -> list[fx.Node] | None:
+    """The parts of ``node`` if it is a concat along channels of 4-d tensors."""
+    if not (isinstance(node, fx.Node) and node.target is aten.cat.default):
+        return None
+    parts, dim = node.args[0], _arg(node, 1, 0)
+    val = node.meta.get("val")
+    if val is None or val.dim() != 4 or dim % 4 != 1:
+        return None
+    return list(parts)
+
+
+def _sole_user_convs(parts: list[fx.Node], user: fx.Node) -> bool:
+    """Every part is a conv2d with its weight as a graph attribute, used only by ``user``."""
+    return all(p.target is aten.conv2d.default and list(p.users) == [user]
+               and _conv_args(p)[1].op == "get_attr" for p in parts)
+
+
+def _fold_bn(gm: fx.GraphModule, bn: fx.Node) -> int:
+    cat = bn.args[0]
+    parts = _channel_cat(cat)
+    if parts is None or list(cat.users) != [bn] or not _sole_user_convs(parts, cat):
+        return 0
+    weight, bias, mean, var = (_tensor(gm, a) for a in bn.args[1:5])
+    scale = torch.rsqrt(var + bn.args[7])
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    start = 0
+    for conv in parts:
+        args = _conv_args(conv)
+        w, b = _tensor(gm, args[1]), _tensor(gm, args[2])
+        s, t = scale[start:start + w.shape[0]], shift[start:start + w.shape[0]]
+        start += w.shape[0]
+        with gm.graph.inserting_before(conv):
+            args[1] = _constant(gm, w * s.view(-1, 1, 1, 1))
+            args[2] = _constant(gm, t if b is None else b * s + t)
+        conv.args = tuple(args)
+    bn.replace_all_uses_with(cat)
+    gm.graph.erase_node(bn)
+    return 1
+
+
+def _activation_into_parts(gm: fx.GraphModule, act: fx.Node) -> int:
+    """relu or prelu of a concat of convs -> the concat of each conv's activation."""
+    cat = act.args[0]
+    parts = _channel_cat(cat)
+    if parts is None or list(cat.users) != [act] or not _sole_user_convs(parts, cat):
+        return 0
+    slope = _tensor(gm, act.args[1]) if act.target is aten.prelu.default else None
+    outs, start = [], 0
+    with gm.graph.inserting_before(cat):
+        for part in parts:
+            if slope is None:
+                out = gm.graph.call_function(aten.relu.default, (part,))
+            else:  # one slope for all channels, or this part's slice of per-channel slopes
+                size = part.meta["val"].shape[1]
+                w = act.args[1] if slope.numel() == 1 else _constant(
+                    gm, slope[start:start + size])
+                start += size
+                out = gm.graph.call_function(aten.prelu.default, (part, w))
+            out.meta = dict(part.meta)
+            outs.append(out)
+    cat.args = (outs, *cat.args[1:])
+    act.replace_all_uses_with(cat)
+    gm.graph.erase_node(act)
+    return 1
+
+
+def _split_convs(gm: fx.GraphModule, cat: fx.Node) -> int:
+    parts = _channel_cat(cat)
+    users = list(cat.users)
+    if parts is None or not users or any(
+        u.target is not aten.conv2d.default or u.args[0] is not cat
+        or _conv_args(u)[6] != 1 or _conv_args(u)[1].op != "get_attr" for u in users
+    ):
+        return 0
+    sizes = [p.meta["val"].shape[1] for p in parts]
+    # a concat reads and writes every channel once; each add reads two outputs, writes one
+    moved_by_adds = sum(3 * _tensor(gm, _conv_args(u)[1]).shape[0] for u in users)
+    if moved_by_adds * (len(parts) - 1) >= 2 * sum(sizes):
+        return 0
+    for conv in users:
+        args = _conv_args(conv)
+        weight, bias = _tensor(gm, args[1]), args[2]
+        total, start = None, 0
+        with gm.graph.inserting_before(conv):
+            for i, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+                w = _constant(gm, weight[:, start:start + size])
+                start += size
+                out = gm.graph.call_function(
+                    aten.conv2d.default, (part, w, bias if i == 0 else None, *args[3:]))
+                total = out if total is None else gm.graph.call_function(
+                    aten.add.Tensor, (total, out))
+        conv.replace_all_uses_with(total)
+        gm.graph.erase_node(conv)
+    return len(users)
+
+
+def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if node is None:
+        return None
+    return functools.reduce(getattr, node.target.split("."), gm).detach()
+
+
+def _constant(gm: fx.GraphModule, value: torch.Tensor) -> fx.Node:
+    """A new attribute of ``gm`` holding ``value``, read by a get_attr node at the cursor."""
+    name = f"_xnnpack_form_{sum(1 for _ in gm.buffers())}"
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, value.contiguous().clone())
+    return gm.graph.get_attr(name)

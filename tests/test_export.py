@@ -1,0 +1,90 @@
+"""ONNX (run in onnxruntime) and torch.export of lightened models, at a second input size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightened import inputs, light, other_inputs
+from torch import nn
+
+from lwcompile import Resize
+from lwcompile.emit import emit_fast
+from lwcompile.export import export_onnx, export_program
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_ort(path, args: tuple) -> torch.Tensor:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {f"input_{i}": a.numpy()
+                                               for i, a in enumerate(args)})[0])
+
+
+def reference(name: str, args: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return light(name)(*args)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, check_stride=False)
+
+
+@pytest.mark.parametrize(("name", "form"), [
+    ("dncnn", "light"), ("srresnet", "emitted, channels_last"), ("glcic", "light"),
+    ("unet", "emitted")])
+def test_onnx_runs_in_onnxruntime_at_two_sizes(name, form, tmp_path):
+    """Resize computes its size from the input: the export must keep that symbolic."""
+    model = light(name) if form == "light" else emit_fast(
+        light(name), inputs(name), channels_last=form == "emitted, channels_last")
+    path = export_onnx(model, inputs(name), tmp_path / f"{name}.onnx")
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 17
+    for args in (inputs(name), other_inputs(name)):
+        close(run_ort(path, args), reference(name, args))
+
+
+@pytest.mark.parametrize("name", ["dncnn", "glcic"])
+def test_export_program_runs_at_another_size(name, tmp_path):
+    fast = emit_fast(light(name), inputs(name), channels_last=False)
+    program = export_program(fast, inputs(name))
+    args = other_inputs(name)
+    with torch.no_grad():
+        close(program.module()(*args), reference(name, args))
+    if name == "dncnn":  # the torch.export-based ONNX exporter, from that program
+        pytest.importorskip("onnxscript")
+        path = export_onnx(program, inputs(name), tmp_path / "program.onnx")
+        assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 17
+        close(run_ort(path, args), reference(name, args))
+
+
+class Upsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.resize = Resize("transposed", (4, 4), (2, 2), (1, 1))
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.resize(x))
+
+
+@pytest.mark.parametrize("dynamic_hw", [True, False])
+def test_dynamic_hw_decides_whether_the_size_is_fixed(dynamic_hw, tmp_path):
+    torch.manual_seed(0)
+    model = Upsample().eval()
+    x, y = torch.rand(1, 3, 12, 10), torch.rand(1, 3, 7, 9)
+    path = export_onnx(model, (x,), tmp_path / "up.onnx", dynamic_hw=dynamic_hw)
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or None for d in dims][2:] == ([None, None] if dynamic_hw else [12, 10])
+    for args in [(x,), (y,)] if dynamic_hw else [(x,)]:
+        with torch.no_grad():
+            close(run_ort(path, args), model(*args))

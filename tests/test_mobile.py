@@ -1,0 +1,107 @@
+"""Mobile export: each lightened example runs as an XNNPACK-delegated .pte in ExecuTorch.
+
+Lowering costs ~0.17 CPU seconds per op (ExecuTorch's passes, not ours; the first call
+in a process ~15 s more), so each network is exported once per module and shared by the
+tests that read it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+from examples import dncnn, glcic, srresnet, unet
+from lwcompile.mobile import MobileExport, MobileUnavailableError, export_mobile, load_pte
+
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
+    "dncnn": (dncnn.build, dncnn.example_inputs),  # DnCNN-17, the paper's denoiser
+    # x4 with both sub-pixel stages, narrowed to keep lowering short
+    "srresnet": (lambda: srresnet.SRResNet(scale=4, features=16, blocks=1),
+                 srresnet.example_inputs),
+    "glcic": (glcic.build, glcic.example_inputs),
+    "unet": (unet.build, unet.example_inputs),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]:
+    """name -> (light model, its training flags after export, MobileExport), built once."""
+    pytest.importorskip("executorch")
+    cache: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple[nn.Module, list[bool], MobileExport]:
+        if name not in cache:
+            build, example_inputs = NETWORKS[name]
+            torch.manual_seed(0)
+            light = lwcompile.lighten(build(), example_inputs()).train()
+            export = export_mobile(light, example_inputs(),
+                                   tmp_path_factory.mktemp(name) / f"{name}.pte")
+            cache[name] = (light, [m.training for m in light.modules()], export)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_pte_runs_in_executorch_and_matches_pytorch(exported, name):
+    light, _, export = exported(name)
+    # every light example runs entirely inside XNNPACK, resizes and shuffles included
+    assert export.report.fully_delegated and export.report.partitions == 1
+    assert export.path.stat().st_size == export.size_bytes > 0
+    assert export.max_abs_error is not None and export.max_abs_error < 1e-4
+    # fresh inputs of the exported shapes, not the ones the export was checked on
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.rand(shape, generator=generator) for shape in export.input_shapes]
+    (got,) = load_pte(export.path)(*inputs)
+    with torch.no_grad():
+        want = light.eval()(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_restores_training_mode(exported):
+    light, flags_after_export, _ = exported("dncnn")
+    assert all(flags_after_export)  # trained-mode model in, trained-mode model out
+
+
+def test_light_dncnn_is_fully_delegated(exported):
+    light, _, export = exported("dncnn")
+    report = export.report
+    assert report.fully_delegated and report.portable == {}
+    assert report.op_share == report.mac_share == 1.0
+    assert report.partitions == 1  # one uninterrupted XNNPACK subgraph
+    # every LIST's BatchNorm, ReLU and concat were rewritten into forms XNNPACK fuses
+    assert export.forms == {"bn-into-cat-convs": 15, "relu-into-cat-parts": 15,
+                            "conv-over-cat-split": 15}
+    assert "aten.cat" not in report.delegated
+    assert "aten._native_batch_norm_legit_no_training" not in report.delegated
+    # 2 dense end convs + 15 LIST x 4 convs, + 15 consumers split in two over the halves
+    assert report.delegated["aten.convolution"] == 2 + 15 * 4 + 15
+    assert report.delegated["aten.add.Tensor"] == 15
+    # the split convs together cost what the original ones did
+    assert report.delegated_macs == light.lwcompile_report.summary.macs_after
+    assert "(100.0%)" in str(report)
+    assert export.to_dict()["report"]["op_share"] == 1.0
+
+
+def test_light_glcic_resizes_shuffles_and_mask_arithmetic_are_delegated(exported):
+    _, _, export = exported("glcic")
+    report = export.report
+    # GSAT's channel shuffle becomes view/permute/clone, the resizes stay bilinear
+    assert report.delegated["aten.upsample_bilinear2d.vec"] == 4
+    assert report.delegated["aten.permute_copy"] == 4
+    # without constant folding, the scalar of `1 - mask` stays outside as a portable copy
+    assert report.portable == {} and report.partitions == 1
+
+
+def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)  # makes the import fail
+    with pytest.raises(MobileUnavailableError, match=r"pip install lwcompile\[mobile\]") as info:
+        export_mobile(nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),), tmp_path / "m.pte")
+    assert isinstance(info.value, lwcompile.LwCompileError)
+    assert isinstance(info.value, ImportError)
+    assert not (tmp_path / "m.pte").exists()

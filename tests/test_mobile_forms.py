@@ -1,0 +1,108 @@
+"""The XNNPACK forms of lwcompile.mobile_forms: same outputs, and the slow ops are gone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lwcompile.mobile_forms import xnnpack_forms
+from lwcompile.modules import LIST
+
+aten = torch.ops.aten
+
+
+class ListBlocks(nn.Module):
+    """Two LIST-BN-ReLU blocks and a 3x3 output conv, as in the light DnCNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(LIST(32, 32), nn.BatchNorm2d(32), nn.ReLU(),
+                                  LIST(32, 32), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 3, 3, padding=1))
+        for bn in (self.body[1], self.body[4]):  # non-trivial eval statistics
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class WideAfterCat(nn.Module):
+    """A concat of thin inputs feeding a wide conv (GLCIC's image+mask input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 64, 5, padding=2)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([image * (1 - mask), mask], dim=1))
+
+
+def rewrite(model: nn.Module, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, dict]:
+    module = torch.export.export(model.eval(), inputs).module()
+    return module, xnnpack_forms(module)
+
+
+def ops(module: torch.fx.GraphModule) -> list:
+    return [n.target for n in module.graph.nodes if n.op == "call_function"]
+
+
+def test_list_blocks_lose_their_concat_batchnorm_and_outer_relu():
+    torch.manual_seed(0)
+    model = ListBlocks()
+    x = torch.rand(1, 32, 16, 16)
+    module, forms = rewrite(model, x)
+    # block 1's concat feeds block 2's squeeze, block 2's the 3x3 output conv: both split
+    assert forms == {"bn-into-cat-convs": 2, "relu-into-cat-parts": 2, "conv-over-cat-split": 2}
+    targets = ops(module)
+    assert aten.cat.default not in targets and aten.batch_norm.default not in targets
+    assert targets.count(aten.relu.default) == 4  # one per branch, fused into its conv
+    # 8 LIST convs + the output conv, and each of the 2 split convs became two
+    assert targets.count(aten.conv2d.default) == 2 * 4 + 1 + 2
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_concat_feeding_a_wider_conv_is_kept():
+    model = WideAfterCat()
+    image, mask = torch.rand(1, 3, 8, 8), (torch.rand(1, 1, 8, 8) > 0.5).float()
+    module, forms = rewrite(model, image, mask)
+    assert forms == {}  # 64 output channels to add would move more memory than the concat
+    assert aten.cat.default in ops(module)
+    with torch.no_grad():
+        torch.testing.assert_close(module(image, mask), model(image, mask))
+
+
+def test_batchnorm_after_a_concat_of_non_convs_is_kept():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.conv(x), x], dim=1))
+
+    model = Mixed()
+    x = torch.rand(1, 4, 8, 8)
+    module, forms = rewrite(model, x)
+    assert forms == {}
+    assert aten.batch_norm.default in ops(module)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x))
+
+
+def test_per_channel_prelu_moves_into_the_branches_and_the_concat_goes():
+    torch.manual_seed(0)
+    prelu = nn.PReLU(32)
+    with torch.no_grad():
+        prelu.weight.uniform_(0.05, 0.5)  # a different slope per channel
+    model = nn.Sequential(LIST(32, 32), prelu, nn.Conv2d(32, 8, 1))
+    x = torch.randn(1, 32, 8, 8)
+    module, forms = rewrite(model, x)
+    assert forms == {"prelu-into-cat-parts": 1, "conv-over-cat-split": 1}
+    assert aten.cat.default not in ops(module)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)
