@@ -29,60 +29,22 @@ module never pulls a torchvision wheel and never leaves a fake torchvision behin
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import importlib.util
-import sys
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lwcompile._spandrel import torchvision_stub
+
 SEED = 0
 
 
-@contextlib.contextmanager
-def _torchvision_stub() -> Iterator[None]:
-    """Provide a minimal ``torchvision.transforms.functional`` while spandrel is imported."""
-    if importlib.util.find_spec("torchvision") is not None or "torchvision" in sys.modules:
-        yield
-        return
-
-    def _unavailable(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("torchvision is not installed (lwcompile zoo import stub)")
-
-    class InterpolationMode(enum.Enum):
-        NEAREST = "nearest"
-        BILINEAR = "bilinear"
-        BICUBIC = "bicubic"
-
-    tv = types.ModuleType("torchvision")
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.InterpolationMode = InterpolationMode  # type: ignore[attr-defined]
-    functional.rotate = _unavailable  # type: ignore[attr-defined]
-    functional.normalize = _unavailable  # type: ignore[attr-defined]
-    transforms.functional = functional  # type: ignore[attr-defined]
-    tv.transforms = transforms  # type: ignore[attr-defined]
-    stubs = {
-        "torchvision": tv,
-        "torchvision.transforms": transforms,
-        "torchvision.transforms.functional": functional,
-    }
-    sys.modules.update(stubs)
-    try:
-        yield
-    finally:
-        for name, module in stubs.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
 
 
 SPANDREL_IMPORT_ERROR: str | None = None
 try:
-    with _torchvision_stub():
+    with torchvision_stub():
         from spandrel.architectures.ATD import ATD
         from spandrel.architectures.AuraSR import AuraSR
         from spandrel.architectures.Compact import Compact
