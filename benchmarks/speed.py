@@ -76,8 +76,9 @@ def channels_last(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
     return lambda: wrapped(*inputs)
 
 
-def onnxruntime_session(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
-    """Export to ONNX (opset 17) and run with CPUExecutionProvider on ``THREADS`` threads."""
+def onnxruntime_session(model: nn.Module, inputs: tuple,
+                        threads: int = THREADS) -> Callable[[], Any]:
+    """Export to ONNX (opset 17) and run with CPUExecutionProvider on ``threads`` threads."""
     import onnxruntime as ort
 
     from lwcompile.export import export_onnx
@@ -85,7 +86,7 @@ def onnxruntime_session(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, inputs, Path(tmp) / "model.onnx")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {f"input_{i}": a.numpy() for i, a in enumerate(inputs)}

@@ -5,11 +5,14 @@
 
 A light network only pays off on a phone if its cheap ops (depthwise and thin 1x1 convs,
 concats, bilinear resizes, channel shuffles) run inside the XNNPACK delegate: an op left to
-ExecuTorch's portable kernels runs single-threaded, unvectorised, and splits the delegate in
-two. The report is read from the lowered program itself, so it is what the ``.pte`` does.
+ExecuTorch's portable kernels runs as a plain single-threaded reference kernel and splits the
+delegate in two, with layout conversions at each boundary. The report is read from the
+lowered program itself, so it is what the ``.pte`` does.
 
 Needs ExecuTorch (``pip install lwcompile[mobile]``); measured with executorch 1.5.1 and
 torch 2.13. Shapes are static: the ``.pte`` accepts inputs of the example inputs' shapes.
+A non-tensor argument (a noise level) is fixed to its example value by ``torch.export`` but
+keeps its place: call the program with every argument, as the model.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class MobileExportError(LwCompileError):
     """torch.export or ExecuTorch lowering failed on this model; the cause is chained."""
 
 
-def _executorch() -> Any:
+def _executorch() -> tuple[Any, Any]:
     """Import ExecuTorch lazily: it is an optional, heavy dependency of this module only."""
     try:
         import executorch.exir as exir
@@ -125,7 +128,7 @@ class MobileExport:
 
     path: Path
     size_bytes: int
-    input_shapes: list[tuple[int, ...]]
+    input_shapes: list[tuple[int, ...]]  # of the tensor arguments
     report: DelegationReport
     #: equivalent forms emitted for XNNPACK (``lwcompile.mobile_forms``): kind -> count
     forms: dict[str, int]
@@ -186,8 +189,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     path.write_bytes(program.buffer)
     error = None
     if verify:
-        tensors = [a for a in example_inputs if isinstance(a, Tensor)]
-        got = load_pte(path)(*tensors)
+        got = load_pte(path)(*example_inputs)
         want = [expected] if isinstance(expected, Tensor) else list(expected)
         error = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
@@ -195,7 +197,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
 
 
 def load_pte(path: str | Path) -> Callable[..., list[Tensor]]:
-    """Load a ``.pte`` in the ExecuTorch Python runtime; call the result with input tensors."""
+    """Load a ``.pte`` in the ExecuTorch Python runtime; call the result with the inputs."""
     _executorch()
     from executorch.runtime import Runtime
 

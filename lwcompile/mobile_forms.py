@@ -72,16 +72,23 @@ def _channel_cat(node: object) -> list[fx.Node] | None:
     return list(parts)
 
 
+def _is_attr(node: object) -> bool:
+    """A stored tensor (or an absent optional one): something the rewrite can read and fold."""
+    return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+
+
 def _sole_user_convs(parts: list[fx.Node], user: fx.Node) -> bool:
-    """Every part is a conv2d with its weight as a graph attribute, used only by ``user``."""
+    """Every part is a conv2d with stored weight and bias, used only by ``user``."""
     return all(p.target is aten.conv2d.default and list(p.users) == [user]
-               and _conv_args(p)[1].op == "get_attr" for p in parts)
+               and isinstance(_conv_args(p)[1], fx.Node) and all(map(_is_attr, _conv_args(p)[1:3]))
+               for p in parts)
 
 
 def _fold_bn(gm: fx.GraphModule, bn: fx.Node) -> int:
     cat = bn.args[0]
     parts = _channel_cat(cat)
-    if parts is None or list(cat.users) != [bn] or not _sole_user_convs(parts, cat):
+    if (parts is None or list(cat.users) != [bn] or not _sole_user_convs(parts, cat)
+            or not all(map(_is_attr, bn.args[1:5])) or bn.args[3] is None or bn.args[4] is None):
         return 0
     weight, bias, mean, var = (_tensor(gm, a) for a in bn.args[1:5])
     scale = torch.rsqrt(var + bn.args[7])
@@ -108,7 +115,11 @@ def _activation_into_parts(gm: fx.GraphModule, act: fx.Node) -> int:
     parts = _channel_cat(cat)
     if parts is None or list(cat.users) != [act] or not _sole_user_convs(parts, cat):
         return 0
-    slope = _tensor(gm, act.args[1]) if act.target is aten.prelu.default else None
+    slope = None
+    if act.target is aten.prelu.default:
+        if act.args[1] is None or not _is_attr(act.args[1]):
+            return 0
+        slope = _tensor(gm, act.args[1])
     outs, start = [], 0
     with gm.graph.inserting_before(cat):
         for part in parts:
@@ -133,13 +144,16 @@ def _split_convs(gm: fx.GraphModule, cat: fx.Node) -> int:
     users = list(cat.users)
     if parts is None or not users or any(
         u.target is not aten.conv2d.default or u.args[0] is not cat
-        or _conv_args(u)[6] != 1 or _conv_args(u)[1].op != "get_attr" for u in users
+        or _conv_args(u)[6] != 1 or _conv_args(u)[1] is None
+        or not all(map(_is_attr, _conv_args(u)[1:3])) for u in users
     ):
         return 0
+    if any("val" not in n.meta for n in [*parts, *users]):
+        return 0
     sizes = [p.meta["val"].shape[1] for p in parts]
-    # a concat reads and writes every channel once; each add reads two outputs, writes one
-    moved_by_adds = sum(3 * _tensor(gm, _conv_args(u)[1]).shape[0] for u in users)
-    if moved_by_adds * (len(parts) - 1) >= 2 * sum(sizes):
+    # a concat reads and writes each element once; each add reads two outputs, writes one
+    moved_by_adds = sum(3 * u.meta["val"].numel() for u in users) * (len(parts) - 1)
+    if moved_by_adds >= 2 * cat.meta["val"].numel():
         return 0
     for conv in users:
         args = _conv_args(conv)
@@ -153,6 +167,7 @@ def _split_convs(gm: fx.GraphModule, cat: fx.Node) -> int:
                     aten.conv2d.default, (part, w, bias if i == 0 else None, *args[3:]))
                 total = out if total is None else gm.graph.call_function(
                     aten.add.Tensor, (total, out))
+        total.meta = dict(conv.meta)  # same tensor: later rewrites read its shape
         conv.replace_all_uses_with(total)
         gm.graph.erase_node(conv)
     return len(users)
