@@ -7,6 +7,7 @@ variants interleaved (``lwcompile.profile.time_interleaved``) and quotes medians
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -72,7 +73,8 @@ def eager(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
 
 
 def channels_last(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
-    wrapped = model if isinstance(model, ChannelsLast) else ChannelsLast(model)
+    """A channels_last copy (``Module.to`` converts in place: the model itself stays NCHW)."""
+    wrapped = model if isinstance(model, ChannelsLast) else ChannelsLast(copy.deepcopy(model))
     return lambda: wrapped(*inputs)
 
 

@@ -60,7 +60,11 @@ class FusedLIST(nn.Module):
 
 
 class ChannelsLast(nn.Module):
-    """Runs a channels_last ``module`` on channels_last copies of its 4-D tensor inputs."""
+    """Runs ``module`` in channels_last on channels_last copies of its 4-D tensor inputs.
+
+    ``module`` itself is converted (``nn.Module.to`` works in place): pass a copy to keep
+    the original in NCHW.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
