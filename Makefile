@@ -13,7 +13,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,export]'
+	$(PIP) -e '.[dev,export,mobile]'
 	$(PIP) --no-deps spandrel==0.4.2 einops safetensors
 	touch $(STAMP)
 
