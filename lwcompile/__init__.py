@@ -29,7 +29,7 @@ from .errors import (
     VerificationError,
 )
 from .export import export_onnx, export_program
-from .flow import DataFlow, is_depthwise, record_flow
+from .flow import DataFlow, is_depthwise, record_flow, structure_key
 from .html_report import write_html
 from .mobile import export_mobile
 from .modules import GSAT, LIST, PointwiseOverParts, Resize
@@ -40,7 +40,7 @@ from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 
 __all__ = [
     "GSAT", "LIST", "DataFlow", "PointwiseOverParts", "Resize", "count_macs", "count_params",
-    "is_depthwise", "random_inputs", "record_flow", "ExampleInputError", "Guard",
+    "is_depthwise", "random_inputs", "record_flow", "structure_key", "ExampleInputError", "Guard",
     "LwCompileError", "Match", "NoMatch",
     "NotAModuleError", "Proposal", "Refuse", "Report", "Row", "Rule", "RuleError", "Site",
     "Summary",

@@ -10,14 +10,22 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .cost import Measured, count_macs, count_params, measure, random_inputs, run_counting
+from .cost import (
+    Measured,
+    count_macs,
+    count_on_shapes,
+    count_params,
+    measure,
+    random_inputs,
+    run_counting,
+)
 from .errors import (
     LwCompileError,
     NothingToLighten,
@@ -25,11 +33,12 @@ from .errors import (
     VerificationError,
     one_line,
 )
-from .flow import record_flow
+from .flow import DataFlow, flow_recording, note_output, structure_key
 from .graph import concat_skips
 from .inputs import run_example
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
+from .state import preserved_state
 from .trace import TracedModel, join, trace_model
 
 
@@ -49,6 +58,8 @@ class Workspace:
     traced: TracedModel
     #: region name -> GraphModule installed in ``root`` (only these may be edited as graphs)
     installed: dict[str, fx.GraphModule]
+    #: outcomes of shape checks, by what decides them (``structure_key``s, shapes, dtype)
+    shape_checks: dict[tuple, tuple[str, int, int]] = field(default_factory=dict)
 
 
 def describe(module: nn.Module) -> str:
@@ -63,12 +74,11 @@ def describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Workspace:
-    """Copy, trace, and install each traced region's GraphModule in the copy."""
-    try:
-        root = copy.deepcopy(model)
-    except Exception as exc:
-        raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
+def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any,
+            fresh_copy: nn.Module | None = None) -> Workspace:
+    """Copy (unless a ``fresh_copy`` of ``model`` is handed over), trace, and install each
+    traced region's GraphModule in the copy."""
+    root = fresh_copy if fresh_copy is not None else _copy(model)
     root.eval()
     traced = trace_model(root, args, kwargs, output)
     installed: dict[str, fx.GraphModule] = {}
@@ -111,13 +121,14 @@ def uninstall_subregions(ws: Workspace) -> None:
         del ws.installed[name]
 
 
-def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
-               kwargs: dict, log: list[str]) -> list[Site]:
+def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], flow: DataFlow,
+               log: list[str]) -> list[Site]:
     """Every leaf call of a module of ``types``, with its shapes, in execution order.
 
-    A module whose parameters the graph also reads directly (``get_attr``, e.g. a forward
-    that does ``F.conv2d(x, self.conv.weight)``) is no site: swapping it would break those
-    reads.
+    ``flow`` is the data flow of the reference run, which watched every module of ``types``
+    (``watched``). A module whose parameters the graph also reads directly (``get_attr``,
+    e.g. a forward that does ``F.conv2d(x, self.conv.weight)``) is no site: swapping it
+    would break those reads.
     """
     candidates: dict[str, tuple[str, fx.Node | None, bool]] = {}
     read_directly: set[str] = set()
@@ -139,15 +150,38 @@ def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], args: tuple,
     for name in ws.traced.opaque_leaves:
         if isinstance(ws.root.get_submodule(name), types):
             candidates.setdefault(name, (name.rpartition(".")[0], None, False))
-    flow = record_flow(ws.root, args, kwargs, watch=candidates)
     sites = []
     for name, (shapes, out) in flow.shapes.items():  # first-call order = execution order
+        if name not in candidates:
+            continue
         region, node, editable = candidates[name]
         sites.append(Site(name, ws.root.get_submodule(name), shapes, out, node, region,
                           editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle,
                           pixel_shuffle_factor=flow.pixel_shuffle_factor.get(name),
                           feeds_concat=name in flow.feeds_concat))
     return sites
+
+
+def watched(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """The modules the reference run records the data flow of: every one a rule applies to."""
+    return [name for name, m in model.named_modules() if isinstance(m, types)]
+
+
+def _installed_graphs_run(ws: Workspace, args: tuple, kwargs: dict) -> str:
+    """'' if the workspace runs with its sub-region graphs installed, else why not.
+
+    Parent code may need more of a submodule than its GraphModule offers (methods,
+    properties). Only sub-region installs can break that way; the root's graph was checked
+    against eager when it was traced.
+    """
+    if all(name == "" for name in ws.installed):
+        return ""
+    try:
+        with preserved_state(ws.root), torch.no_grad():
+            ws.root(*args, **kwargs)
+    except Exception as exc:
+        return one_line(exc)
+    return ""
 
 
 def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any]) -> nn.Module:
@@ -160,27 +194,50 @@ def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any
     return fx.GraphModule(gm, graph)
 
 
-def _check_replacement(rule: Rule, original: nn.Module, replacement: nn.Module,
-                       shapes: tuple[torch.Size, ...],
+def _check_replacement(ws: Workspace, rule: Rule, original: nn.Module,
+                       replacement: nn.Module, shapes: tuple[torch.Size, ...],
                        dtype: torch.dtype) -> tuple[str, int, int]:
-    """Run both on the same random input: '' if the replacement stands in, else the problem.
+    """'' if the replacement stands in for the original, else the problem; and both MACs.
 
-    Also returns the MACs of both, counted on that same run.
+    A rule that is not exact only has to take the same inputs and give the same output
+    shape: that is checked on fake tensors, with no arithmetic, once per distinct pair of
+    structures (a network's hundreds of identical convs and LISTs share one check). An
+    exact rule (or code that needs real values) runs both on the same random input.
     """
+    if not rule.exact:
+        key = (structure_key(original), structure_key(replacement), tuple(shapes), dtype)
+        if key not in ws.shape_checks:
+            try:
+                (expected, macs_before), (got, macs_after) = (
+                    count_on_shapes(m, shapes, dtype) for m in (original, replacement))
+            except Exception:  # failing for real is reported below, with the real error
+                return _run_both(rule, original, replacement, shapes, dtype)
+            ws.shape_checks[key] = (_shape_problem(got, expected), macs_before, macs_after)
+        return ws.shape_checks[key]
+    return _run_both(rule, original, replacement, shapes, dtype)
+
+
+def _run_both(rule: Rule, original: nn.Module, replacement: nn.Module,
+              shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> tuple[str, int, int]:
+    """Run both on the same random input: the problem ('' if none) and both MACs."""
     inputs = random_inputs(shapes, dtype=dtype)
     expected, macs_before = run_counting(original, inputs)
     try:
         got, macs_after = run_counting(replacement, inputs)
     except Exception as exc:
         return f"replacement fails to run: {type(exc).__name__}: {exc}"[:300], macs_before, 0
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        shape = got.shape if isinstance(got, torch.Tensor) else type(got).__name__
-        return (f"replacement output {tuple(shape)} != original {tuple(expected.shape)}",
-                macs_before, macs_after)
-    if rule.exact and not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+    problem = _shape_problem(got, expected)
+    if not problem and rule.exact and not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         err = (got - expected).abs().max().item()
-        return f"rule claims to be exact but differs by up to {err:.3g}", macs_before, macs_after
-    return "", macs_before, macs_after
+        problem = f"rule claims to be exact but differs by up to {err:.3g}"
+    return problem, macs_before, macs_after
+
+
+def _shape_problem(got: Any, expected: torch.Tensor) -> str:
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape:
+        return ""
+    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+    return f"replacement output {shape} != original {tuple(expected.shape)}"
 
 
 def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.Node]) -> str:
@@ -268,7 +325,7 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
         if veto is not None:
             return _kept(site, *veto, params=count_params(original))
         problem, macs_before, macs_after = _check_replacement(
-            rule, original, replacement, match.shapes, site.dtype)
+            ws, rule, original, replacement, match.shapes, site.dtype)
         row = Row(site.name, describe(site.module), rule.describe(replacement), APPLIED,
                   rule.name, "", count_params(original), count_params(replacement),
                   macs_before, macs_after)
@@ -298,9 +355,12 @@ def _kept(site: Site, decided_by: str, outcome: str, reason: str,
           params: int | None = None) -> Row:
     params = count_params(site.module) if params is None else params
     try:
-        macs = count_macs(site.module, *random_inputs(site.input_shapes, dtype=site.dtype))
-    except Exception:  # a site we only report on must not stop compilation
-        macs = 0
+        macs = count_on_shapes(site.module, site.input_shapes, site.dtype)[1]
+    except Exception:
+        try:
+            macs = count_macs(site.module, *random_inputs(site.input_shapes, dtype=site.dtype))
+        except Exception:  # a site we only report on must not stop compilation
+            macs = 0
     return Row(site.name, describe(site.module), "kept", outcome, decided_by, reason[:300],
                params, params, macs, macs)
 
@@ -311,7 +371,8 @@ def _failed(site: Site, rule: Rule, reason: str) -> Row:
 
 def _match_placement(replacement: nn.Module, like: nn.Module) -> None:
     ref = next(like.parameters(), None)
-    if ref is not None:
+    if ref is not None and any(t.device != ref.device or t.dtype != ref.dtype
+                               for t in replacement.parameters()):
         replacement.to(device=ref.device, dtype=ref.dtype)
 
 
@@ -327,27 +388,25 @@ def _output_shapes(out: Any) -> Any:
 
 def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                  guards: Sequence[Guard], held_back: dict[str, str],
-                 reference_output: Any) -> tuple[nn.Module, Report]:
+                 reference: Reference) -> tuple[nn.Module, Report]:
     """One pass over the model; sites in ``held_back`` are reported but left as they are.
 
-    ``reference_output`` is the model's eager output on ``args`` (traced graphs are checked
-    against it)."""
-    ws = prepare(model, args, kwargs, reference_output)
+    ``reference`` is the model's eager run on ``args``: traced graphs are checked against
+    its output, and sites get their shapes and data flow from it."""
+    ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy())
+    flow = reference.flow
     report = Report(log=list(ws.traced.log))
     report.notes["concat_skips"] = [
         asdict(skip) for name, gm in ws.installed.items()
         for skip in concat_skips(gm.graph, name)]
-    types = tuple({t for rule in rules for t in rule.applies_to})
+    types = site_types(rules)
     erased: set[fx.Node] = set()
-    try:
-        sites = find_sites(ws, types, args, kwargs, report.log) if types else []
-    except Exception as exc:
-        if not any(ws.installed):
-            raise
+    problem = _installed_graphs_run(ws, args, kwargs)
+    if problem:
         uninstall_subregions(ws)
-        report.log.append(f"sub-region graphs not installed ({one_line(exc)}): rewriting "
+        report.log.append(f"sub-region graphs not installed ({problem}): rewriting "
                           "inside them module by module")
-        sites = find_sites(ws, types, args, kwargs, report.log)
+    sites = find_sites(ws, types, flow, report.log) if types else []
     for site in sites:
         if site.node is not None and site.node in erased:
             continue
@@ -382,12 +441,48 @@ def _nothing_done(model: nn.Module, report: Report) -> str:
     return f"nothing to lighten in {type(model).__name__}: {detail} (see the error's .report)"
 
 
-def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool) -> Measured:
+def site_types(rules: Sequence[Rule]) -> tuple[type[nn.Module], ...]:
+    return tuple({t for rule in rules for t in rule.applies_to})
+
+
+@dataclass
+class Reference:
+    """The original model's one eager run: output, MACs, peak memory, and data flow."""
+
+    run: Measured
+    flow: DataFlow
+    #: the copy the run used, untouched since: the first workspace can start from it
+    spare_copy: nn.Module | None = None
+
+    def take_copy(self) -> nn.Module | None:
+        spare, self.spare_copy = self.spare_copy, None
+        return spare
+
+
+def _copy(model: nn.Module) -> nn.Module:
     try:
-        reference = copy.deepcopy(model).eval()
+        return copy.deepcopy(model)
     except Exception as exc:
         raise LwCompileError(f"cannot copy the model to work on it: {exc}") from exc
-    return run_example(reference, args, kwargs, inferred)
+
+
+def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
+                   types: tuple[type[nn.Module], ...]) -> Reference:
+    reference = _copy(model).eval()
+    with flow_recording(reference, watched(reference, types)) as flow:
+        run = run_example(reference, args, kwargs, inferred)
+        note_output(flow, run.output)
+    return Reference(run, flow, reference)
+
+
+def _copy_training_flags(model: nn.Module, result: nn.Module) -> None:
+    """Give the result the model's mode, module by module (a frozen BatchNorm in a model
+    in training mode stays in eval); new modules take the mode of the model."""
+    result.train(model.training)
+    flags = {name: m.training for name, m in model.named_modules()}
+    for name, m in result.named_modules():
+        if flags.get(name, model.training) != m.training:
+            m.training = flags[name]
 
 
 def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
@@ -396,8 +491,9 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
 
     The summary's "after" figures are estimates: totals minus each applied row's saving.
     """
-    before = _reference_run(model, args, kwargs, inferred)
-    _, report = compile_once(model, args, kwargs, rules, guards, {}, before.output)
+    reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    before = reference.run
+    _, report = compile_once(model, args, kwargs, rules, guards, {}, reference)
     params = count_params(model)
     applied = report.applied
     report.summary = Summary(
@@ -415,13 +511,14 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     the first applied rewrite whose inclusion breaks the model is found by bisection over
     the applied ones in order and held back, and compilation is repeated.
     """
-    before = _reference_run(model, args, kwargs, inferred)
+    reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    before = reference.run
     expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}
     while True:
         try:
             result, report = compile_once(model, args, kwargs, rules, guards, held_back,
-                                          before.output)
+                                          reference)
         except SiteBroke as broke:
             held_back[broke.site] = broke.reason
             continue
@@ -437,7 +534,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
             keep = set(applied[:mid])
             trial, _ = compile_once(model, args, kwargs, rules, guards,
                                     held_back | {s: "" for s in applied if s not in keep},
-                                    before.output)
+                                    reference)
             if _first_failure(trial, args, kwargs, expected)[0]:
                 hi = mid
             else:
@@ -447,7 +544,5 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
                              before.peak_bytes, after.peak_bytes)
     if not report.applied:
         raise NothingToLighten(_nothing_done(model, report), report)
-    flags = {id(m): m.training for m in model.modules()}
-    for m in result.modules():
-        m.train(flags.get(id(m), model.training))
+    _copy_training_flags(model, result)
     return result, report

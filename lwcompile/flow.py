@@ -14,15 +14,16 @@ recognised as one.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .state import preserved_state
 
@@ -56,22 +57,35 @@ def _pointwise_conv(args: tuple, kwargs: dict) -> bool:
             and stride in (1, (1, 1), [1, 1]))
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an op's arguments or result (a plain walk: pytree is slower here, and
+    this runs for every op of a forward)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
 def _origins(value: Any) -> frozenset[str]:
-    tensors = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in tensors))
+    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in _tensors(value)))
 
 
 _tagged: list[weakref.ref] = []  # so tags never outlive a run (ops may return a parameter)
 
 
 def _tag(value: Any, origins: frozenset[str]) -> None:
-    for t in tree_flatten(value)[0]:
-        if isinstance(t, torch.Tensor):
-            try:
-                setattr(t, _TAG, origins)
-                _tagged.append(weakref.ref(t))
-            except (AttributeError, RuntimeError, TypeError):  # some subclasses refuse
-                pass
+    for t in _tensors(value):
+        if not origins and not hasattr(t, _TAG):
+            continue  # nothing to record, nothing to clear
+        try:
+            setattr(t, _TAG, origins)
+            _tagged.append(weakref.ref(t))
+        except (AttributeError, RuntimeError, TypeError):  # some subclasses refuse
+            pass
 
 
 def _untag_all() -> None:
@@ -123,11 +137,31 @@ class _FlowMode(TorchFunctionMode):
         return out
 
 
-def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
-                watch: Iterable[str] | None = None) -> DataFlow:
-    """Run ``model`` once and report which watched submodules feed a pixel shuffle.
+def structure_key(module: nn.Module) -> tuple:
+    """What decides how ``module`` routes data and what shapes it gives: the classes,
+    configuration, plain attributes and parameter/buffer shapes of it and its submodules
+    (and a GraphModule's code), not parameter values. Equal keys, equal flows and shapes,
+    so the result for one replacement holds for its identical twins.
+    """
+    def own(m: nn.Module) -> tuple:
+        plain = tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                             if not k.startswith("_")
+                             and not isinstance(v, (torch.Tensor, nn.Module))))
+        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in
+                        [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                        if t is not None)
+        code = m.code if isinstance(m, torch.fx.GraphModule) else ""
+        return type(m), m.extra_repr(), plain, tensors, code
 
-    ``watch`` names submodules (qualified names); by default every leaf module.
+    return tuple((name, *own(m)) for name, m in module.named_modules())
+
+
+@contextlib.contextmanager
+def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iterator[DataFlow]:
+    """Record the data flow of whatever runs ``model`` inside the block.
+
+    Lets a forward that is needed anyway (lighten's reference run) record the flow too.
+    Set ``feeds_output`` inside the block (``note_output``): tags are gone after it.
     """
     flow = DataFlow()
     modules = dict(model.named_modules())
@@ -143,11 +177,25 @@ def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
             _tag(out, _origins(out) | {name})
         handles.append(modules[name].register_forward_hook(hook))
     try:
-        with preserved_state(model), torch.no_grad(), _FlowMode(flow):
-            out = model(*args, **(kwargs or {}))
-        flow.feeds_output = set(_origins(out))
+        with _FlowMode(flow):
+            yield flow
     finally:
         for h in handles:
             h.remove()
         _untag_all()
+
+
+def note_output(flow: DataFlow, output: Any) -> None:
+    """Record which watched modules reach the model's output (inside ``flow_recording``)."""
+    flow.feeds_output = set(_origins(output))
+
+
+def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
+                watch: Iterable[str] | None = None) -> DataFlow:
+    """Run ``model`` once and report which watched submodules feed a pixel shuffle.
+
+    ``watch`` names submodules (qualified names); by default every leaf module.
+    """
+    with preserved_state(model), torch.no_grad(), flow_recording(model, watch) as flow:
+        note_output(flow, model(*args, **(kwargs or {})))
     return flow

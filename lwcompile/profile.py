@@ -1,7 +1,7 @@
 """Where a model's cost goes: parameters, MACs, peak activation memory and measured latency.
 
 Counts come from the same authorities as the compiler's report (``torch.utils.flop_counter``
-and ``lwcompile.cost.PeakMemory``), so a profile and a report agree. Latency is wall time:
+and ``lwcompile.cost.CostMode``), so a profile and a report agree. Latency is wall time:
 the median of ``runs`` forwards after ``warmup`` (medians resist the odd slow run; compare
 models only within one process, interleaved, see ``time_interleaved``).
 """

@@ -10,11 +10,12 @@ rule, user rules included; it looks at the replacement itself with a real forwar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from lwcompile import Guard, Proposal, Veto, is_depthwise, random_inputs, record_flow
+from lwcompile import DataFlow, Guard, Proposal, Veto, is_depthwise, random_inputs, record_flow
+from lwcompile.flow import structure_key
 
 SAFE = "use resize-then-convolve (bilinear upsample + LIST, the `subpixel` rule) instead"
 
@@ -22,6 +23,9 @@ SAFE = "use resize-then-convolve (bilinear upsample + LIST, the `subpixel` rule)
 @dataclass
 class DepthwiseSubpixelGuard(Guard):
     name = "no-depthwise-subpixel"
+    #: flows already recorded, by replacement structure and input shapes: a network's
+    #: hundreds of identical LISTs need one forward, not hundreds
+    _flows: dict[tuple, DataFlow] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, proposal: Proposal) -> Veto | None:
         replacement, match = proposal.replacement, proposal.match
@@ -30,7 +34,10 @@ class DepthwiseSubpixelGuard(Guard):
         depthwise = [n for n, m in replacement.named_modules() if is_depthwise(m)]
         if not depthwise:
             return None
-        flow = _flow(replacement, match.shapes, depthwise, match.site.dtype)
+        key = (structure_key(replacement), tuple(match.shapes), match.site.dtype)
+        if key not in self._flows:
+            self._flows[key] = _flow(replacement, match.shapes, depthwise, match.site.dtype)
+        flow = self._flows[key]
         inside = flow.feeds_pixel_shuffle & set(depthwise)
         if inside:
             return Veto(f"depthwise conv {sorted(inside)[0]} would feed a pixel shuffle inside "

@@ -105,6 +105,17 @@ def test_input_model_is_untouched_bit_for_bit():
     assert all(not isinstance(m, LIST) for m in model.modules())
 
 
+def test_result_keeps_each_modules_mode():
+    """A frozen BatchNorm (eval) inside a model in training mode stays frozen in the result."""
+    model = dncnn.DnCNN(features=32, depth=5).train()
+    frozen = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.get_submodule(frozen[1]).eval()
+    light = lwcompile.lighten(model, (torch.rand(1, 1, 32, 32),))
+    modes = {name: m.training for name, m in light.named_modules()}
+    assert modes[frozen[1]] is False
+    assert modes[frozen[0]] is True and modes[frozen[2]] is True and light.training
+
+
 def test_extra_non_tensor_arguments():
     class NoiseLevel(nn.Module):
         def __init__(self) -> None:

@@ -1,0 +1,57 @@
+"""lighten's own cost counting agrees with torch's flop counter, on real and fake tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import lwcompile
+from lwcompile.cost import count_on_shapes, measure
+from lwcompile.flow import structure_key
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),
+        nn.Flatten(), nn.Linear(4 * 32 * 32, 10)).eval()
+
+
+def test_macs_equal_the_flop_counters():
+    model, x = _model(), torch.rand(2, 3, 16, 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        expected = model(x)
+    run = measure(model, (x,))
+    assert run.macs == counter.get_total_flops() // 2 > 0
+    torch.testing.assert_close(run.output, expected)
+    # activations only: the largest moment holds at least the 2x8x16x16 conv output
+    assert run.peak_bytes >= 2 * 8 * 16 * 16 * 4
+
+
+def test_counting_on_shapes_does_no_arithmetic_and_agrees():
+    model, x = _model(), torch.rand(2, 3, 16, 16)
+    out, macs = count_on_shapes(model, (x.shape,))
+    assert macs == measure(model, (x,)).macs
+    assert out.shape == (2, 10)
+    assert type(out).__name__ == "FakeTensor"
+    assert all(type(p) is nn.Parameter for p in model.parameters())  # model left real
+
+
+def test_structure_key_tells_twins_from_lookalikes():
+    a, b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    assert structure_key(a) == structure_key(b)  # weights differ, structure does not
+    assert structure_key(a) != structure_key(nn.Conv2d(8, 8, 3, padding=2))
+    assert structure_key(lwcompile.LIST(8, 8)) != structure_key(lwcompile.LIST(8, 16))
+
+    class Scale(nn.Module):  # a custom module that says nothing in its repr
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    assert structure_key(Scale(3)) != structure_key(Scale(4))  # parameter shapes count
