@@ -22,13 +22,25 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .emit import ChannelsLast
+from .emit import ChannelsLast, emit_fast
+from .errors import one_line
 
 
-def _for_export(model: nn.Module) -> nn.Module:
-    """An eval copy; a ChannelsLast wrapper is dropped (memory format means nothing there)."""
+def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
+    """An eval copy, by default in ``emit_fast``'s form (BN folded, LIST merged: exact, and
+    faster in onnxruntime too); a ChannelsLast wrapper is dropped (memory format means
+    nothing there). If the fast form cannot be made, the plain copy is exported, with a
+    warning."""
     if isinstance(model, ChannelsLast):
-        return copy.deepcopy(model.module).to(memory_format=torch.contiguous_format).eval()
+        model = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
+    if fast:
+        try:
+            return emit_fast(model, args, channels_last=False)
+        except Exception as exc:
+            from .api import LwCompileWarning
+
+            warnings.warn(f"exporting the plain form: emit_fast failed ({one_line(exc)})",
+                          LwCompileWarning, stacklevel=3)
     return copy.deepcopy(model).eval()
 
 
@@ -37,8 +49,9 @@ def _tensor_names(args: tuple) -> list[str]:
 
 
 def export_program(model: nn.Module, example_inputs: Sequence[Any],
-                   dynamic_hw: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export`` of an eval copy of ``model``; ``.module()`` runs it on other sizes.
+                   dynamic_hw: bool = True, fast: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of an eval copy of ``model`` (in ``emit_fast``'s form unless
+    ``fast=False``); ``.module()`` runs it on other sizes.
 
     With ``dynamic_hw`` the height and width of every 4-D tensor argument are symbolic and
     export infers their relations (an image and its mask of one size; multiples of 8).
@@ -46,14 +59,15 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     args = tuple(example_inputs)
     dims = tuple({2: Dim.AUTO, 3: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() == 4
                  else None for a in args)
-    return torch.export.export(_for_export(model), args, strict=False,
+    return torch.export.export(_for_export(model, args, fast), args, strict=False,
                                dynamic_shapes=dims if dynamic_hw else None)
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
-                opset: int = 17, dynamo: bool = False) -> Path:
-    """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file.
+                opset: int = 17, dynamo: bool = False, fast: bool = True) -> Path:
+    """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file, in
+    ``emit_fast``'s form unless ``fast=False`` (what lwcompile emits is fast by default).
 
     Tensor arguments become the graph's inputs (``input_0``, ...) and its output
     ``output``; other arguments are baked in. With ``dynamic_hw`` every 4-D input's height
@@ -65,7 +79,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     names = _tensor_names(args)
     if dynamo or isinstance(model, torch.export.ExportedProgram):
         if not isinstance(model, torch.export.ExportedProgram):
-            model = export_program(model, args, dynamic_hw)
+            model = export_program(model, args, dynamic_hw, fast)
         program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                     input_names=names, output_names=["output"], verbose=False)
         program.save(str(path), external_data=False)
@@ -73,7 +87,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     axes = {name: {2: "height", 3: "width"} for name, a in zip(
         names, [a for a in args if isinstance(a, torch.Tensor)], strict=True) if a.dim() == 4}
     with _torchscript_exporter():
-        torch.onnx.export(_for_export(model), args, str(path), dynamo=False,
+        torch.onnx.export(_for_export(model, args, fast), args, str(path), dynamo=False,
                           opset_version=opset, input_names=names, output_names=["output"],
                           dynamic_axes=axes if dynamic_hw else None)
     return path
