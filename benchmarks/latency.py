@@ -56,7 +56,7 @@ def runtimes(model: torch.nn.Module, inputs: tuple, threads: int) -> dict:
            "emitted": eager(emitted, inputs),
            "emitted CL": eager(emit_fast(model, inputs, channels_last=True), inputs)}
     try:
-        fns["onnxruntime"] = onnxruntime_session(emitted, inputs, threads)
+        fns["onnxruntime"] = onnxruntime_session(model, inputs, threads)  # its own fast form
     except ImportError as exc:
         print(f"  onnxruntime skipped: {exc}")
     return {"fns": fns, "emitted": emitted}

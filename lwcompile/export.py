@@ -35,7 +35,7 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
         model = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
     if fast:
         try:
-            return emit_fast(model, args, channels_last=False)
+            return emit_fast(model, args, channels_last=False, sink=False)
         except Exception as exc:
             from .api import LwCompileWarning
 
