@@ -296,3 +296,23 @@ def test_parent_code_that_needs_the_original_submodule():
         assert isinstance(light.child, kind)
         assert isinstance(light.child.get_submodule("conv"), LIST)
         assert light(x).shape == (1, 3, 16, 16)
+
+
+def test_lighten_runs_the_original_twice_and_checks_sites_without_arithmetic(monkeypatch):
+    """The cost design: one eager run, one run of the traced graph, and per-site checks on
+    fake tensors (once per distinct structure), so no conv of the original runs more."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real_calls = []
+    forward = torch.nn.Conv2d.forward
+
+    def counting(self, x):
+        if tuple(self.weight.shape) == (32, 32, 3, 3) and not isinstance(x, FakeTensor):
+            real_calls.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", counting)
+    model = dncnn.DnCNN(features=32, depth=6)  # 4 middle 32->32 convs
+    light = lwcompile.lighten(model, (torch.rand(1, 1, 24, 24),))
+    assert len(light.lwcompile_report.applied) == 4
+    assert real_calls == [(1, 32, 24, 24)] * 8
