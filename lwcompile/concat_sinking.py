@@ -12,6 +12,10 @@ push a concat down the graph until it disappears:
 
 Only a concat with a single reader is sunk (otherwise the concat would still be needed),
 and every step keeps the function, value for value up to float rounding.
+
+``lwcompile.mobile_forms`` applies the same identities to the ATen graph that ExecuTorch
+lowers; this module works on the module-level graph that eager PyTorch runs (``emit_fast``),
+where the new 1x1 convs stay ordinary ``nn.Conv2d`` submodules.
 """
 
 from __future__ import annotations
