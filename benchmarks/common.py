@@ -54,8 +54,11 @@ def cpu_budget(seconds: float) -> Callable[[], float]:
 
 def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float = 1e-3,
                      seed: int = 0, log: Callable[[str], None] = print,
-                     checkpoint: Path | None = None) -> int:
+                     checkpoint: Path | None = None, freeze_bn: bool = False) -> int:
     """Train on (degraded, clean) crops with MSE for ``budget_s`` CPU seconds; cosine lr.
+
+    ``freeze_bn`` keeps BatchNorms in eval mode (running statistics fixed), the usual way to
+    fine-tune an already trained network on small batches.
 
     The lr follows the fraction of the budget spent, so short and long budgets both end
     annealed. With ``checkpoint``, the model, optimiser, step and CPU time spent are saved
@@ -79,6 +82,10 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
         os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
 
     model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     last_save, running = time.time(), None
     for clean in batches(None, channels=task.channels, batch_size=task.batch_size,
                          crop=task.crop, seed=seed, start=step):

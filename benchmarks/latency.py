@@ -1,6 +1,6 @@
 """Latency of each reference network against its lightened form, each in its fastest runtime.
 
-    python -m benchmarks.latency                      # all four networks (minutes)
+    python -m benchmarks.latency                      # all four networks + opt-in (minutes)
     python -m benchmarks.latency --only DnCNN-17 --runs 9
 
 Per network, the original and the lightened model run side by side in one process, every
@@ -30,9 +30,9 @@ import time
 
 import torch
 
-import lwcompile
 from benchmarks.speed import (
     CASES,
+    OPT_IN,
     THREADS,
     channels_last,
     eager,
@@ -46,7 +46,7 @@ from lwcompile.emit import emit_fast
 from lwcompile.profile import time_interleaved
 
 #: best-vs-best speed-up the issue asks for (U-Net has none)
-TARGETS = {"DnCNN-17": 6.0, "SRResNet x4": 4.0, "GLCIC": 4.0}
+TARGETS = {"DnCNN-17": 6.0, "SRResNet x4": 4.0, "SRResNet x4 +squeeze": 4.0, "GLCIC": 4.0}
 RUNTIMES = ["eager", "channels_last", "emitted", "emitted CL", "onnxruntime"]
 
 
@@ -63,9 +63,9 @@ def runtimes(model: torch.nn.Module, inputs: tuple, threads: int) -> dict:
 
 
 def bench(name: str, runs: int, cpu_time: bool = False) -> dict:
-    case = CASES[name]
+    case = {**CASES, **OPT_IN}[name]
     original = case.build()
-    light = lwcompile.lighten(original, case.example_inputs())
+    light = case.lighten(original)
     inputs = case.bench_inputs()
     models = {"original": original, "light": light}
     rows: dict[str, dict] = {}
@@ -128,7 +128,7 @@ def report(results: list[dict], runs: int, cpu_time: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=list(CASES), default=None)
+    parser.add_argument("--only", nargs="*", choices=[*CASES, *OPT_IN], default=None)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--cpu-time", action="store_true")
     args = parser.parse_args()
@@ -136,7 +136,7 @@ def main() -> None:
     data = {"machine": machine(), "runs": args.runs,
             "clock": "thread_time, 1 thread" if args.cpu_time else "wall", "results": []}
     name_json = "latency_cpu_time" if args.cpu_time else "latency"
-    for name in args.only or list(CASES):
+    for name in args.only or [*CASES, *OPT_IN]:
         print(f"{name} ...", flush=True)
         data["results"].append(bench(name, args.runs, args.cpu_time))
         path = write_json(name_json, data)

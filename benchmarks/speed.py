@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import lwcompile
 from examples import dncnn, glcic, srresnet, unet
+from lwcompile import Rule
 from lwcompile.emit import ChannelsLast
+from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -33,6 +36,12 @@ class Case:
     build: Callable[[], nn.Module]
     example_inputs: Callable[[], tuple]  # small: what lighten traces and verifies on
     bench_inputs: Callable[[], tuple]  # the size the latency is measured at
+    #: rules for lighten (None: the defaults); set for opt-in variants
+    rules: Callable[[], list[Rule]] | None = None
+
+    def lighten(self, model: nn.Module) -> nn.Module:
+        kwargs = {"rules": self.rules()} if self.rules is not None else {}
+        return lwcompile.lighten(model, self.example_inputs(), **kwargs)
 
 
 def _images(*shapes: tuple[int, ...]) -> Callable[[], tuple]:
@@ -65,6 +74,15 @@ CASES = {
                         _images((1, 3, 128, 128))),
     "GLCIC": Case("GLCIC", _seeded(glcic.build), glcic.example_inputs, _image_and_mask(256)),
     "U-Net": Case("U-Net", _seeded(unet.build), unet.example_inputs, _images((1, 3, 256, 256))),
+}
+
+#: variants with opt-in rules, measured by ``latency`` next to the defaults
+OPT_IN = {
+    # SRResNet's 9x9 output conv squeezed as well (~0.3 dB: benchmarks/image_output_study)
+    "SRResNet x4 +squeeze": Case(
+        "SRResNet x4 +squeeze", _seeded(srresnet.build), srresnet.example_inputs,
+        _images((1, 3, 128, 128)),
+        rules=lambda: [*lwcompile.default_rules(), ImageOutputSqueezeRule()]),
 }
 
 

@@ -5,7 +5,8 @@ it, through an activation, is the next LIST's 1x1 squeeze. The copy into the con
 tensor is pure memory traffic, and light models are memory-bound. Three exact identities
 push a concat down the graph until it disappears:
 
-- an elementwise activation of a concat is the concat of the activations;
+- an elementwise activation of a concat is the concat of the activations (a per-channel
+  PReLU splits its slopes by part);
 - a 1x1 conv with one group per concat part is the concat of per-part 1x1 convs;
 - a dense 1x1 conv of a concat is the sum of 1x1 convs of its parts (the weight's column
   blocks), the bias added once.
@@ -63,6 +64,27 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS
 
 
+def _prelu_parts(gm: fx.GraphModule, node: fx.Node, sizes: list[int]) -> list[str] | None:
+    """Targets of one PReLU per concat part: the module itself when its slope is shared,
+    else new PReLUs holding each part's slice of the per-channel slopes."""
+    prelu = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(prelu, nn.PReLU):
+        return None
+    if prelu.num_parameters == 1:
+        return [node.target] * len(sizes)
+    if prelu.num_parameters != sum(sizes):
+        return None
+    targets, start = [], 0
+    for i, size in enumerate(sizes):
+        part = nn.PReLU(size).to(prelu.weight.device, prelu.weight.dtype)
+        with torch.no_grad():
+            part.weight.copy_(prelu.weight[start:start + size])
+        start += size
+        targets.append(f"{node.target.replace('.', '_')}_part{i}")
+        gm.add_submodule(targets[-1], part.train(prelu.training))
+    return targets
+
+
 def _conv_slice(conv: nn.Conv2d, inputs: slice, outputs: slice, bias: bool) -> nn.Conv2d:
     weight = conv.weight[outputs, inputs] if conv.groups == 1 else conv.weight[outputs]
     part = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=bias and conv.bias is not None)
@@ -83,11 +105,14 @@ def _sink_once(gm: fx.GraphModule, cat: fx.Node) -> bool:
     if user.args[:1] != (cat,):
         return False
     graph = gm.graph
-    if _elementwise(gm, user):
+    prelus = _prelu_parts(gm, user, sizes) if len(user.args) == 1 else None
+    if _elementwise(gm, user) or prelus is not None:
         with graph.inserting_before(user):
             mapped = [graph.node_copy(user, lambda n, p=p: p if n is cat else n) for p in parts]
-            for new, size in zip(mapped, sizes, strict=True):
+            for i, (new, size) in enumerate(zip(mapped, sizes, strict=True)):
                 new.meta = {"tensor_meta": _with_channels(cat, size)}
+                if prelus is not None:
+                    new.target = prelus[i]
             new_cat = graph.call_function(torch.cat, (mapped, 1))
     elif user.op == "call_module" and _pointwise_conv(conv := gm.get_submodule(user.target)):
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]

@@ -126,13 +126,15 @@ class Rule:
 
     ``applies_to`` filters sites by module type before ``match`` is asked; ``exact`` asks the
     engine to check the replacement numerically against what it replaces, not only by shape.
-    Lower ``priority`` runs first.
+    Lower ``priority`` runs first. ``for_image_layers`` says the rule was designed for the
+    layers that read or write the image itself, so the image-boundary guard lets it through.
     """
 
     name: ClassVar[str] = ""
     applies_to: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d,)
     priority: ClassVar[int] = 100
     exact: ClassVar[bool] = False
+    for_image_layers: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

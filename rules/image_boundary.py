@@ -3,7 +3,8 @@
 The first and last layers of a restoration network touch the image itself; they are cheap
 (few channels) and lightening them costs quality for almost no saving, so the paper keeps
 them standard. This guard vetoes any rewrite of a conv with fewer than ``min_channels``
-input or output channels.
+input or output channels, except by a rule written for such layers (``for_image_layers``,
+e.g. ``image_output_squeeze`` for SRResNet's 9x9 output conv, which is not cheap).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class ImageBoundaryGuard(Guard):
     min_channels: int = 16
 
     def check(self, proposal: Proposal) -> Veto | None:
+        if proposal.rule.for_image_layers:
+            return None
         module = proposal.match.site.module
         channels = (getattr(module, "in_channels", None), getattr(module, "out_channels", None))
         if None in channels or min(channels) >= self.min_channels:

@@ -14,13 +14,7 @@ from torch import nn
 import lwcompile
 from examples import dncnn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_dncnn(channels: int = 3) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.fx as fx
 from lightened import inputs, light
@@ -56,3 +57,32 @@ def test_only_single_reader_concats_sink_and_results_stay_equal():
         assert sink_concats(gm, x) == 2  # relu, then the dense 1x1 becomes a sum
         assert cats(gm) == 1
         torch.testing.assert_close(gm(*x), expected)
+
+
+class PReLUChain(nn.Module):
+    """LIST-like concats read through a shared-slope and a per-channel PReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+        self.shared, self.per_channel = nn.PReLU(), nn.PReLU(6)
+        self.mix, self.out = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(self.shared(torch.cat([self.a(x), self.b(x)], dim=1)))
+        return self.out(self.per_channel(torch.cat([self.a(y[:, :3]), self.b(y[:, 3:])], 1)))
+
+
+def test_concats_sink_through_shared_and_per_channel_prelu():
+    torch.manual_seed(0)
+    model = PReLUChain().eval()
+    with torch.no_grad():
+        model.per_channel.weight.copy_(torch.linspace(-0.5, 0.5, 6))
+        gm = fx.symbolic_trace(model)
+        x = (torch.randn(1, 3, 8, 8),)
+        expected = gm(*x)
+        assert sink_concats(gm, x) == 4  # each concat: through its PReLU, into its 1x1
+        assert cats(gm) == 0
+        torch.testing.assert_close(gm(*x), expected)
+    slopes = [m.weight.tolist() for n, m in gm.named_modules() if "per_channel_part" in n]
+    assert slopes == [pytest.approx([-0.5, -0.3, -0.1, 0.1]), pytest.approx([0.3, 0.5])]

@@ -20,6 +20,7 @@ from examples.dncnn import DnCNN
 from lwcompile import LIST, LwCompileError
 from lwcompile.data import add_noise, batches, load_images
 from lwcompile.distill import (
+    _least_squares_last_conv,
     _permutable_consumer,
     _permute_inputs,
     centre_heavy_order,
@@ -39,13 +40,7 @@ def smooth_images(n: int, seed: int, size: int = 48) -> torch.Tensor:
     return (0.7 * x + 0.3 * edges).clamp(0, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +71,19 @@ def test_layerwise_init_beats_random_init_on_held_out_data(pair):
     assert set(errors) == {r.site for r in light.lwcompile_report.applied}
     assert all(errors[s] < errors.before[s] for s in errors)
     assert output_error(student, teacher, held_out) < 0.1 * random_init
+
+
+def test_least_squares_recovers_the_last_conv_of_a_sequential_replacement():
+    torch.manual_seed(0)
+    rep = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 3, 5, padding=2))
+    truth = copy.deepcopy(rep[1])
+    torch.nn.init.normal_(rep[1].weight)
+    x = torch.randn(3, 8, 12, 12)
+    with torch.no_grad():
+        y = truth(rep[0](x))
+    _least_squares_last_conv(rep, x, y, ridge=1e-10)
+    torch.testing.assert_close(rep[1].weight, truth.weight, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(rep[1].bias, truth.bias, rtol=1e-3, atol=1e-4)
 
 
 def test_centre_heavy_reordering_is_undone_exactly(pair):

@@ -22,14 +22,7 @@ from lwcompile.emit import (
     pointwise_before_upsampling,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model: nn.Module, args: tuple) -> torch.Tensor:

@@ -134,15 +134,6 @@ class FuzzNet(nn.Module):
 STATS: Counter[str] = Counter()
 
 
-@pytest.fixture
-def one_thread():
-    """The per-example work is tiny: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def check_contract(spec: Spec) -> None:
     torch.manual_seed(0)
     model = FuzzNet(spec)

@@ -12,6 +12,7 @@ from examples import glcic, srresnet, unet
 from examples.custom_rules import DepthwiseSeparable
 from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, is_depthwise, record_flow
 from lwcompile.report import APPLIED, KEPT
+from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
 from lwcompile.rules.split_concat_pointwise import SplitConcatPointwiseRule
 
 
@@ -195,3 +196,37 @@ def test_subpixel_rewrite_inside_untraceable_code():
     torch.testing.assert_close(light.shuffle(light.up(h)), lst(resize(h)))
     assert light(x).shape == model(x).shape
     assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
+
+
+def test_image_output_squeeze_is_opt_in_and_takes_only_srresnets_9x9_output_conv():
+    model = srresnet.build()
+    x = srresnet.example_inputs()
+    default = {r.site: r for r in lwcompile.lighten(model, x).lwcompile_report.rows}
+    assert default["tail"].outcome == KEPT and default["tail"].decided_by == "image-boundary"
+    light = lwcompile.lighten(model, x, rules=[*lwcompile.default_rules(),
+                                               ImageOutputSqueezeRule()])
+    rows = {r.site: r for r in light.lwcompile_report.rows}
+    assert rows["tail"].outcome == APPLIED and rows["tail"].decided_by == "image-output-squeeze"
+    assert rows["head.0"].outcome == KEPT  # 3->64 9x9 reads the image: not this rule's
+    squeeze, spatial = light.tail
+    assert (squeeze.in_channels, squeeze.out_channels, spatial.kernel_size) == (64, 16, (9, 9))
+    assert n_params(light.tail) == 64 * 16 + 16 * 3 * 81 + 3
+    assert n_params(light) == 115_494 - (64 * 3 * 81 + 3) + n_params(light.tail)
+    assert light(*x).shape == (1, 3, 128, 128)
+
+
+def test_image_output_squeeze_starts_exact_when_the_conv_reads_a_low_rank_subspace():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 3, 7, padding=3)
+    with torch.no_grad():  # weight[o, c] = sum_j spatial[o, j] squeeze[j, c], rank 8
+        conv.weight.copy_(torch.einsum("ojhw,jc->ochw", torch.randn(3, 8, 7, 7),
+                                       torch.randn(8, 32)))
+    rule = ImageOutputSqueezeRule()
+    site = Site("tail", conv, (torch.Size([1, 32, 20, 20]),), torch.Size([1, 3, 20, 20]))
+    match = rule.match(site)
+    assert match
+    replacement = rule.build(match)
+    x = torch.randn(2, 32, 20, 20)
+    torch.testing.assert_close(replacement(x), conv(x), rtol=1e-4, atol=1e-4)
+    assert not rule.match(Site("body", nn.Conv2d(32, 3, 3, padding=1), site.input_shapes,
+                               site.output_shape))  # 3x3: left to the image-boundary guard

@@ -15,13 +15,7 @@ from examples import dncnn
 from lwcompile import persist
 from lwcompile.persist import PersistError, SaveFileError, WrongArchitectureError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
