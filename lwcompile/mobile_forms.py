@@ -13,7 +13,11 @@ net those passes cost as much as the convs. Three rewrites, each exact in real a
   (``prelu-into-cat-parts`` likewise, slicing per-channel slopes: not fused, but it lets the
   next rewrite remove the concat);
 - ``conv-over-cat-split``: ``conv(cat(x_i))`` -> ``sum_i conv_i(x_i)`` (groups 1), when the
-  adds move less memory than the concat they remove (a squeezing conv after LIST).
+  adds move less memory than the concat they remove (a squeezing conv after LIST);
+- ``conv-before-upsample``: ``conv1x1(upsample(x))`` -> ``upsample(conv1x1(x))`` (bilinear or
+  nearest): interpolation weights sum to one and a 1x1 conv is the same affine map at every
+  pixel, so they commute, and the conv (a LIST's squeeze) runs at the low resolution and
+  the upsample moves its fewer channels. Light GLCIC on XNNPACK: 166 -> 146 ms.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -43,6 +47,9 @@ def xnnpack_forms(gm: fx.GraphModule) -> Counter[str]:
             done["relu-into-cat-parts"] += _activation_into_parts(gm, node)
         elif node.target is aten.prelu.default:
             done["prelu-into-cat-parts"] += _activation_into_parts(gm, node)
+    for node in list(graph.nodes):
+        if node.target in _UPSAMPLES:
+            done["conv-before-upsample"] += _conv_before_upsample(gm, node)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is aten.cat.default:
             done["conv-over-cat-split"] += _split_convs(gm, node)
@@ -171,6 +178,35 @@ def _split_convs(gm: fx.GraphModule, cat: fx.Node) -> int:
         conv.replace_all_uses_with(total)
         gm.graph.erase_node(conv)
     return len(users)
+
+
+_UPSAMPLES = (aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default,
+              aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default)
+
+
+def _conv_before_upsample(gm: fx.GraphModule, up: fx.Node) -> int:
+    users = list(up.users)
+    if len(users) != 1 or users[0].target is not aten.conv2d.default:
+        return 0
+    conv, source = users[0], up.args[0]
+    args = _conv_args(conv)
+    low, high = source.meta.get("val"), up.meta.get("val")
+    if (args[0] is not up or low is None or high is None or conv.meta.get("val") is None
+            or not isinstance(args[1], fx.Node) or "val" not in args[1].meta
+            or tuple(args[1].meta["val"].shape[2:]) != (1, 1)
+            or list(args[3]) != [1, 1] or list(args[4]) != [0, 0]
+            or high.shape[-2] * high.shape[-1] <= low.shape[-2] * low.shape[-1]):
+        return 0
+    with gm.graph.inserting_before(up):
+        early = gm.graph.call_function(aten.conv2d.default, (source, *args[1:]))
+        early.meta = {"val": torch.empty(low.shape[0], conv.meta["val"].shape[1],
+                                         *low.shape[2:], device="meta")}
+        late = gm.graph.call_function(up.target, (early, *up.args[1:]), dict(up.kwargs))
+        late.meta = dict(conv.meta)
+    conv.replace_all_uses_with(late)
+    gm.graph.erase_node(conv)
+    gm.graph.erase_node(up)
+    return 1
 
 
 def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

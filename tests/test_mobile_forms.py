@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lwcompile.mobile_forms import xnnpack_forms
-from lwcompile.modules import LIST
+from lwcompile.modules import LIST, Resize
 
 aten = torch.ops.aten
 
@@ -106,3 +106,28 @@ def test_per_channel_prelu_moves_into_the_branches_and_the_concat_goes():
     assert aten.cat.default not in ops(module)
     with torch.no_grad():
         torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class UpsampleThenSqueeze(nn.Module):
+    """The light form of a transposed conv: bilinear x2, then a LIST (whose squeeze is 1x1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = Resize("scale", stride=(2, 2))
+        self.list = LIST(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.list(self.up(x))
+
+
+def test_squeeze_moves_before_the_upsample_and_the_output_stays():
+    torch.manual_seed(0)
+    model = UpsampleThenSqueeze().eval()
+    x = torch.rand(1, 32, 12, 10)
+    module, forms = rewrite(model, x)
+    assert forms == {"conv-before-upsample": 1}
+    squeeze = next(n for n in module.graph.nodes if n.target is aten.conv2d.default)
+    assert squeeze.args[0].op == "placeholder"  # the squeeze now reads the low-res input
+    upsample = next(n for n in module.graph.nodes if "upsample" in str(n.target))
+    assert upsample.args[0] is squeeze
+    torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
