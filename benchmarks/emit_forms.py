@@ -4,8 +4,9 @@
     python -m benchmarks.emit_forms --only DnCNN-17 --runs 9
 
 Part 1, per network (lightened, at benchmark size): the light model as lighten returns it
-against emit_fast's steps switched on one at a time (BN folding, LIST merging, both), each
-in NCHW and in channels_last, all interleaved in one process.
+against emit_fast's steps switched on one at a time (BN folding, LIST merging, both, then
+concat sinking), each in NCHW and in channels_last, and the last two exported to
+onnxruntime ("ORT"), all interleaved in one process.
 
 Part 2, 15 stacked 64->64 LISTs at 256x256 (DnCNN's body) in four exact forms:
   list       cat([1x1(s), 1x1(dw(s))])                 (lwcompile.LIST)
@@ -25,7 +26,15 @@ import torch
 from torch import nn
 
 import lwcompile
-from benchmarks.speed import CASES, THREADS, machine, medians_ms, table, write_json
+from benchmarks.speed import (
+    CASES,
+    THREADS,
+    machine,
+    medians_ms,
+    onnxruntime_session,
+    table,
+    write_json,
+)
 from lwcompile.emit import ChannelsLast, FusedLIST, emit_fast
 from lwcompile.modules import LIST
 from lwcompile.profile import time_interleaved
@@ -39,12 +48,15 @@ def network_forms(name: str, runs: int) -> dict:
         "light": light,
         "fold-bn": emit_fast(light, inputs, merge=False, channels_last=False),
         "merge": emit_fast(light, inputs, fold_bn=False, channels_last=False),
-        "merge+fold": emit_fast(light, inputs, channels_last=False),
+        "merge+fold": emit_fast(light, inputs, channels_last=False, sink=False),
+        "merge+fold+sink": emit_fast(light, inputs, channels_last=False),
     }
     forms |= {f"{k} CL": ChannelsLast(copy.deepcopy(m)) for k, m in list(forms.items())}
+    fns = {k: (lambda m=m: m(*inputs)) for k, m in forms.items()}
+    for k in ("merge+fold", "merge+fold+sink"):
+        fns[f"{k} ORT"] = onnxruntime_session(forms[k], inputs, fast=False)
     with torch.no_grad():
-        ms = medians_ms(time_interleaved({k: (lambda m=m: m(*inputs)) for k, m in
-                                          forms.items()}, runs=runs))
+        ms = medians_ms(time_interleaved(fns, runs=runs))
     return {"network": name, "input": [list(a.shape) for a in inputs], "median_ms": ms}
 
 

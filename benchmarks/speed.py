@@ -96,15 +96,16 @@ def channels_last(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
     return lambda: wrapped(*inputs)
 
 
-def onnxruntime_session(model: nn.Module, inputs: tuple,
-                        threads: int = THREADS) -> Callable[[], Any]:
-    """Export to ONNX (opset 17) and run with CPUExecutionProvider on ``threads`` threads."""
+def onnxruntime_session(model: nn.Module, inputs: tuple, threads: int = THREADS,
+                        fast: bool = True) -> Callable[[], Any]:
+    """Export to ONNX (opset 17; ``fast``: emit_fast's form) and run with
+    CPUExecutionProvider on ``threads`` threads."""
     import onnxruntime as ort
 
     from lwcompile.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, inputs, Path(tmp) / "model.onnx")
+        path = export_onnx(model, inputs, Path(tmp) / "model.onnx", fast=fast)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

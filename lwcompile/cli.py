@@ -31,6 +31,7 @@ from .errors import ExampleInputError, LwCompileError, NotAModuleError, one_line
 from .html_report import to_png, write_html
 from .inputs import infer_example_inputs
 from .report import Report
+from .rule import Rule
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -44,6 +45,8 @@ examples:
   lwcompile lighten 4x_esrgan.pth -o esrgan_light.pt --input 1x3x64x64 --json
   lwcompile lighten examples.dncnn:build -o light.pt --distill 2000 --data photos/
   lwcompile plan examples.srresnet:build
+  lwcompile lighten examples.srresnet:build -o sr_light.pt \
+      --rule lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
 
@@ -53,6 +56,10 @@ exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error
 
 class ModelSpecError(LwCompileError):
     """MODEL names no loadable network (no such file or factory, unidentifiable checkpoint)."""
+
+
+class RuleSpecError(LwCompileError):
+    """A --rule names nothing that makes an lwcompile Rule."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,14 +107,21 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
+    def rule_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                       help="a rule to use besides the default ones (a Rule class or factory, "
+                            "e.g. lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule); "
+                            "repeatable")
+
     p = command("lighten", _lighten, "lighten MODEL and save the result (architecture + weights)")
+    rule_option(p)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pt",
                    help="where to save the lightened model (lwcompile.load reads it)")
     p.add_argument("--distill", type=_positive, metavar="STEPS",
                    help="then train the result for STEPS steps to reproduce MODEL's outputs")
     p.add_argument("--data", metavar="DIR",
                    help="folder of training images for --distill (default: scikit-image's)")
-    command("plan", _plan, "show what lighten would do to MODEL, without building it")
+    rule_option(command("plan", _plan, "show what lighten would do to MODEL, without building it"))
     command("profile", _profile, "parameters and MACs of MODEL, layer by layer")
     p = command("report", _report, "describe a saved lightened model, optionally as HTML",
                 model=False)
@@ -147,7 +161,7 @@ def _lighten(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model)
     inputs = _inputs(model, args.input)
     with _stage(f"lightening {type(model).__name__}", args.quiet):
-        light = lwcompile.lighten(model, inputs)
+        light = lwcompile.lighten(model, inputs, **_rules(args.rule))
     if args.distill:
         distill = _distill_function()
         with _stage(f"distilling {args.distill} steps", args.quiet):
@@ -163,7 +177,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model)
     inputs = _inputs(model, args.input)
     with _stage(f"planning {type(model).__name__}", args.quiet):
-        report = lwcompile.plan(model, inputs)
+        report = lwcompile.plan(model, inputs, **_rules(args.rule))
     return {"model": args.model, "report": report.to_dict(), "text": str(report)}
 
 
@@ -185,7 +199,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         data = result.to_dict() if hasattr(result, "to_dict") else result
         return {"model": args.model, "profile": data, "text": str(result)}
     with _stage(f"profiling {type(model).__name__}", args.quiet):
-        report = lwcompile.plan(model, inputs)
+        report = lwcompile.plan(model, inputs, **_rules(args.rule))
     layers = [{"site": r.site, "layer": r.original, "params": r.params_before,
                "macs": r.macs_before, "params_after": r.params_after,
                "macs_after": r.macs_after, "outcome": r.outcome} for r in report.rows]
@@ -239,18 +253,7 @@ def load_model(spec: str) -> nn.Module:
             if f.read(len(persist.MAGIC)) == persist.MAGIC:
                 return persist.load(path)
         return _load_checkpoint(path)
-    module_name, colon, attr = spec.partition(":")
-    if not colon or not module_name or not attr:
-        raise ModelSpecError(f"{spec!r} is no file, nor a factory like "
-                             "'package.module:build'")
-    if os.getcwd() not in sys.path:  # console scripts do not put the current folder there
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ModelSpecError(f"cannot find {spec!r}: {one_line(exc)}") from exc
+    obj = _find(spec, ModelSpecError, "no file, nor a factory like 'package.module:build'")
     if not isinstance(obj, nn.Module):
         if not callable(obj):
             raise ModelSpecError(f"{spec!r} is a {type(obj).__name__}, not a factory")
@@ -261,6 +264,39 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(obj, nn.Module):
         raise NotAModuleError(f"{spec!r} returned a {type(obj).__name__}, not an nn.Module")
     return obj
+
+
+def _find(spec: str, error: type[LwCompileError], what: str) -> Any:
+    """The object ``package.module:name`` names (the current folder importable too)."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise error(f"{spec!r} is {what}")
+    if os.getcwd() not in sys.path:  # console scripts do not put the current folder there
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise error(f"cannot find {spec!r}: {one_line(exc)}") from exc
+    return obj
+
+
+def _rules(specs: list[str] | None) -> dict[str, list[Rule]]:
+    """``rules=`` for lighten/plan: the defaults plus each --rule; nothing without any."""
+    if not specs:
+        return {}
+    extra = []
+    for spec in specs:
+        obj = _find(spec, RuleSpecError, "not like 'package.module:RuleClass'")
+        try:
+            rule = obj() if callable(obj) and not isinstance(obj, Rule) else obj
+        except Exception as exc:
+            raise RuleSpecError(f"calling {spec!r} failed: {one_line(exc)}") from exc
+        if not isinstance(rule, Rule):
+            raise RuleSpecError(f"{spec!r} gives a {type(rule).__name__}, not an lwcompile Rule")
+        extra.append(rule)
+    return {"rules": [*lwcompile.default_rules(), *extra]}
 
 
 def _load_checkpoint(path: Path) -> nn.Module:

@@ -34,6 +34,13 @@ def build():
                          nn.Conv2d(16, 3, 3, padding=1))
 
 
+def big_tail():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 3, 5, padding=2))
+
+
 def not_a_model():
     return (1, 2)
 '''
@@ -186,6 +193,31 @@ def test_plan_of_a_factory(capsys, workdir):
     assert [(r["site"], r["outcome"]) for r in report["rows"]] == [
         ("0", "kept"), ("2", "applied"), ("4", "applied"), ("6", "kept")]
     assert report["summary"]["params_before"] == 448 + 2 * 2_320 + 435
+
+
+def test_rule_option_adds_an_opt_in_rule_and_the_result_loads(capsys, workdir):
+    rule = "lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule"
+    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16", "--json")
+    assert code == 0, err
+    assert [r["outcome"] for r in json.loads(out)["report"]["rows"]][-1] == "kept"
+    code, out, err = run(capsys, "lighten", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                         "--rule", rule, "-o", "light.pt", "--json")
+    assert code == 0, err
+    last = json.loads(out)["report"]["rows"][-1]
+    assert (last["site"], last["outcome"], last["decided_by"]) == (
+        "4", "applied", "image-output-squeeze")
+    light = persist.load(workdir / "light.pt")
+    assert light(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("math:pi", "'math:pi' gives a float, not an lwcompile Rule"),
+    ("lwc_tiny", "'lwc_tiny' is not like 'package.module:RuleClass'"),
+    ("lwc_tiny:nothing", "cannot find 'lwc_tiny:nothing'"),
+])
+def test_bad_rule_option_exits_1(capsys, workdir, spec, message):
+    code, _, err = run(capsys, "plan", "lwc_tiny:build", "--rule", spec)
+    assert code == 1 and message in err, err
 
 
 def test_profile_without_lwcompile_profile_lists_site_costs(capsys, workdir, monkeypatch):
