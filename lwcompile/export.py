@@ -28,9 +28,9 @@ from .errors import one_line
 
 def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     """An eval copy, by default in ``emit_fast``'s form (BN folded, LIST merged, concats
-    sunk: exact, and faster in onnxruntime too); a ChannelsLast wrapper is dropped (memory format means
-    nothing there). If the fast form cannot be made, the plain copy is exported, with a
-    warning."""
+    sunk: exact, and faster in onnxruntime too); a ChannelsLast wrapper is dropped (memory
+    format means nothing there). If the fast form cannot be made, the plain copy is
+    exported, with a warning."""
     if isinstance(model, ChannelsLast):
         model = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
     if fast:
