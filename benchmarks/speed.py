@@ -83,6 +83,10 @@ OPT_IN = {
         "SRResNet x4 +squeeze", _seeded(srresnet.build), srresnet.example_inputs,
         _images((1, 3, 128, 128)),
         rules=lambda: [*lwcompile.default_rules(), ImageOutputSqueezeRule()]),
+    "SRResNet x4 +squeeze/8": Case(
+        "SRResNet x4 +squeeze/8", _seeded(srresnet.build), srresnet.example_inputs,
+        _images((1, 3, 128, 128)),
+        rules=lambda: [*lwcompile.default_rules(), ImageOutputSqueezeRule(squeeze_ratio=8)]),
 }
 
 

@@ -199,7 +199,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         data = result.to_dict() if hasattr(result, "to_dict") else result
         return {"model": args.model, "profile": data, "text": str(result)}
     with _stage(f"profiling {type(model).__name__}", args.quiet):
-        report = lwcompile.plan(model, inputs, **_rules(args.rule))
+        report = lwcompile.plan(model, inputs)
     layers = [{"site": r.site, "layer": r.original, "params": r.params_before,
                "macs": r.macs_before, "params_after": r.params_after,
                "macs_after": r.macs_after, "outcome": r.outcome} for r in report.rows]
