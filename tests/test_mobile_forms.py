@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -131,3 +132,21 @@ def test_squeeze_moves_before_the_upsample_and_the_output_stays():
     upsample = next(n for n in module.graph.nodes if "upsample" in str(n.target))
     assert upsample.args[0] is squeeze
     torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [9, 11])
+def test_thin_large_kernel_conv_runs_on_pixel_phases_with_the_same_output(k):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 3, k, padding=k // 2), nn.Conv2d(3, 3, 9, padding=4,
+                                                                           bias=False))
+    x = torch.rand(2, 16, 24, 20)
+    module, forms = rewrite(model, x)
+    assert forms == {"thin-conv-phases": 2}
+    assert aten.pixel_unshuffle.default in ops(module)
+    torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_small_kernels_and_sizes_not_divisible_by_four_keep_the_plain_conv():
+    model = nn.Sequential(nn.Conv2d(16, 3, 3, padding=1))
+    assert rewrite(model, torch.rand(1, 16, 24, 20))[1] == {}
+    assert rewrite(nn.Conv2d(16, 3, 9, padding=4), torch.rand(1, 16, 22, 20))[1] == {}
