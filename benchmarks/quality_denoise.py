@@ -31,7 +31,15 @@ import torch
 from torch import nn
 
 import lwcompile
-from benchmarks.common import RESULTS, TASKS, Task, held_out, score, train_supervised
+from benchmarks.common import (
+    RESULTS,
+    TASKS,
+    Task,
+    cpu_budget,
+    held_out,
+    score,
+    train_supervised,
+)
 from lwcompile.distill import distill, init_layerwise
 
 DEFAULT_BUDGET = {"denoise": 300.0, "sr": 120.0}
@@ -48,16 +56,20 @@ def example(task: Task) -> tuple[torch.Tensor]:
 
 def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: float,
                   seed: int) -> int:
-    """Distil for about ``budget_s`` CPU seconds: steps from a 2-step probe, cosine lr."""
-    kw = dict(channels=task.channels, degrade=task.degrade, batch_size=task.batch_size,
-              crop=task.crop, loss="mse", progress=False, seed=seed)
-    probe = copy.deepcopy(student)
-    c0 = time.process_time()
-    distill(probe, teacher, steps=2, **kw)
-    steps = max(1, int(budget_s / ((time.process_time() - c0) / 2)))
-    distill(student, teacher, steps=steps,
-            lr_schedule=lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)), **kw)
-    return steps
+    """Distil until ``budget_s`` CPU seconds are spent (cosine lr over the budget's fraction,
+    as ``train_supervised``); returns the steps taken."""
+    used = cpu_budget(budget_s)
+    taken = 0
+
+    def schedule(step: int) -> float:  # asked once per step taken
+        nonlocal taken
+        taken += 1
+        return 0.5 * (1 + math.cos(math.pi * min(used(), 1.0)))
+
+    distill(student, teacher, steps=10**9, stop_when=lambda: used() >= 1, lr_schedule=schedule,
+            channels=task.channels, degrade=task.degrade, batch_size=task.batch_size,
+            crop=task.crop, loss="mse", progress=False, seed=seed)
+    return taken
 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,

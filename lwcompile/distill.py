@@ -334,8 +334,12 @@ def distill(
     progress: bool = True,
     seed: int = 0,
     lr_schedule: Callable[[int], float] | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
+
+    ``stop_when``, asked before each step, ends training early when it answers True (e.g. a
+    time budget is spent); the checkpoint is written as at the end.
 
     Adam at ``lr``, times ``lr_schedule(step)`` if given (a function of the step alone, so
     that resuming stays exact; by default constant, so a longer run continues a shorter
@@ -392,6 +396,8 @@ def distill(
     try:
         stream = _inputs(data, teacher, channels, degrade, batch_size, crop, seed, start, rank)
         for _ in range(start, steps):
+            if stop_when is not None and stop_when():
+                break
             item = next(stream, None)
             if item is None:
                 break

@@ -138,6 +138,17 @@ def test_resumed_distillation_is_bit_identical(pair, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_stop_when_ends_training_early_and_saves_where_it_stopped(pair, tmp_path):
+    teacher, light = pair
+    asked = []
+    stop = lambda: asked.append(1) or len(asked) > 5  # noqa: E731 - stop before the 6th step
+    distill(copy.deepcopy(light), teacher, smooth_images(8, seed=2), steps=100, batch_size=4,
+            crop=32, progress=False, checkpoint=tmp_path / "c.pt", checkpoint_every=50,
+            stop_when=stop)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 5
+    assert len(asked) == 6
+
+
 def test_progress_falls_back_to_prints_without_tqdm(pair, monkeypatch, capsys):
     teacher, light = pair
     monkeypatch.setitem(sys.modules, "tqdm", None)
