@@ -32,6 +32,7 @@ or lightened, and never touch the model itself.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
 
 import torch
@@ -229,24 +230,10 @@ def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = _PHASES) -> in
             or list(dilation) != [1, 1] or val.shape[-2] % r or val.shape[-1] % r):
         return 0
     w = _tensor(gm, weight)
-    c_out, c_in, k, k_w = w.shape
+    c_out, _, k, k_w = w.shape
     if c_out > 4 or k != k_w or k < 9 or list(padding) != [k // 2, k // 2]:
         return 0
-    d = (k // 2 + r - 1) // r  # reach of the kernel, in phase-grid steps
-    phased = w.new_zeros(c_out * r * r, c_in * r * r, 2 * d + 1, 2 * d + 1)
-    out_phase = torch.arange(c_out) * r * r
-    in_phase = torch.arange(c_in) * r * r
-    for a in range(r):
-        for b in range(r):
-            for alpha in range(r):
-                for beta in range(r):
-                    for di in range(-d, d + 1):
-                        u = r * di + alpha - a + k // 2
-                        for dj in range(-d, d + 1):
-                            v = r * dj + beta - b + k // 2
-                            if 0 <= u < k and 0 <= v < k:
-                                phased[(out_phase + a * r + b)[:, None],
-                                       in_phase + alpha * r + beta, di + d, dj + d] = w[:, :, u, v]
+    phased, d = phase_weight(w, r)
     b_val = _tensor(gm, bias)
     with gm.graph.inserting_before(conv):
         unshuffled = gm.graph.call_function(aten.pixel_unshuffle.default, (x, r))
@@ -258,6 +245,28 @@ def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = _PHASES) -> in
     conv.replace_all_uses_with(out)
     gm.graph.erase_node(conv)
     return 1
+
+
+def phase_weight(w: torch.Tensor, r: int) -> tuple[torch.Tensor, int]:
+    """The weight (and padding d) of the conv on r*r pixel phases that equals the "same"
+    kxk conv ``w`` (padding p = k // 2) between ``pixel_unshuffle(r)`` and ``pixel_shuffle(r)``.
+
+    Output pixel (r i + a, r j + b) reads input pixel (r i + a + u - p, ...), which is phase
+    alpha of phase-grid cell i + di where r di + alpha = a + u - p. So ``w[o, c, u, v]`` goes
+    to ``[o r^2 + a r + b, c r^2 + alpha r + beta, di + d, dj + d]``; other taps are zero.
+    """
+    c_out, c_in, k, _ = w.shape
+    p, d = k // 2, (k // 2 + r - 1) // r  # d: the kernel's reach in phase-grid steps
+    phased = w.new_zeros(c_out * r * r, c_in * r * r, 2 * d + 1, 2 * d + 1)
+    outs, ins = torch.arange(c_out) * r * r, torch.arange(c_in) * r * r
+    steps = range(-d, d + 1)
+    for a, b, alpha, beta, di, dj in itertools.product(range(r), range(r), range(r), range(r),
+                                                       steps, steps):
+        u, v = r * di + alpha - a + p, r * dj + beta - b + p
+        if 0 <= u < k and 0 <= v < k:
+            phased[(outs + a * r + b)[:, None], ins + alpha * r + beta, di + d, dj + d] = \
+                w[:, :, u, v]
+    return phased, d
 
 
 def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

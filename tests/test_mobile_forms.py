@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.mobile_forms import xnnpack_forms
+from lwcompile.mobile_forms import phase_weight, xnnpack_forms
 from lwcompile.modules import LIST, Resize
 
 aten = torch.ops.aten
@@ -150,3 +151,12 @@ def test_small_kernels_and_sizes_not_divisible_by_four_keep_the_plain_conv():
     model = nn.Sequential(nn.Conv2d(16, 3, 3, padding=1))
     assert rewrite(model, torch.rand(1, 16, 24, 20))[1] == {}
     assert rewrite(nn.Conv2d(16, 3, 9, padding=4), torch.rand(1, 16, 22, 20))[1] == {}
+
+
+@pytest.mark.parametrize(("k", "r"), [(5, 2), (9, 4), (7, 3)])
+def test_phase_weight_reproduces_the_same_conv_for_any_kernel_and_phase_count(k, r):
+    torch.manual_seed(0)
+    w, x = torch.randn(2, 3, k, k), torch.randn(1, 3, 6 * r, 4 * r)
+    phased, d = phase_weight(w, r)
+    on_phases = F.pixel_shuffle(F.conv2d(F.pixel_unshuffle(x, r), phased, padding=d), r)
+    torch.testing.assert_close(on_phases, F.conv2d(x, w, padding=k // 2), rtol=1e-4, atol=1e-4)
