@@ -115,7 +115,7 @@ def onnxruntime_session(model: nn.Module, inputs: tuple, threads: int = THREADS,
         options.inter_op_num_threads = 1
         # onnxruntime's threads spin-wait after each run by default, taking the CPU from
         # whatever runs next: interleaved with other variants, that slowed every one of them
-        # (light DnCNN-17 in onnxruntime: 98 ms next to another session, 59 ms without spinning)
+        # (benchmarks.emit_forms, light DnCNN-17 sunk in onnxruntime: 87 ms -> 59 ms without)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {f"input_{i}": a.numpy() for i, a in enumerate(inputs)}
