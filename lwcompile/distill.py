@@ -172,21 +172,31 @@ def _permute_inputs(chain: list[nn.Module], consumer: nn.Module, perm: Tensor) -
 
 
 @torch.no_grad()
-def _least_squares_heads(rep: LIST, x: Tensor, y: Tensor, ridge: float = 1e-4) -> None:
+def _solve_conv(conv: nn.Conv2d, features: Tensor, target: Tensor, ridge: float = 1e-4) -> None:
+    """Set ``conv``'s weight and bias to the ridge least-squares fit of ``target`` from
+    ``features``: its output is linear in them. The normal equations are accumulated over the
+    unfolded input patches one sample at a time (a 9x9 conv has C*81 inputs per pixel)."""
+    gram = rhs = 0
+    for f, t in zip(features, target, strict=True):
+        patches = F.unfold(f[None], conv.kernel_size, dilation=conv.dilation,
+                           padding=conv.padding, stride=conv.stride)[0].double()
+        patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
+        gram = gram + patches @ patches.T
+        rhs = rhs + patches @ t.flatten(1).double().T
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    sol = torch.linalg.solve(gram, rhs).float()
+    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape))
+    if conv.bias is not None:
+        conv.bias.copy_(sol[-1])
+
+
+@torch.no_grad()
+def _least_squares_heads(rep: LIST, x: Tensor, y: Tensor) -> None:
     """Solve LIST's two output 1x1 convs exactly for the target, given squeeze and depthwise."""
     squeezed = rep.squeeze(x)
     half = rep.pointwise_branch.out_channels
-    for conv, feats, target in ((rep.pointwise_branch, squeezed, y[:, :half]),
-                                (rep.spatial_branch[1], rep.spatial_branch[0](squeezed),
-                                 y[:, half:])):
-        a = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        a = torch.cat([a, torch.ones(len(a), 1)], 1).double()
-        b = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]).double()
-        gram = a.T @ a
-        gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        sol = torch.linalg.solve(gram, a.T @ b).float()
-        conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape))
-        conv.bias.copy_(sol[-1])
+    _solve_conv(rep.pointwise_branch, squeezed, y[:, :half])
+    _solve_conv(rep.spatial_branch[1], rep.spatial_branch[0](squeezed), y[:, half:])
 
 
 def _solvable_last_conv(rep: nn.Module) -> nn.Conv2d | None:
@@ -201,24 +211,8 @@ def _solvable_last_conv(rep: nn.Module) -> nn.Conv2d | None:
 @torch.no_grad()
 def _least_squares_last_conv(rep: nn.Sequential, x: Tensor, y: Tensor,
                              ridge: float = 1e-4) -> None:
-    """Solve the final conv of ``rep`` exactly for the target, given the layers before it.
-
-    The output is linear in that conv's weights: accumulate the normal equations over its
-    unfolded input patches, one sample at a time (a 9x9 conv has C*81 inputs per pixel).
-    """
-    conv, features = rep[-1], rep[:-1](x)
-    gram = rhs = 0
-    for f, t in zip(features, y, strict=True):
-        patches = F.unfold(f[None], conv.kernel_size, dilation=conv.dilation,
-                           padding=conv.padding, stride=conv.stride)[0].double()
-        patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
-        gram = gram + patches @ patches.T
-        rhs = rhs + patches @ t.flatten(1).double().T
-    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    sol = torch.linalg.solve(gram, rhs).float()
-    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape))
-    if conv.bias is not None:
-        conv.bias.copy_(sol[-1])
+    """Solve the final conv of ``rep`` exactly for the target, given the layers before it."""
+    _solve_conv(rep[-1], rep[:-1](x), y, ridge)
 
 
 def _adam_fit(rep: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> None:
