@@ -69,7 +69,7 @@ def run(budget_s: float, ratios: list[int], seed: int, lr: float) -> dict:
     control = copy.deepcopy(teacher)
     c0 = time.process_time()
     steps = train_supervised(control, task, budget_s, lr=lr, seed=seed, log=lambda s: None,
-                                 freeze_bn=True)
+                             freeze_bn=True)
     record("teacher, + fine-tune B (control)", control, c0, steps=steps)
     return {"task": task.name, "budget_cpu_seconds": budget_s, "seed": seed,
             "fine_tune_lr": lr, "fine_tune_bn": "frozen",

@@ -25,10 +25,8 @@ at once; weights and inputs excluded). Writes benchmarks/results/latency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -40,6 +38,7 @@ from benchmarks.speed import (
     channels_last,
     eager,
     machine,
+    merge_rows,
     onnxruntime_session,
     table,
     write_json,
@@ -130,16 +129,6 @@ def report(results: list[dict], runs: int, cpu_time: bool) -> str:
     return "\n".join(lines)
 
 
-def _merged(fresh: list[dict], path: Path) -> list[dict]:
-    """Networks not rerun (``--only``) keep their results from the last file; each result
-    carries the machine state it was measured in."""
-    old = json.loads(path.read_text())["results"] if path.exists() else []
-    done = {r["network"] for r in fresh}
-    order = [*CASES, *OPT_IN]
-    return sorted([r for r in old if r["network"] not in done] + fresh,
-                  key=lambda r: order.index(r["network"]) if r["network"] in order else 99)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=[*CASES, *OPT_IN], default=None)
@@ -154,7 +143,8 @@ def main() -> None:
     for name in args.only or [*CASES, *OPT_IN]:
         print(f"{name} ...", flush=True)
         fresh.append(bench(name, args.runs, args.cpu_time) | {"machine": data["machine"]})
-        data["results"] = _merged(fresh, RESULTS / f"{name_json}.json")
+        data["results"] = merge_rows(fresh, RESULTS / f"{name_json}.json", "results",
+                                     [*CASES, *OPT_IN])
         path = write_json(name_json, data)
     print(report(data["results"], args.runs, args.cpu_time))
     print(f"\nwrote {path}")

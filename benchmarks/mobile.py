@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import lwcompile
+from benchmarks.speed import merge_rows
 from examples import dncnn, glcic, srresnet, unet
 from lwcompile import Rule
 from lwcompile.mobile import MobileExport, export_mobile, load_pte
@@ -197,21 +198,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _merged(rows: list[dict], settings: dict) -> list[dict]:
-    """With ``--only``, the networks not rerun keep their rows from the last results file
-    (each row records the settings it was measured with), in the usual order."""
-    for row in rows:
-        row["settings"] = settings
-    path = RESULTS / "mobile.json"
-    old = json.loads(path.read_text())["networks"] if path.exists() else []
-    fresh = {r["network"] for r in rows}
-    by_name = {r["network"]: r for r in old if r["network"] not in fresh} | {
-        r["network"]: r for r in rows}
-    order = [c.name for c in CASES.values()]
-    return sorted(by_name.values(), key=lambda r: order.index(r["network"])
-                  if r["network"] in order else len(order))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=list(CASES), default=list(CASES))
@@ -235,7 +221,10 @@ def main() -> None:
                 "processes' load (loadavg) makes absolute times and ratios less reliable",
     }
     RESULTS.mkdir(exist_ok=True)
-    rows = _merged(rows, settings)
+    for row in rows:  # each row keeps the settings it was measured with
+        row["settings"] = settings
+    rows = merge_rows(rows, RESULTS / "mobile.json", "networks",
+                      [c.name for c in CASES.values()])
     (RESULTS / "mobile.json").write_text(
         json.dumps({"settings": settings, "networks": rows}, indent=2) + "\n")
     text = table(rows)

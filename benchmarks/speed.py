@@ -76,18 +76,18 @@ CASES = {
     "U-Net": Case("U-Net", _seeded(unet.build), unet.example_inputs, _images((1, 3, 256, 256))),
 }
 
+def _srresnet_squeezed(name: str, ratio: int) -> Case:
+    """SRResNet x4 with its 9x9 output conv squeezed as well (opt-in: ~0.3 dB, see
+    benchmarks/image_output_study)."""
+    return Case(name, _seeded(srresnet.build), srresnet.example_inputs,
+                _images((1, 3, 128, 128)),
+                rules=lambda: [*lwcompile.default_rules(),
+                               ImageOutputSqueezeRule(squeeze_ratio=ratio)])
+
+
 #: variants with opt-in rules, measured by ``latency`` next to the defaults
-OPT_IN = {
-    # SRResNet's 9x9 output conv squeezed as well (~0.3 dB: benchmarks/image_output_study)
-    "SRResNet x4 +squeeze": Case(
-        "SRResNet x4 +squeeze", _seeded(srresnet.build), srresnet.example_inputs,
-        _images((1, 3, 128, 128)),
-        rules=lambda: [*lwcompile.default_rules(), ImageOutputSqueezeRule()]),
-    "SRResNet x4 +squeeze/8": Case(
-        "SRResNet x4 +squeeze/8", _seeded(srresnet.build), srresnet.example_inputs,
-        _images((1, 3, 128, 128)),
-        rules=lambda: [*lwcompile.default_rules(), ImageOutputSqueezeRule(squeeze_ratio=8)]),
-}
+OPT_IN = {name: _srresnet_squeezed(name, ratio)
+          for name, ratio in (("SRResNet x4 +squeeze", 4), ("SRResNet x4 +squeeze/8", 8))}
 
 
 def eager(model: nn.Module, inputs: tuple) -> Callable[[], Any]:
@@ -124,6 +124,17 @@ def onnxruntime_session(model: nn.Module, inputs: tuple, threads: int = THREADS,
 
 def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def merge_rows(fresh: list[dict], path: Path, list_key: str,
+               order: Sequence[str]) -> list[dict]:
+    """``fresh`` rows plus, for networks not rerun (``--only``), their rows from the last
+    results file (``path``, under ``list_key``), sorted by network name in ``order``."""
+    old = json.loads(path.read_text())[list_key] if path.exists() else []
+    done = {r["network"] for r in fresh}
+    rows = [r for r in old if r["network"] not in done] + fresh
+    return sorted(rows, key=lambda r: order.index(r["network"]) if r["network"] in order
+                  else len(order))
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
