@@ -36,6 +36,7 @@ from .errors import (
 from .flow import DataFlow, flow_recording, note_output, structure_key
 from .graph import concat_skips
 from .inputs import run_example
+from .replay import Replay, recording
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
 from .state import preserved_state
@@ -75,12 +76,13 @@ def describe(module: nn.Module) -> str:
 
 
 def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any,
-            fresh_copy: nn.Module | None = None) -> Workspace:
+            fresh_copy: nn.Module | None = None, replay: Replay | None = None) -> Workspace:
     """Copy (unless a ``fresh_copy`` of ``model`` is handed over), trace, and install each
-    traced region's GraphModule in the copy."""
+    traced region's GraphModule in the copy. ``output`` and ``replay`` are from the eager
+    run on ``args`` that traced graphs are checked against."""
     root = fresh_copy if fresh_copy is not None else _copy(model)
     root.eval()
-    traced = trace_model(root, args, kwargs, output)
+    traced = trace_model(root, args, kwargs, output, replay)
     installed: dict[str, fx.GraphModule] = {}
     for region in traced.regions:
         if not region.traced or region.specialised:
@@ -393,7 +395,8 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
 
     ``reference`` is the model's eager run on ``args``: traced graphs are checked against
     its output, and sites get their shapes and data flow from it."""
-    ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy())
+    ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy(),
+                 reference.replay)
     flow = reference.flow
     report = Report(log=list(ws.traced.log))
     report.notes["concat_skips"] = [
@@ -447,10 +450,12 @@ def site_types(rules: Sequence[Rule]) -> tuple[type[nn.Module], ...]:
 
 @dataclass
 class Reference:
-    """The original model's one eager run: output, MACs, peak memory, and data flow."""
+    """The original model's one eager run: output, MACs, peak memory, data flow, and its
+    conv outputs for checking traced graphs."""
 
     run: Measured
     flow: DataFlow
+    replay: Replay
     #: the copy the run used, untouched since: the first workspace can start from it
     spare_copy: nn.Module | None = None
 
@@ -469,10 +474,11 @@ def _copy(model: nn.Module) -> nn.Module:
 def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
                    types: tuple[type[nn.Module], ...]) -> Reference:
     reference = _copy(model).eval()
-    with flow_recording(reference, watched(reference, types)) as flow:
+    with flow_recording(reference, watched(reference, types)) as flow, \
+            recording(reference) as replay:
         run = run_example(reference, args, kwargs, inferred)
         note_output(flow, run.output)
-    return Reference(run, flow, reference)
+    return Reference(run, flow, replay, reference)
 
 
 def _copy_training_flags(model: nn.Module, result: nn.Module) -> None:

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import one_line
+from .replay import Replay
 from .state import preserved_state
 
 
@@ -39,7 +40,20 @@ class TensorMeta:
 
 class ShapeRecorder(fx.Interpreter):
     """Run a graph and store each tensor value's shape on its node (quietly, unlike
-    ShapeProp, which prints a traceback for every failing node)."""
+    ShapeProp, which prints a traceback for every failing node). Conv calls whose output
+    the eager run recorded (``replay``) take it from there instead of computing it."""
+
+    def __init__(self, gm: fx.GraphModule, replay: Replay | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(gm)
+        self.replay, self.prefix = replay, prefix
+
+    def call_module(self, target, args, kwargs):  # noqa: ANN001 - fx signature
+        if self.replay is not None:
+            out = self.replay.output_for(join(self.prefix, target), args, kwargs)
+            if out is not None:
+                return out
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -157,8 +171,11 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b)
 
 
-def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[str]]:
-    """Trace one module, marking failing submodules opaque; return it and its opaque leaves."""
+def trace_region(name: str, module: nn.Module, call: Call,
+                 replay: Replay | None = None) -> tuple[Region, set[str]]:
+    """Trace one module, marking failing submodules opaque; return it and its opaque leaves.
+
+    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py)."""
     opaque: set[str] = set()
     try:
         concrete, values = _split_concrete(module, call)
@@ -186,7 +203,7 @@ def trace_region(name: str, module: nn.Module, call: Call) -> tuple[Region, set[
                                   strict=False)
                 if p.kind is not inspect.Parameter.VAR_KEYWORD
             ]
-            out = ShapeRecorder(gm).run(*values_for_graph)
+            out = ShapeRecorder(gm, replay, name).run(*values_for_graph)
     except Exception as exc:
         reason = f"traced graph fails to run: {one_line(exc)}"
         return Region(name, module, opaque_reason=reason), set()
@@ -200,9 +217,11 @@ def is_leaf(module: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> TracedModel:
+def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any,
+                replay: Replay | None = None) -> TracedModel:
     """Trace ``model`` hierarchically, level by level, one eager forward per level below
-    the root (``output`` is the root's eager output on ``args``, already known)."""
+    the root (``output`` is the root's eager output on ``args``, already known; ``replay``
+    its conv outputs, which spare the graph checks recomputing them)."""
     result = TracedModel()
     pending: dict[str, nn.Module] = {"": model}
     calls = {"": Call(args, kwargs, output)}
@@ -221,7 +240,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tra
             if is_leaf(module):
                 result.opaque_leaves.append(name)
                 continue
-            region, opaque = trace_region(name, module, calls[name])
+            region, opaque = trace_region(name, module, calls[name], replay)
             result.regions.append(region)
             if region.traced:
                 children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}

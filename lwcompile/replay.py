@@ -1,0 +1,115 @@
+"""Conv outputs of lighten's eager run, replayed when a traced graph is checked against it.
+
+A traced graph is trusted only once it gives eager's output on the same input (trace.py).
+That check is a second forward of the whole model, and in a restoration network nearly all
+of a forward is convs: work whose result is already known, because a conv called on the same
+input as in eager gives the same output. So the eager run records each conv call's output
+with a fingerprint of its input, and the graph's run takes the output from the record when
+the fingerprints agree. What the check is for, the Python between module calls that
+tracing may have baked in or dropped, still runs for real. A difference it makes reaches
+some conv's input, changes that fingerprint, and from there on convs are computed.
+
+Algorithm:
+1. During the eager run, a forward hook on every conv stores the fingerprint of its input
+   and a copy of its output (the forward may write to the output in place next, as
+   ``ReLU(inplace=True)`` does), outside any recording mode, so the run's measured MACs,
+   peak memory and data flow are unchanged. Recording stops at ``BUDGET_BYTES``.
+2. When the graph calls a conv, its input's fingerprint is looked up among that conv's
+   recorded calls. A hit returns a copy of the recorded output; on a miss the conv runs.
+
+The fingerprint is shape, strides, dtype and three sums (plain, squared, and weighted by
+position, so a flipped or permuted tensor differs). Identical inputs always agree, being
+the same bits reduced by the same kernel; a different input would have to agree on all
+three sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+
+#: the most memory recorded outputs may hold; calls past it are recomputed in the check
+BUDGET_BYTES = 512 * 2**20
+
+#: modules whose output depends only on their input and parameters (in eval mode)
+REPLAYABLE = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class _Call:
+    fingerprint: tuple
+    output: torch.Tensor
+
+
+@dataclass
+class Replay:
+    """The recorded conv calls of one eager run, by qualified module name."""
+
+    calls: dict[str, list[_Call]] = field(default_factory=dict)
+    recorded_bytes: int = 0
+    hits: int = 0
+    #: position weights by (size, dtype): making one costs more than the three sums
+    ramps: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def record(self, name: str, inputs: tuple, output: Any) -> None:
+        fingerprint = self._fingerprint(inputs)
+        if fingerprint is None or not isinstance(output, torch.Tensor):
+            return
+        size = output.numel() * output.element_size()
+        if self.recorded_bytes + size > BUDGET_BYTES:
+            return
+        self.recorded_bytes += size
+        self.calls.setdefault(name, []).append(_Call(fingerprint, output.detach().clone()))
+
+    def output_for(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The recorded output of ``name`` called on these arguments, or None: run it."""
+        if kwargs or name not in self.calls:
+            return None
+        fingerprint = self._fingerprint(args)
+        for call in self.calls[name]:
+            if call.fingerprint == fingerprint:
+                self.hits += 1
+                return call.output.clone()
+        return None
+
+    def _fingerprint(self, inputs: tuple) -> tuple | None:
+        """Shape, strides, dtype and three sums of a single floating-point tensor input."""
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            return None
+        x = inputs[0].detach()
+        if not x.is_floating_point() or x.numel() == 0:
+            return None
+        flat = x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))  # half: no overflow
+        key = (flat.numel(), flat.dtype)
+        if key not in self.ramps:
+            self.ramps[key] = torch.arange(1, flat.numel() + 1, dtype=flat.dtype,
+                                           device=flat.device)
+        sums = torch.stack([flat.sum(), torch.dot(flat, flat), torch.dot(flat, self.ramps[key])])
+        return (tuple(x.shape), x.stride(), x.dtype, tuple(sums.tolist()))
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[Replay]:
+    """Record the calls of ``model``'s convs made inside the block."""
+    replay = Replay()
+    handles = []
+    for name, module in model.named_modules():
+        if not isinstance(module, REPLAYABLE):
+            continue
+
+        def hook(_m: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
+            with _disable_current_modes(), torch._C.DisableTorchFunction():
+                replay.record(name, inputs, output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield replay
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,94 @@
+"""Checking a traced graph replays the eager run's conv outputs instead of recomputing them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lwcompile
+from examples import dncnn
+from lwcompile import replay as replay_module
+from lwcompile.cost import measure
+from lwcompile.replay import recording
+from lwcompile.trace import trace_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _eager_then_trace(model: nn.Module, x: torch.Tensor):
+    model.eval()
+    with recording(model) as replay, torch.no_grad():
+        out = model(x)
+    return trace_model(model, (x,), {}, out, replay), replay
+
+
+def test_a_faithful_graph_takes_every_conv_output_from_the_eager_run():
+    model = dncnn.DnCNN(features=16, depth=5)  # conv + ReLU(inplace) writes over conv outputs
+    traced, replay = _eager_then_trace(model, torch.rand(1, 1, 20, 20))
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert [r.traced for r in traced.regions] == [True]
+    assert replay.hits == convs == 5
+    assert replay.recorded_bytes == 16 * 20 * 20 * 4 * 4 + 20 * 20 * 4
+
+
+_calls = [0]
+
+
+class CountsCalls(nn.Module):
+    """Tracing bakes in the Python counter's value at trace time: the graph is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        _calls[0] += 1
+        return self.second(F.relu(self.first(x)) * _calls[0])
+
+
+def test_a_graph_that_bakes_in_python_still_disagrees_with_eager():
+    traced, replay = _eager_then_trace(CountsCalls(), torch.rand(1, 3, 12, 12))
+    (region,) = traced.regions
+    assert not region.traced
+    assert region.opaque_reason == "traced graph disagrees with eager"
+    assert replay.hits == 1  # the second conv's input differed: it was computed
+
+
+def test_past_the_memory_budget_convs_are_computed(monkeypatch):
+    one_output = 16 * 20 * 20 * 4
+    monkeypatch.setattr(replay_module, "BUDGET_BYTES", 2 * one_output)
+    traced, replay = _eager_then_trace(dncnn.DnCNN(features=16, depth=5),
+                                       torch.rand(1, 1, 20, 20))
+    assert replay.recorded_bytes == 2 * one_output
+    assert replay.hits == 2
+    assert [r.traced for r in traced.regions] == [True]
+
+
+def test_a_conv_called_twice_is_replayed_by_its_input():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.flip(self.conv(x), dims=[-1]))
+
+    model = Shared()
+    x = torch.rand(1, 4, 9, 9)
+    traced, replay = _eager_then_trace(model, x)
+    assert [r.traced for r in traced.regions] == [True]
+    assert replay.hits == 2 and len(replay.calls["conv"]) == 2
+    # a flipped input has the same plain sums, but not the same position-weighted one
+    flipped = torch.flip(x, dims=[-1])
+    assert replay.output_for("conv", (flipped,), {}) is None
+    torch.testing.assert_close(replay.output_for("conv", (x,), {}), model.conv(x))
+
+
+def test_recording_leaves_the_reference_measurements_as_they_were():
+    model = dncnn.DnCNN(features=16, depth=5)
+    x = torch.rand(1, 1, 24, 24)
+    light = lwcompile.lighten(model, (x,))
+    summary, plain = light.lwcompile_report.summary, measure(model.eval(), (x,))
+    assert (summary.macs_before, summary.peak_activation_before) == (
+        plain.macs, plain.peak_bytes)
