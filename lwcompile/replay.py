@@ -17,10 +17,10 @@ Algorithm:
 2. When the graph calls a conv, its input's fingerprint is looked up among that conv's
    recorded calls. A hit returns a copy of the recorded output; on a miss the conv runs.
 
-The fingerprint is shape, strides, dtype and three sums (plain, squared, and weighted by
-position, so a flipped or permuted tensor differs). Identical inputs always agree, being
-the same bits reduced by the same kernel; a different input would have to agree on all
-three sums.
+The fingerprint is shape, strides, dtype and three sums: plain, squared, and weighted by
+position with ``PERIOD`` random weights repeated, so that a flipped or shifted tensor
+differs too. Identical inputs always agree, being the same bits reduced by the same
+kernels; a different input would have to agree on all three sums.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 #: the most memory recorded outputs may hold; calls past it are recomputed in the check
 BUDGET_BYTES = 512 * 2**20
+
+#: length of the repeating position weights (a prime, so rows and planes rarely align)
+PERIOD = 1021
 
 #: modules whose output depends only on their input and parameters (in eval mode)
 REPLAYABLE = (nn.modules.conv._ConvNd, nn.Linear)
@@ -54,8 +57,8 @@ class Replay:
     calls: dict[str, list[_Call]] = field(default_factory=dict)
     recorded_bytes: int = 0
     hits: int = 0
-    #: position weights by (size, dtype): making one costs more than the three sums
-    ramps: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor = field(
+        default_factory=lambda: torch.randn(PERIOD, generator=torch.Generator().manual_seed(0)))
 
     def record(self, name: str, inputs: tuple, output: Any) -> None:
         fingerprint = self._fingerprint(inputs)
@@ -86,11 +89,11 @@ class Replay:
         if not x.is_floating_point() or x.numel() == 0:
             return None
         flat = x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))  # half: no overflow
-        key = (flat.numel(), flat.dtype)
-        if key not in self.ramps:
-            self.ramps[key] = torch.arange(1, flat.numel() + 1, dtype=flat.dtype,
-                                           device=flat.device)
-        sums = torch.stack([flat.sum(), torch.dot(flat, flat), torch.dot(flat, self.ramps[key])])
+        weights = self.weights.to(flat)
+        whole = flat.numel() // PERIOD * PERIOD
+        weighted = flat[:whole].view(-1, PERIOD).sum(0) @ weights
+        weighted = weighted + flat[whole:] @ weights[: flat.numel() - whole]
+        sums = torch.stack([flat.sum(), torch.dot(flat, flat), weighted])
         return (tuple(x.shape), x.stride(), x.dtype, tuple(sums.tolist()))
 
 

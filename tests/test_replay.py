@@ -75,7 +75,7 @@ def test_a_conv_called_twice_is_replayed_by_its_input():
             return self.conv(torch.flip(self.conv(x), dims=[-1]))
 
     model = Shared()
-    x = torch.rand(1, 4, 9, 9)
+    x = torch.rand(1, 4, 30, 30)  # 3600 values: three whole weight periods and a rest
     traced, replay = _eager_then_trace(model, x)
     assert [r.traced for r in traced.regions] == [True]
     assert replay.hits == 2 and len(replay.calls["conv"]) == 2
