@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 
 from .data import Degrade, batches, step_generator
 from .errors import LwCompileError
-from .modules import LIST
+from .modules import LIST, Resize
 from .report import APPLIED
 
 #: modules that act on each channel separately: a channel permutation passes through them
@@ -49,12 +49,15 @@ def _channels_of(teacher: nn.Module) -> int:
     return conv.in_channels
 
 
-def _applied_sites(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """The rewritten sites: from the report, or (a deepcopy of a GraphModule drops it) the
-    names where the student holds a module of another type than the teacher."""
+def _applied_sites(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """The rewritten sites, each with the name of its replacement in the student: from the
+    report (a pair rewrite such as conv + pixel shuffle puts it under a new name), or (a
+    deepcopy of a GraphModule drops the report) the names where the student holds a module
+    of another type than the teacher."""
     report = getattr(student, "lwcompile_report", None)
     if report is not None:
-        return [row.site for row in report.rows if row.outcome == APPLIED]
+        return {row.site: row.result_name or row.site for row in report.rows
+                if row.outcome == APPLIED}
     originals = dict(teacher.named_modules())
     sites: list[str] = []
     for name, m in student.named_modules():  # fx turns containers into plain Modules
@@ -64,7 +67,7 @@ def _applied_sites(student: nn.Module, teacher: nn.Module) -> list[str]:
             sites.append(name)
     if not sites:
         raise LwCompileError("no rewritten site found: pass lwcompile.lighten's result")
-    return sites
+    return {site: site for site in sites}
 
 
 def _inputs(data: Any, teacher: nn.Module, channels: int | None, degrade: Degrade | None,
@@ -215,6 +218,34 @@ def _least_squares_last_conv(rep: nn.Sequential, x: Tensor, y: Tensor,
     _solve_conv(rep[-1], rep[:-1](x), y, ridge)
 
 
+#: what may follow a resampling replacement's LIST: pointwise, or the unshuffle that hands
+#: a pixel shuffle out of reach its low-resolution layout
+_AFTER_LIST = (*_PER_CHANNEL, nn.PixelUnshuffle)
+
+
+@torch.no_grad()
+def _what_to_fit(rep: nn.Module, x: Tensor, y: Tensor) -> tuple[nn.Module, Tensor, Tensor] | None:
+    """The module to fit for a replacement, its input and its target (None: nothing fits).
+
+    A replacement that gives the site's output is fitted whole; a resize + LIST one
+    (strided, transposed and sub-pixel rules) has its LIST fitted on the resized input, so
+    LIST's least-squares solve applies. A sub-pixel rewrite stands in for conv -> [activation]
+    -> pixel shuffle(r) and the teacher's site is the conv, so that LIST's target is the
+    conv's output pixel-shuffled: the activation is per-channel, so it commutes with the
+    shuffle, and it follows the LIST in the replacement too.
+    """
+    if isinstance(rep, nn.Sequential) and len(rep) > 1 and isinstance(rep[0], Resize) \
+            and isinstance(rep[1], LIST) and all(isinstance(m, _AFTER_LIST) for m in rep[2:]):
+        resized = rep[0](x)
+        phases, rest = divmod(y.shape[1], 2 * rep[1].pointwise_branch.out_channels)
+        r = math.isqrt(phases)
+        if rest or r == 0 or r * r != phases:
+            return None
+        target = y if r == 1 else F.pixel_shuffle(y, r)
+        return (rep[1], resized, target) if target.shape[-2:] == resized.shape[-2:] else None
+    return (rep, x, y) if rep(x[:1]).shape == y[:1].shape else None
+
+
 def _adam_fit(rep: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> None:
     opt = torch.optim.Adam(rep.parameters(), lr=lr)
     for i in range(steps):
@@ -249,10 +280,10 @@ def init_layerwise(
     and for LIST a least-squares solve of its two output 1x1 convs before and after; a
     Sequential ending in a dense conv (e.g. ``image_output_squeeze``'s) gets that last conv
     solved by least squares after Adam (on the SR teacher's 9x9 output conv: 28.1 -> 30.5 dB).
-    Sites whose replacement is not at the site's name in the student or changes the output
-    shape (e.g. conv + pixel shuffle rewrites, whose teacher counterpart is the pair) are
-    skipped: they keep their initial weights until ``distill``. ``channels`` defaults to the
-    teacher's first conv's input channels.
+    Resize + LIST replacements have their LIST fitted on the resized input; for a sub-pixel
+    rewrite, against the teacher conv's output pixel-shuffled (``_what_to_fit``). Sites
+    whose replacement fits none of these are skipped: they keep their initial weights until
+    ``distill``. ``channels`` defaults to the teacher's first conv's input channels.
 
     LIST's first half of output channels comes from its 1x1 branch, so with ``centre_heavy``
     the teacher channels with the most centre-heavy kernels are given to that branch: the
@@ -265,28 +296,25 @@ def init_layerwise(
     sites = _applied_sites(student, teacher)
     stream = _inputs(data, teacher, channels, degrade, batch_size, crop, seed)
     inputs = [x for _, (_, x) in zip(range(calib_batches), stream, strict=False)]
-    recorded = _record(teacher, sites, inputs)
+    recorded = _record(teacher, list(sites), inputs)
     errors = FitErrors()
     pending: list[tuple[list[nn.Module], nn.Module, Tensor]] = []
-    for site in sites:
+    for site, name in sites.items():
         if site not in recorded:
             continue  # never called on this input
-        x, y = recorded[site]
-        try:
-            rep = student.get_submodule(site)
-        except AttributeError:
-            continue  # a pair rewrite (conv + pixel shuffle) put its module under a new name
-        with torch.no_grad():
-            if rep(x[:1]).shape != y[:1].shape:
-                continue
-        errors.before[site] = _rel_error(rep, x, y)
+        replacement = student.get_submodule(name)
+        fit = _what_to_fit(replacement, *recorded[site])
+        if fit is None:
+            continue
+        rep, x, target = fit
+        errors.before[site] = _rel_error(rep, x, target)
         original = teacher.get_submodule(site)
-        target = y
-        if centre_heavy and isinstance(rep, LIST) and isinstance(original, nn.Conv2d):
+        if centre_heavy and rep is replacement and isinstance(rep, LIST) \
+                and isinstance(original, nn.Conv2d):
             found = _permutable_consumer(student, site)
             if found is not None:
                 perm = centre_heavy_order(original)
-                target = y[:, perm]
+                target = target[:, perm]
                 pending.append((*found, perm))
         was_training = rep.training
         rep.train()

@@ -228,3 +228,37 @@ def test_missing_scikit_image_names_the_extra(monkeypatch):
     with pytest.raises(LwCompileError, match=r"lwcompile\[data\]"):
         next(batches(None))
     load_images.cache_clear()
+
+
+def test_layerwise_init_fits_the_sub_pixel_upsampler_against_the_shuffled_conv_output():
+    """conv -> PReLU -> pixel shuffle became bilinear + LIST under a new name: its LIST is
+    fitted on the resized teacher input, to the teacher conv's output pixel-shuffled."""
+    from examples.srresnet import SRResNet
+
+    torch.manual_seed(0)
+    teacher = SRResNet(scale=2, features=16, blocks=1).eval()
+    light = lwcompile.lighten(teacher, (torch.rand(1, 3, 16, 16),))
+    pairs = {r.site: r.result_name for r in light.lwcompile_report.applied
+             if r.decided_by == "subpixel"}
+    assert len(pairs) == 1 and all(site != name for site, name in pairs.items())
+    site, name = next(iter(pairs.items()))
+
+    recorded = {}
+    hook = teacher.get_submodule(site).register_forward_hook(
+        lambda m, a, out: recorded.update(x=a[0], y=out))
+    with torch.no_grad():
+        teacher(smooth_images(4, seed=7, size=16).expand(-1, 3, -1, -1))  # held out
+    hook.remove()
+
+    def held_out_error(student) -> float:
+        with torch.no_grad():
+            got = student.get_submodule(name)[:2](recorded["x"])  # resize + LIST
+            want = F.pixel_shuffle(recorded["y"], 2)
+        return float((got - want).pow(2).sum() / want.pow(2).sum())
+
+    before = held_out_error(light)
+    errors = init_layerwise(light, teacher, smooth_images(8, seed=1).expand(-1, 3, -1, -1),
+                            steps=40, batch_size=4, crop=16)
+    assert site in errors and errors[site] < 0.2 * errors.before[site]
+    # a random teacher's sub-pixel phases are beyond bilinear + LIST: the fit is partial
+    assert held_out_error(light) < 0.2 * before
