@@ -3,19 +3,23 @@
 A traced graph is trusted only once it gives eager's output on the same input (trace.py).
 That check is a second forward of the whole model, and in a restoration network nearly all
 of a forward is convs: work whose result is already known, because a conv called on the same
-input as in eager gives the same output. So the eager run records each conv call's output
-with a fingerprint of its input, and the graph's run takes the output from the record when
-the fingerprints agree. What the check is for, the Python between module calls that
-tracing may have baked in or dropped, still runs for real. A difference it makes reaches
-some conv's input, changes that fingerprint, and from there on convs are computed.
+input with the same weights as in eager gives the same output. So the eager run records each
+conv call's output with fingerprints of its input and weights, and the graph's run takes
+the output from the record when the fingerprints agree. What the check is for, the Python
+between module calls that tracing may have baked in or dropped, still runs for real. A
+difference it makes reaches some conv's input, changes that fingerprint, and from there on
+convs are computed.
 
 Algorithm:
-1. During the eager run, a forward hook on every conv stores the fingerprint of its input
-   and a copy of its output (the forward may write to the output in place next, as
-   ``ReLU(inplace=True)`` does), outside any recording mode, so the run's measured MACs,
-   peak memory and data flow are unchanged. Recording stops at ``BUDGET_BYTES``.
-2. When the graph calls a conv, its input's fingerprint is looked up among that conv's
-   recorded calls. A hit returns a copy of the recorded output; on a miss the conv runs.
+1. During the eager run, a forward hook on every conv stores the fingerprints of its input
+   and of its parameters, and a copy of its output (the forward may write to the output in
+   place next, as ``ReLU(inplace=True)`` does), outside any recording mode, so the run's
+   measured MACs, peak memory and data flow are unchanged. Recording stops at
+   ``BUDGET_BYTES``.
+2. When the graph calls a conv, the fingerprints of its input and present parameters (a
+   forward may rewrite a conv's weights) are looked up among that conv's recorded calls. A
+   hit returns a copy of the recorded output; on a miss the conv runs. Either way the
+   check's verdict is the one computing every conv would give.
 
 The fingerprint is shape, strides, dtype and three sums: plain, squared, and weighted by
 position with ``PERIOD`` random weights repeated, so that a flipped or shifted tensor
@@ -57,11 +61,11 @@ class Replay:
     calls: dict[str, list[_Call]] = field(default_factory=dict)
     recorded_bytes: int = 0
     hits: int = 0
-    weights: torch.Tensor = field(
+    position_weights: torch.Tensor = field(
         default_factory=lambda: torch.randn(PERIOD, generator=torch.Generator().manual_seed(0)))
 
-    def record(self, name: str, inputs: tuple, output: Any) -> None:
-        fingerprint = self._fingerprint(inputs)
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
+        fingerprint = self._key(module, inputs)
         if fingerprint is None or not isinstance(output, torch.Tensor):
             return
         size = output.numel() * output.element_size()
@@ -70,26 +74,35 @@ class Replay:
         self.recorded_bytes += size
         self.calls.setdefault(name, []).append(_Call(fingerprint, output.detach().clone()))
 
-    def output_for(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """The recorded output of ``name`` called on these arguments, or None: run it."""
+    def output_for(self, name: str, module: nn.Module, args: tuple,
+                   kwargs: dict) -> torch.Tensor | None:
+        """The recorded output of ``module`` (at ``name``) called on these arguments with its
+        present parameters, or None: run it."""
         if kwargs or name not in self.calls:
             return None
-        fingerprint = self._fingerprint(args)
+        fingerprint = self._key(module, args)
         for call in self.calls[name]:
             if call.fingerprint == fingerprint:
                 self.hits += 1
                 return call.output.clone()
         return None
 
-    def _fingerprint(self, inputs: tuple) -> tuple | None:
-        """Shape, strides, dtype and three sums of a single floating-point tensor input."""
+    def _key(self, module: nn.Module, inputs: tuple) -> tuple | None:
+        """Fingerprints of the single tensor input and of the module's parameters and
+        buffers (a forward may rewrite a conv's weights): equal keys, equal outputs."""
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             return None
-        x = inputs[0].detach()
+        prints = [self._fingerprint(t) for t in (inputs[0], *module.parameters(),
+                                                 *module.buffers())]
+        return None if None in prints else tuple(prints)
+
+    def _fingerprint(self, t: torch.Tensor) -> tuple | None:
+        """Shape, strides, dtype and three sums of a floating-point tensor."""
+        x = t.detach()
         if not x.is_floating_point() or x.numel() == 0:
             return None
         flat = x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))  # half: no overflow
-        weights = self.weights.to(flat)
+        weights = self.position_weights.to(flat)
         whole = flat.numel() // PERIOD * PERIOD
         weighted = flat[:whole].view(-1, PERIOD).sum(0) @ weights
         weighted = weighted + flat[whole:] @ weights[: flat.numel() - whole]
@@ -106,9 +119,9 @@ def recording(model: nn.Module) -> Iterator[Replay]:
         if not isinstance(module, REPLAYABLE):
             continue
 
-        def hook(_m: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
+        def hook(m: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
             with _disable_current_modes(), torch._C.DisableTorchFunction():
-                replay.record(name, inputs, output)
+                replay.record(name, m, inputs, output)
 
         handles.append(module.register_forward_hook(hook))
     try:

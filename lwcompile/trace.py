@@ -52,7 +52,8 @@ class ShapeRecorder(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):  # noqa: ANN001 - fx signature
         if self.replay is not None:
-            out = self.replay.output_for(join(self.prefix, target), args, kwargs)
+            out = self.replay.output_for(join(self.prefix, target), self.fetch_attr(target),
+                                         args, kwargs)
             if out is not None:
                 return out
         return super().call_module(target, args, kwargs)

@@ -81,8 +81,30 @@ def test_a_conv_called_twice_is_replayed_by_its_input():
     assert replay.hits == 2 and len(replay.calls["conv"]) == 2
     # a flipped input has the same plain sums, but not the same position-weighted one
     flipped = torch.flip(x, dims=[-1])
-    assert replay.output_for("conv", (flipped,), {}) is None
-    torch.testing.assert_close(replay.output_for("conv", (x,), {}), model.conv(x))
+    assert replay.output_for("conv", model.conv, (flipped,), {}) is None
+    torch.testing.assert_close(replay.output_for("conv", model.conv, (x,), {}), model.conv(x))
+
+
+class RewritesItsWeights(nn.Module):
+    """Each forward bumps the conv's weights first, and the traced graph does it too: the
+    graph is right, and its check (run after eager's) sees weights bumped once more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        self.conv.weight.data.add_(1.0)
+        return self.conv(x)
+
+
+def test_a_conv_whose_weights_changed_since_eager_is_computed_not_replayed():
+    """Replay must not change the check's verdict: the same input with other weights runs."""
+    model = RewritesItsWeights().eval()
+    traced, replay = _eager_then_trace(model, torch.rand(1, 3, 8, 8))
+    (region,) = traced.regions
+    assert replay.hits == 0 and len(replay.calls["conv"]) == 1
+    assert region.opaque_reason == "traced graph disagrees with eager"  # as without replay
 
 
 def test_recording_leaves_the_reference_measurements_as_they_were():
