@@ -7,9 +7,11 @@ copy is handed back only after the whole result has been verified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -390,36 +392,50 @@ def _output_shapes(out: Any) -> Any:
 
 def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                  guards: Sequence[Guard], held_back: dict[str, str],
-                 reference: Reference) -> tuple[nn.Module, Report]:
+                 reference: Reference, seconds: Counter[str]) -> tuple[nn.Module, Report]:
     """One pass over the model; sites in ``held_back`` are reported but left as they are.
 
     ``reference`` is the model's eager run on ``args``: traced graphs are checked against
-    its output, and sites get their shapes and data flow from it."""
-    ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy(),
-                 reference.replay)
-    flow = reference.flow
+    its output, and sites get their shapes and data flow from it. Time spent is added to
+    ``seconds`` by phase."""
+    with timed(seconds, "tracing + graph check"):
+        ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy(),
+                     reference.replay)
     report = Report(log=list(ws.traced.log))
     report.notes["concat_skips"] = [
         asdict(skip) for name, gm in ws.installed.items()
         for skip in concat_skips(gm.graph, name)]
     types = site_types(rules)
     erased: set[fx.Node] = set()
-    problem = _installed_graphs_run(ws, args, kwargs)
+    with timed(seconds, "tracing + graph check"):
+        problem = _installed_graphs_run(ws, args, kwargs)
     if problem:
         uninstall_subregions(ws)
         report.log.append(f"sub-region graphs not installed ({problem}): rewriting "
                           "inside them module by module")
-    sites = find_sites(ws, types, flow, report.log) if types else []
-    for site in sites:
-        if site.node is not None and site.node in erased:
-            continue
-        if site.name in held_back:
-            report.rows.append(_kept(site, "verify", ROLLED_BACK, held_back[site.name]))
-            continue
-        row = decide(ws, site, rules, guards, erased, report.log)
-        if row is not None:
-            report.rows.append(row)
+    sites = find_sites(ws, types, reference.flow, report.log) if types else []
+    with timed(seconds, "rule decisions"):
+        for site in sites:
+            if site.node is not None and site.node in erased:
+                continue
+            if site.name in held_back:
+                report.rows.append(_kept(site, "verify", ROLLED_BACK, held_back[site.name]))
+                continue
+            row = decide(ws, site, rules, guards, erased, report.log)
+            if row is not None:
+                report.rows.append(row)
     return ws.root, report
+
+
+@contextlib.contextmanager
+def timed(seconds: Counter[str], phase: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[phase]``: the report says where
+    compilation spent its time."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] += time.perf_counter() - start
 
 
 def _first_failure(result: nn.Module, args: tuple, kwargs: dict,
@@ -481,6 +497,10 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
     return Reference(run, flow, replay, reference)
 
 
+def _rounded(seconds: Counter[str]) -> dict[str, float]:
+    return {phase: round(s, 3) for phase, s in seconds.items()}
+
+
 def _copy_training_flags(model: nn.Module, result: nn.Module) -> None:
     """Give the result the model's mode, module by module (a frozen BatchNorm in a model
     in training mode stays in eval); new modules take the mode of the model."""
@@ -497,9 +517,12 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
 
     The summary's "after" figures are estimates: totals minus each applied row's saving.
     """
-    reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    seconds: Counter[str] = Counter()
+    with timed(seconds, "reference run"):
+        reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
     before = reference.run
-    _, report = compile_once(model, args, kwargs, rules, guards, {}, reference)
+    _, report = compile_once(model, args, kwargs, rules, guards, {}, reference, seconds)
+    report.notes["seconds"] = _rounded(seconds)
     params = count_params(model)
     applied = report.applied
     report.summary = Summary(
@@ -517,18 +540,21 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     the first applied rewrite whose inclusion breaks the model is found by bisection over
     the applied ones in order and held back, and compilation is repeated.
     """
-    reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    seconds: Counter[str] = Counter()
+    with timed(seconds, "reference run"):
+        reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
     before = reference.run
     expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}
     while True:
         try:
             result, report = compile_once(model, args, kwargs, rules, guards, held_back,
-                                          reference)
+                                          reference, seconds)
         except SiteBroke as broke:
             held_back[broke.site] = broke.reason
             continue
-        problem, after = _first_failure(result, args, kwargs, expected)
+        with timed(seconds, "result check"):
+            problem, after = _first_failure(result, args, kwargs, expected)
         if not problem:
             break
         applied = [r.site for r in report.applied]
@@ -540,14 +566,17 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
             keep = set(applied[:mid])
             trial, _ = compile_once(model, args, kwargs, rules, guards,
                                     held_back | {s: "" for s in applied if s not in keep},
-                                    reference)
-            if _first_failure(trial, args, kwargs, expected)[0]:
+                                    reference, seconds)
+            with timed(seconds, "result check"):
+                failed = _first_failure(trial, args, kwargs, expected)[0]
+            if failed:
                 hi = mid
             else:
                 lo = mid + 1
         held_back[applied[lo - 1]] = f"whole-model check failed with it: {problem}"
     report.summary = Summary(count_params(model), count_params(result), before.macs, after.macs,
                              before.peak_bytes, after.peak_bytes)
+    report.notes["seconds"] = _rounded(seconds)
     if not report.applied:
         raise NothingToLighten(_nothing_done(model, report), report)
     _copy_training_flags(model, result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -317,3 +318,16 @@ def test_lighten_runs_the_original_convs_once_and_checks_sites_without_arithmeti
     light = lwcompile.lighten(model, (torch.rand(1, 1, 24, 24),))
     assert len(light.lwcompile_report.applied) == 4
     assert real_calls == [(1, 32, 24, 24)] * 4
+
+
+def test_the_report_says_where_compilation_spent_its_time():
+    model = dncnn.DnCNN(features=16, depth=5)
+    start = time.perf_counter()
+    light = lwcompile.lighten(model, (torch.rand(1, 1, 24, 24),))
+    wall = time.perf_counter() - start
+    seconds = light.lwcompile_report.notes["seconds"]
+    assert list(seconds) == ["reference run", "tracing + graph check", "rule decisions",
+                             "result check"]
+    assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) <= wall
+    report = lwcompile.plan(model, (torch.rand(1, 1, 24, 24),))
+    assert "result check" not in report.notes["seconds"]  # a plan builds no result
