@@ -92,22 +92,24 @@ class Replay:
         buffers (a forward may rewrite a conv's weights): equal keys, equal outputs."""
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
             return None
-        prints = [self._fingerprint(t) for t in (inputs[0], *module.parameters(),
-                                                 *module.buffers())]
-        return None if None in prints else tuple(prints)
-
-    def _fingerprint(self, t: torch.Tensor) -> tuple | None:
-        """Shape, strides, dtype and three sums of a floating-point tensor."""
-        x = t.detach()
-        if not x.is_floating_point() or x.numel() == 0:
+        state = [t.detach() for t in (*module.parameters(), *module.buffers())]
+        if not all(t.is_floating_point() for t in (inputs[0], *state)):
             return None
+        layout = tuple((tuple(t.shape), t.stride(), t.dtype) for t in (inputs[0], *state))
+        flat_state = torch.cat([t.reshape(-1).float() for t in state]) if state else None
+        return layout, self._sums(inputs[0].detach()), self._sums(flat_state)
+
+    def _sums(self, x: torch.Tensor | None) -> tuple[float, ...]:
+        """Plain, squared and position-weighted sums of ``x``'s values (two passes)."""
+        if x is None or x.numel() == 0:
+            return ()
         flat = x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32))  # half: no overflow
-        weights = self.position_weights.to(flat)
         whole = flat.numel() // PERIOD * PERIOD
-        weighted = flat[:whole].view(-1, PERIOD).sum(0) @ weights
-        weighted = weighted + flat[whole:] @ weights[: flat.numel() - whole]
-        sums = torch.stack([flat.sum(), torch.dot(flat, flat), weighted])
-        return (tuple(x.shape), x.stride(), x.dtype, tuple(sums.tolist()))
+        columns = flat[:whole].view(-1, PERIOD).sum(0)  # one pass; the rest folded in below
+        columns[: flat.numel() - whole] += flat[whole:]
+        sums = torch.stack([columns.sum(), torch.dot(flat, flat),
+                            columns @ self.position_weights.to(flat)])
+        return tuple(sums.tolist())
 
 
 @contextlib.contextmanager
