@@ -23,12 +23,25 @@ def _eager_then_trace(model: nn.Module, x: torch.Tensor):
 
 
 def test_a_faithful_graph_takes_every_conv_output_from_the_eager_run():
-    model = dncnn.DnCNN(features=16, depth=5)  # conv + ReLU(inplace) writes over conv outputs
+    model = dncnn.DnCNN(features=16, depth=5)
     traced, replay = _eager_then_trace(model, torch.rand(1, 1, 20, 20))
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert [r.traced for r in traced.regions] == [True]
     assert replay.hits == convs == 5
     assert replay.recorded_bytes == 16 * 20 * 20 * 4 * 4 + 20 * 20 * 4
+
+
+def test_an_in_place_activation_after_a_conv_does_not_spoil_its_recorded_output():
+    """ReLU(inplace=True) overwrites the conv's output right after the hook saw it (as in
+    ESRGAN's blocks): the record is a copy, so the graph still agrees with eager."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.2, inplace=True),
+                          nn.Conv2d(8, 3, 3, padding=1))
+    traced, replay = _eager_then_trace(model, torch.randn(1, 3, 12, 12))
+    assert [r.traced for r in traced.regions] == [True]
+    assert replay.hits == 3
+    first = replay.calls["0"][0].output
+    assert (first < 0).any()  # the conv's own output, not the ReLU's
 
 
 _calls = [0]
