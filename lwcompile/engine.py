@@ -399,8 +399,7 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
     its output, and sites get their shapes and data flow from it. Time spent is added to
     ``seconds`` by phase."""
     with timed(seconds, "tracing + graph check"):
-        ws = prepare(model, args, kwargs, reference.run.output, reference.take_copy(),
-                     reference.replay)
+        ws = prepare(model, args, kwargs, reference.run.output, *reference.take_spares())
     report = Report(log=list(ws.traced.log))
     report.notes["concat_skips"] = [
         asdict(skip) for name, gm in ws.installed.items()
@@ -471,13 +470,16 @@ class Reference:
 
     run: Measured
     flow: DataFlow
-    replay: Replay
-    #: the copy the run used, untouched since: the first workspace can start from it
+    #: the copy the run used, untouched since, and its recorded conv outputs: the first
+    #: workspace starts from them. Later ones (bisection, rare) copy and check afresh, so
+    #: the recorded outputs (up to replay.BUDGET_BYTES) are not held through compilation.
     spare_copy: nn.Module | None = None
+    replay: Replay | None = None
 
-    def take_copy(self) -> nn.Module | None:
-        spare, self.spare_copy = self.spare_copy, None
-        return spare
+    def take_spares(self) -> tuple[nn.Module | None, Replay | None]:
+        spares = self.spare_copy, self.replay
+        self.spare_copy = self.replay = None
+        return spares
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -494,7 +496,7 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
             recording(reference) as replay:
         run = run_example(reference, args, kwargs, inferred)
         note_output(flow, run.output)
-    return Reference(run, flow, replay, reference)
+    return Reference(run, flow, spare_copy=reference, replay=replay)
 
 
 def _rounded(seconds: Counter[str]) -> dict[str, float]:
