@@ -49,7 +49,8 @@ class Case:
     target: float  # speed-up the issue asks for
     reference: Callable[[], nn.Module] | None = None  # a hand-made light model, if any
     #: an opt-in rule measured as one more variant ("light+opt-in"), e.g. for SRResNet the
-    #: squeeze of its 9x9 output conv (not default: it costs ~0.3 dB, see image_output_study)
+    #: squeeze of its 9x9 output conv (not default: ~0.3 dB after a 120 CPU-s fine-tune,
+    #: 0.02-0.04 dB after 480; benchmarks/image_output_study)
     opt_in: Callable[[], Rule] | None = None
 
 

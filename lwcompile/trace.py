@@ -6,8 +6,8 @@ Algorithm:
 2. A graph that traces is run on the module's real inputs (recorded from one eager forward)
    and compared with eager: fx can trace without error and still be wrong (a Python ``if``
    baked in, a forward that assigns attributes). Its conv calls take their outputs from
-   the eager run where the input is the same (replay.py), so the check costs the Python
-   between them, not a second forward.
+   the eager run where the input and weights are the same (replay.py), so the check costs
+   the Python between them, not a second forward.
 3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
    are visited in turn. Convs met directly inside opaque code become module-only sites: they
    can still be swapped, but nothing is known about what feeds or consumes them.
