@@ -1,6 +1,6 @@
 """Latency of each reference network against its lightened form, each in its fastest runtime.
 
-    python -m benchmarks.latency                      # all four networks + opt-in (minutes)
+    python -m benchmarks.latency                      # all networks + SRResNet variants (minutes)
     python -m benchmarks.latency --only DnCNN-17 --runs 9
 
 Per network, the original and the lightened model run side by side in one process, every
@@ -32,9 +32,9 @@ import torch
 
 from benchmarks.speed import (
     CASES,
-    OPT_IN,
     RESULTS,
     THREADS,
+    VARIANTS,
     channels_last,
     eager,
     machine,
@@ -66,7 +66,7 @@ def runtimes(model: torch.nn.Module, inputs: tuple, threads: int) -> dict:
 
 
 def bench(name: str, runs: int, cpu_time: bool = False) -> dict:
-    case = {**CASES, **OPT_IN}[name]
+    case = {**CASES, **VARIANTS}[name]
     original = case.build()
     light = case.lighten(original)
     inputs = case.bench_inputs()
@@ -131,7 +131,7 @@ def report(results: list[dict], runs: int, cpu_time: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=[*CASES, *OPT_IN], default=None)
+    parser.add_argument("--only", nargs="*", choices=[*CASES, *VARIANTS], default=None)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--cpu-time", action="store_true")
     args = parser.parse_args()
@@ -140,11 +140,11 @@ def main() -> None:
             "clock": "thread_time, 1 thread" if args.cpu_time else "wall", "results": []}
     name_json = "latency_cpu_time" if args.cpu_time else "latency"
     fresh: list[dict] = []
-    for name in args.only or [*CASES, *OPT_IN]:
+    for name in args.only or [*CASES, *VARIANTS]:
         print(f"{name} ...", flush=True)
         fresh.append(bench(name, args.runs, args.cpu_time) | {"machine": data["machine"]})
         data["results"] = merge_rows(fresh, RESULTS / f"{name_json}.json", "results",
-                                     [*CASES, *OPT_IN])
+                                     [*CASES, *VARIANTS])
         path = write_json(name_json, data)
     print(report(data["results"], args.runs, args.cpu_time))
     print(f"\nwrote {path}")

@@ -29,9 +29,12 @@ class LwCompileWarning(UserWarning):
     """Something the user asked for had no effect (e.g. an exclude pattern matching nothing)."""
 
 
-def default_rules() -> list[Rule]:
-    """The built-in rules (from the ``rules`` folder), in priority order."""
+def default_rules(without: Sequence[str] = ()) -> list[Rule]:
+    """The built-in rules (from the ``rules`` folder), in priority order, except those named in
+    ``without`` (e.g. ``"image-output-squeeze"``, to keep every image-facing layer standard
+    as the paper does)."""
     from .rules.gsat_dilated import GsatRule
+    from .rules.image_output_squeeze import ImageOutputSqueezeRule
     from .rules.list_conv import ListRule
     from .rules.split_concat_pointwise import SplitConcatPointwiseRule
     from .rules.strided_conv import StridedConvRule
@@ -39,8 +42,15 @@ def default_rules() -> list[Rule]:
     from .rules.transposed_conv import TransposedConvRule
 
     rules = [SplitConcatPointwiseRule(), SubpixelRule(), GsatRule(), StridedConvRule(),
-             TransposedConvRule(), ListRule()]
-    return sorted(rules, key=lambda r: r.priority)
+             TransposedConvRule(), ListRule(), ImageOutputSqueezeRule()]
+    if isinstance(without, str):
+        without = (without,)
+    unknown = set(without) - {r.name for r in rules}
+    if unknown:
+        raise RuleError(f"default_rules(without=...): no default rule named "
+                        f"{', '.join(map(repr, sorted(unknown)))}; they are "
+                        f"{', '.join(r.name for r in rules)}")
+    return sorted((r for r in rules if r.name not in without), key=lambda r: r.priority)
 
 
 def default_guards() -> list[Guard]:

@@ -27,7 +27,7 @@ import lwcompile
 
 from . import persist
 from ._spandrel import torchvision_stub
-from .errors import ExampleInputError, LwCompileError, NotAModuleError, one_line
+from .errors import ExampleInputError, LwCompileError, NotAModuleError, RuleError, one_line
 from .html_report import to_png, write_html
 from .inputs import infer_example_inputs
 from .report import Report
@@ -45,8 +45,9 @@ examples:
   lwcompile lighten 4x_esrgan.pth -o esrgan_light.pt --input 1x3x64x64 --json
   lwcompile lighten examples.dncnn:build -o light.pt --distill 2000 --data photos/
   lwcompile plan examples.srresnet:build
-  lwcompile lighten examples.srresnet:build -o sr_light.pt \
-      --rule lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule
+  lwcompile lighten examples.srresnet:build -o sr_light.pt --without image-output-squeeze
+  lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up.*' \
+      --rule mypackage.rules:MyRule
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
 
@@ -110,8 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     def rule_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
                        help="a rule to use besides the default ones (a Rule class or factory, "
-                            "e.g. lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule); "
-                            "repeatable")
+                            "e.g. mypackage.rules:MyRule); repeatable")
+        p.add_argument("--without", action="append", metavar="RULE",
+                       help="leave out the default rule of this name (e.g. "
+                            "image-output-squeeze, to keep every image-facing layer standard "
+                            "as the paper does); repeatable")
+        p.add_argument("--exclude", action="append", metavar="GLOB",
+                       help="keep the sites whose names match (e.g. 'up.*'); repeatable")
 
     p = command("lighten", _lighten, "lighten MODEL and save the result (architecture + weights)")
     rule_option(p)
@@ -161,7 +167,7 @@ def _lighten(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model)
     inputs = _inputs(model, args.input)
     with _stage(f"lightening {type(model).__name__}", args.quiet):
-        light = lwcompile.lighten(model, inputs, **_rules(args.rule))
+        light = lwcompile.lighten(model, inputs, **_rules(args))
     if args.distill:
         distill = _distill_function()
         with _stage(f"distilling {args.distill} steps", args.quiet):
@@ -177,7 +183,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model)
     inputs = _inputs(model, args.input)
     with _stage(f"planning {type(model).__name__}", args.quiet):
-        report = lwcompile.plan(model, inputs, **_rules(args.rule))
+        report = lwcompile.plan(model, inputs, **_rules(args))
     return {"model": args.model, "report": report.to_dict(), "text": str(report)}
 
 
@@ -282,21 +288,29 @@ def _find(spec: str, error: type[LwCompileError], what: str) -> Any:
     return obj
 
 
-def _rules(specs: list[str] | None) -> dict[str, list[Rule]]:
-    """``rules=`` for lighten/plan: the defaults plus each --rule; nothing without any."""
-    if not specs:
-        return {}
-    extra = []
-    for spec in specs:
-        obj = _find(spec, RuleSpecError, "not like 'package.module:RuleClass'")
-        try:
-            rule = obj() if callable(obj) and not isinstance(obj, Rule) else obj
-        except Exception as exc:
-            raise RuleSpecError(f"calling {spec!r} failed: {one_line(exc)}") from exc
-        if not isinstance(rule, Rule):
-            raise RuleSpecError(f"{spec!r} gives a {type(rule).__name__}, not an lwcompile Rule")
-        extra.append(rule)
-    return {"rules": [*lwcompile.default_rules(), *extra]}
+def _rules(args: argparse.Namespace) -> dict[str, Any]:
+    """lighten/plan's ``rules=`` and ``exclude=`` from --rule, --without and --exclude."""
+    chosen: dict[str, Any] = {}
+    if args.exclude:
+        chosen["exclude"] = list(args.exclude)
+    if not args.rule and not args.without:
+        return chosen
+    try:
+        kept = lwcompile.default_rules(without=args.without or ())
+    except RuleError as exc:
+        raise RuleSpecError(f"--without: {exc}") from exc
+    return {**chosen, "rules": [*kept, *(_user_rule(spec) for spec in args.rule or ())]}
+
+
+def _user_rule(spec: str) -> Rule:
+    obj = _find(spec, RuleSpecError, "not like 'package.module:RuleClass'")
+    try:
+        rule = obj() if callable(obj) and not isinstance(obj, Rule) else obj
+    except Exception as exc:
+        raise RuleSpecError(f"calling {spec!r} failed: {one_line(exc)}") from exc
+    if not isinstance(rule, Rule):
+        raise RuleSpecError(f"{spec!r} gives a {type(rule).__name__}, not an lwcompile Rule")
+    return rule
 
 
 def _load_checkpoint(path: Path) -> nn.Module:

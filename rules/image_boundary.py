@@ -4,7 +4,8 @@ The first and last layers of a restoration network touch the image itself; they 
 (few channels) and lightening them costs quality for almost no saving, so the paper keeps
 them standard. This guard vetoes any rewrite of a conv with fewer than ``min_channels``
 input or output channels, except by a rule written for such layers (``for_image_layers``,
-e.g. ``image_output_squeeze`` for SRResNet's 9x9 output conv, which is not cheap).
+e.g. ``image_output_squeeze`` for a large-kernel output conv such as SRResNet's 9x9, which
+is not cheap).
 """
 
 from __future__ import annotations

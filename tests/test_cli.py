@@ -37,7 +37,7 @@ def build():
 def big_tail():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 5, padding=2), nn.ReLU(),
                          nn.Conv2d(16, 3, 5, padding=2))
 
 
@@ -195,19 +195,36 @@ def test_plan_of_a_factory(capsys, workdir):
     assert report["summary"]["params_before"] == 448 + 2 * 2_320 + 435
 
 
-def test_rule_option_adds_an_opt_in_rule_and_the_result_loads(capsys, workdir):
-    rule = "lwcompile.rules.image_output_squeeze:ImageOutputSqueezeRule"
+def outcomes(out: str) -> list[tuple[str, str, str]]:
+    return [(r["site"], r["outcome"], r["decided_by"]) for r in json.loads(out)["report"]["rows"]]
+
+
+def test_rule_option_adds_a_user_rule_and_the_result_loads(capsys, workdir):
+    rule = "examples.custom_rules:FiveByFiveToTwoThreeByThree"
     code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16", "--json")
     assert code == 0, err
-    assert [r["outcome"] for r in json.loads(out)["report"]["rows"]][-1] == "kept"
+    assert outcomes(out)[1:] == [("2", "applied", "list"),
+                                 ("4", "applied", "image-output-squeeze")]
     code, out, err = run(capsys, "lighten", "lwc_tiny:big_tail", "--input", "1x3x16x16",
                          "--rule", rule, "-o", "light.pt", "--json")
     assert code == 0, err
-    last = json.loads(out)["report"]["rows"][-1]
-    assert (last["site"], last["outcome"], last["decided_by"]) == (
-        "4", "applied", "image-output-squeeze")
+    assert outcomes(out)[1] == ("2", "applied", "5x5-to-2x3x3")
     light = persist.load(workdir / "light.pt")
     assert light(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
+
+
+def test_without_leaves_out_a_default_rule_and_exclude_keeps_sites(capsys, workdir):
+    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                         "--without", "image-output-squeeze", "--json")
+    assert code == 0, err
+    assert outcomes(out)[1:] == [("2", "applied", "list"), ("4", "kept", "image-boundary")]
+    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                         "--exclude", "2", "--json")
+    assert code == 0, err
+    assert outcomes(out)[1:] == [("2", "kept", "exclude"),
+                                 ("4", "applied", "image-output-squeeze")]
+    code, _, err = run(capsys, "plan", "lwc_tiny:big_tail", "--without", "lits")
+    assert code == 1 and "no default rule named 'lits'" in err, err
 
 
 @pytest.mark.parametrize(("spec", "message"), [

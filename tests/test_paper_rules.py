@@ -11,6 +11,7 @@ import lwcompile
 from examples import glcic, srresnet, unet
 from examples.custom_rules import DepthwiseSeparable
 from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, is_depthwise, record_flow
+from lwcompile.errors import RuleError
 from lwcompile.report import APPLIED, KEPT
 from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
 from lwcompile.rules.split_concat_pointwise import SplitConcatPointwiseRule
@@ -198,21 +199,36 @@ def test_subpixel_rewrite_inside_untraceable_code():
     assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
 
 
-def test_image_output_squeeze_is_opt_in_and_takes_only_srresnets_9x9_output_conv():
+def test_image_output_squeeze_is_default_and_takes_only_srresnets_9x9_output_conv():
     model = srresnet.build()
     x = srresnet.example_inputs()
-    default = {r.site: r for r in lwcompile.lighten(model, x).lwcompile_report.rows}
-    assert default["tail"].outcome == KEPT and default["tail"].decided_by == "image-boundary"
-    light = lwcompile.lighten(model, x, rules=[*lwcompile.default_rules(),
-                                               ImageOutputSqueezeRule()])
+    light = lwcompile.lighten(model, x)
     rows = {r.site: r for r in light.lwcompile_report.rows}
     assert rows["tail"].outcome == APPLIED and rows["tail"].decided_by == "image-output-squeeze"
     assert rows["head.0"].outcome == KEPT  # 3->64 9x9 reads the image: not this rule's
+    assert rows["head.0"].decided_by == "image-boundary"
     squeeze, spatial = light.tail
     assert (squeeze.in_channels, squeeze.out_channels, spatial.kernel_size) == (64, 16, (9, 9))
     assert n_params(light.tail) == 64 * 16 + 16 * 3 * 81 + 3
-    assert n_params(light) == 115_494 - (64 * 3 * 81 + 3) + n_params(light.tail)
+    assert n_params(light) == 104_854
     assert light(*x).shape == (1, 3, 128, 128)
+    # the paper's choice (every image-facing layer standard): leave the rule out, or the site
+    paper = lwcompile.lighten(model, x, rules=lwcompile.default_rules(
+        without=["image-output-squeeze"]))
+    assert n_params(paper.tail) == 64 * 3 * 81 + 3
+    assert n_params(paper) == 104_854 - n_params(light.tail) + n_params(paper.tail) == 115_494
+    excluded = lwcompile.lighten(model, x, exclude=["tail"])
+    assert {r.site: r.decided_by for r in excluded.lwcompile_report.rows}["tail"] == "exclude"
+    assert n_params(excluded) == 115_494
+
+
+def test_default_rules_without_leaves_named_rules_out_and_refuses_unknown_names():
+    names = [r.name for r in lwcompile.default_rules()]
+    assert "image-output-squeeze" in names and "list" in names
+    assert [r.name for r in lwcompile.default_rules(without=["image-output-squeeze", "gsat"])
+            ] == [n for n in names if n not in ("image-output-squeeze", "gsat")]
+    with pytest.raises(RuleError, match="no default rule named 'lits'"):
+        lwcompile.default_rules(without=["lits"])
 
 
 def test_image_output_squeeze_starts_exact_when_the_conv_reads_a_low_rank_subspace():
