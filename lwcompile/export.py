@@ -23,7 +23,8 @@ from torch import nn
 from torch.export import Dim
 
 from .emit import ChannelsLast, emit_fast
-from .errors import one_line
+from .errors import VerificationError, one_line
+from .onnx_forms import onnxruntime_forms
 
 
 def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
@@ -57,17 +58,39 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     export infers their relations (an image and its mask of one size; multiples of 8).
     """
     args = tuple(example_inputs)
+    return _export(_for_export(model, args, fast), args, dynamic_hw)
+
+
+def _export(model: nn.Module, args: tuple, dynamic_hw: bool) -> torch.export.ExportedProgram:
     dims = tuple({2: Dim.AUTO, 3: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() == 4
                  else None for a in args)
-    return torch.export.export(_for_export(model, args, fast), args, strict=False,
+    return torch.export.export(model, args, strict=False,
                                dynamic_shapes=dims if dynamic_hw else None)
+
+
+def _for_onnx(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
+    """``_for_export``'s copy, in the fast form also with ``onnxruntime_forms`` (checked
+    equal on ``args``, as emit_fast's steps are)."""
+    prepared = _for_export(model, args, fast)
+    if not fast:
+        return prepared
+    with torch.no_grad():
+        expected = prepared(*args)
+        if onnxruntime_forms(prepared):
+            got = prepared(*args)
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+                raise VerificationError(
+                    "onnxruntime forms changed the output by up to "
+                    f"{(got - expected).abs().max().item():.3g}")
+    return prepared
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
                 opset: int = 17, dynamo: bool = False, fast: bool = True) -> Path:
     """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file, in
-    ``emit_fast``'s form unless ``fast=False`` (what lwcompile emits is fast by default).
+    ``emit_fast``'s form plus ``onnx_forms``' unless ``fast=False`` (what lwcompile emits is
+    fast by default).
 
     Tensor arguments become the graph's inputs (``input_0``, ...) and its output
     ``output``; other arguments are baked in. With ``dynamic_hw`` every 4-D input's height
@@ -79,7 +102,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     names = _tensor_names(args)
     if dynamo or isinstance(model, torch.export.ExportedProgram):
         if not isinstance(model, torch.export.ExportedProgram):
-            model = export_program(model, args, dynamic_hw, fast)
+            model = _export(_for_onnx(model, args, fast), args, dynamic_hw)
         program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                     input_names=names, output_names=["output"], verbose=False)
         program.save(str(path), external_data=False)
@@ -87,7 +110,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     axes = {name: {2: "height", 3: "width"} for name, a in zip(
         names, [a for a in args if isinstance(a, torch.Tensor)], strict=True) if a.dim() == 4}
     with _torchscript_exporter():
-        torch.onnx.export(_for_export(model, args, fast), args, str(path), dynamo=False,
+        torch.onnx.export(_for_onnx(model, args, fast), args, str(path), dynamo=False,
                           opset_version=opset, input_names=names, output_names=["output"],
                           dynamic_axes=axes if dynamic_hw else None)
     return path

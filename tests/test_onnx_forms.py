@@ -1,0 +1,87 @@
+"""The onnxruntime forms: exact rewrites, applied by export_onnx, equal in onnxruntime."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lwcompile.export import export_onnx
+from lwcompile.onnx_forms import ThinConvPhases, onnxruntime_forms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "k", "bias", "size"), [
+    (16, 3, 9, True, (32, 32)),
+    (16, 3, 9, True, (37, 50)),  # neither side a multiple of 4: padded, then cropped
+    (8, 1, 11, False, (13, 9)),
+    (4, 4, 9, True, (3, 5)),  # smaller than the kernel
+])
+def test_thin_conv_phases_equals_the_conv(c_in, c_out, k, bias, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=bias)
+    phases = ThinConvPhases(conv)
+    assert phases.conv.stride == (4, 4) and phases.conv.out_channels == 16 * c_out
+    x = torch.randn(2, c_in, *size)
+    with torch.no_grad():
+        close(phases(x), conv(x))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = nn.PReLU()  # one slope: becomes a LeakyReLU
+        self.wide_act = nn.PReLU(16)  # a slope per channel: kept
+        self.tail = nn.Conv2d(16, 3, 9, padding=4)  # thin, large: phases
+        self.small_tail = nn.Conv2d(16, 3, 3, padding=1)  # 3x3: kept
+        self.wide = nn.Conv2d(16, 8, 9, padding=4)  # 8 outputs: kept
+        self.reflect = nn.Conv2d(16, 3, 9, padding=4, padding_mode="reflect")  # kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wide_act(self.act(self.head(x)))
+        return (self.tail(h) + self.small_tail(h) + self.reflect(h)
+                + self.wide(h)[:, :3])
+
+
+def test_forms_rewrite_only_what_they_name_and_keep_the_output():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.act.weight.fill_(0.375)  # exact in float32
+    rewritten = copy.deepcopy(model)
+    assert onnxruntime_forms(rewritten) == {"prelu-as-leaky-relu": 1, "thin-conv-phases": 1}
+    assert isinstance(rewritten.act, nn.LeakyReLU) and rewritten.act.negative_slope == 0.375
+    assert isinstance(rewritten.wide_act, nn.PReLU)
+    assert isinstance(rewritten.tail, ThinConvPhases)
+    assert [type(m) for m in (rewritten.small_tail, rewritten.wide, rewritten.reflect)] == [
+        nn.Conv2d] * 3
+    x = torch.randn(1, 3, 22, 17)
+    with torch.no_grad():
+        close(rewritten(x), model(x))
+
+
+def test_export_onnx_applies_them_and_onnxruntime_agrees_at_odd_sizes(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.rand(1, 3, 24, 24)
+    path = export_onnx(model, (x,), tmp_path / "net.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "PRelu" in ops and "LeakyRelu" in ops  # the per-channel one stays a PRelu
+    assert ops.count("Conv") == 5 and ops.count("DepthToSpace") == 1
+    plain = [n.op_type for n in onnx.load(str(export_onnx(
+        model, (x,), tmp_path / "plain.onnx", fast=False))).graph.node]
+    assert "LeakyRelu" not in plain and "DepthToSpace" not in plain
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for y in (x, torch.rand(1, 3, 19, 30)):
+        with torch.no_grad():
+            close(torch.from_numpy(session.run(None, {"input_0": y.numpy()})[0]), model(y))
