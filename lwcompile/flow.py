@@ -145,11 +145,10 @@ def structure_key(module: nn.Module) -> tuple:
     """
     def own(m: nn.Module) -> tuple:
         plain = tuple(sorted((k, repr(v)) for k, v in vars(m).items()
-                             if not k.startswith("_")
-                             and not isinstance(v, (torch.Tensor, nn.Module))))
-        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in
-                        [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-                        if t is not None)
+                             if k[0] != "_" and not isinstance(v, (torch.Tensor, nn.Module))))
+        # the tables themselves: named_parameters() walks submodules to find them (slower)
+        tensors = tuple((n, tuple(t.shape), t.dtype) for table in (m._parameters, m._buffers)
+                        for n, t in table.items() if t is not None)
         code = m.code if isinstance(m, torch.fx.GraphModule) else ""
         return type(m), m.extra_repr(), plain, tensors, code
 
