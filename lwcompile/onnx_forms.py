@@ -79,7 +79,7 @@ def onnxruntime_forms(model: nn.Module) -> Counter[str]:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.PReLU) and child.num_parameters == 1:
-                setattr(parent, name, nn.LeakyReLU(float(child.weight)))
+                setattr(parent, name, nn.LeakyReLU(float(child.weight.detach())))
                 done["prelu-as-leaky-relu"] += 1
             elif isinstance(child, nn.Conv2d) and _thin(child):
                 setattr(parent, name, ThinConvPhases(child))
