@@ -46,7 +46,7 @@ examples:
   lwcompile lighten examples.dncnn:build -o light.pt --distill 2000 --data photos/
   lwcompile plan examples.srresnet:build
   lwcompile lighten examples.srresnet:build -o sr_light.pt --without image-output-squeeze
-  lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up.*' \
+  lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up*.up' \
       --rule mypackage.rules:MyRule
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                             "image-output-squeeze, to keep every image-facing layer standard "
                             "as the paper does); repeatable")
         p.add_argument("--exclude", action="append", metavar="GLOB",
-                       help="keep the sites whose names match (e.g. 'up.*'); repeatable")
+                       help="keep the sites whose names match (e.g. 'up*.up'); repeatable")
 
     p = command("lighten", _lighten, "lighten MODEL and save the result (architecture + weights)")
     rule_option(p)
