@@ -62,7 +62,7 @@ def test_onnx_is_the_fast_form_by_default(fast, tmp_path):
     close(run_ort(path, other_inputs("dncnn")), reference("dncnn", other_inputs("dncnn")))
 
 
-@pytest.mark.parametrize("name", ["dncnn", "glcic"])
+@pytest.mark.parametrize("name", ["dncnn", "glcic", "srresnet"])  # srresnet: ThinConvPhases
 def test_export_program_runs_at_another_size(name, tmp_path):
     fast = emit_fast(light(name), inputs(name), channels_last=False)
     program = export_program(fast, inputs(name))

@@ -1,4 +1,5 @@
-"""The onnxruntime forms: exact rewrites, applied by export_onnx, equal in onnxruntime."""
+"""Thin large-kernel convs on pixel phases (emit_fast) and the onnxruntime forms
+(export_onnx): exact rewrites, equal in onnxruntime at sizes that are not multiples of 4."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from lwcompile.emit import ThinConvPhases, emit_fast, thin_convs_on_phases
 from lwcompile.export import export_onnx
-from lwcompile.onnx_forms import ThinConvPhases, onnxruntime_forms
+from lwcompile.onnx_forms import onnxruntime_forms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +59,8 @@ def test_forms_rewrite_only_what_they_name_and_keep_the_output():
     with torch.no_grad():
         model.act.weight.fill_(0.375)  # exact in float32
     rewritten = copy.deepcopy(model)
-    assert onnxruntime_forms(rewritten) == {"prelu-as-leaky-relu": 1, "thin-conv-phases": 1}
+    assert thin_convs_on_phases(rewritten) == 1
+    assert onnxruntime_forms(rewritten) == {"prelu-as-leaky-relu": 1}
     assert isinstance(rewritten.act, nn.LeakyReLU) and rewritten.act.negative_slope == 0.375
     assert isinstance(rewritten.wide_act, nn.PReLU)
     assert isinstance(rewritten.tail, ThinConvPhases)
@@ -66,6 +69,18 @@ def test_forms_rewrite_only_what_they_name_and_keep_the_output():
     x = torch.randn(1, 3, 22, 17)
     with torch.no_grad():
         close(rewritten(x), model(x))
+
+
+@pytest.mark.parametrize("phases", [True, False])
+def test_emit_fast_puts_thin_convs_on_phases_unless_told_not_to(phases):
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.rand(1, 3, 21, 26)
+    fast = emit_fast(model, (x,), phases=phases, channels_last=False)
+    assert isinstance(fast.tail, ThinConvPhases) == phases
+    assert isinstance(fast.act, nn.PReLU)  # the LeakyReLU form is onnxruntime's only
+    with torch.no_grad():
+        close(fast(x), model(x))
 
 
 def test_export_onnx_applies_them_and_onnxruntime_agrees_at_odd_sizes(tmp_path):
