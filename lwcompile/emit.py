@@ -119,9 +119,18 @@ class ThinConvPhases(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # zero rows and columns past the edge are what the conv's own zero padding reads
-        x = F.pad(x, (0, (-w) % self.r, 0, (-h) % self.r))
+        if _must_pad(h, w, self.r):
+            # zero rows and columns past the edge are what the conv's own zero padding reads
+            x = F.pad(x, (0, (-w) % self.r, 0, (-h) % self.r))
         return F.pixel_shuffle(self.conv(x), self.r)[..., :h, :w]
+
+
+def _must_pad(h: int, w: int, r: int) -> bool:
+    """Pad unless eager sizes are multiples of ``r`` (a pad of zero still copies the input).
+    A traced or exported graph always pads: it must hold at every size."""
+    if torch.jit.is_tracing() or not (isinstance(h, int) and isinstance(w, int)):
+        return True
+    return bool(h % r or w % r)
 
 
 def _thin(conv: nn.Conv2d) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lwcompile.cost import measure
 from lwcompile.emit import ThinConvPhases, emit_fast, thin_convs_on_phases
 from lwcompile.export import export_onnx
 from lwcompile.onnx_forms import onnxruntime_forms
@@ -100,3 +101,13 @@ def test_export_onnx_applies_them_and_onnxruntime_agrees_at_odd_sizes(tmp_path):
     for y in (x, torch.rand(1, 3, 19, 30)):
         with torch.no_grad():
             close(torch.from_numpy(session.run(None, {"input_0": y.numpy()})[0]), model(y))
+
+
+def test_thin_conv_phases_copies_no_input_when_eager_sizes_divide():
+    """A zero pad would still copy the input: eager skips it, and needs it only otherwise."""
+    torch.manual_seed(0)
+    phases = ThinConvPhases(nn.Conv2d(16, 3, 9, padding=4))
+    fits, odd = torch.rand(1, 16, 32, 32), torch.rand(1, 16, 30, 32)
+    outputs = 2 * 3 * 32 * 32 * 4  # the stride-4 conv's 48 x 8 x 8 and the shuffled 3 x 32 x 32
+    assert measure(phases, (fits,)).peak_bytes == outputs
+    assert measure(phases, (odd,)).peak_bytes == outputs + 16 * 32 * 32 * 4  # padded copy
