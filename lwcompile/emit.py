@@ -41,12 +41,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .concat_sinking import sink_concats
 from .errors import VerificationError
-from .mobile_forms import phase_weight
+from .mobile_forms import MAX_OUT_CHANNELS, MIN_KERNEL, PHASES, phase_weight
 from .modules import GSAT, LIST, Resize
 from .profile import time_interleaved
-
-#: ThinConvPhases: convs with at least this kernel and at most this many outputs, r = PHASES
-MIN_KERNEL, MAX_OUT_CHANNELS, PHASES = 9, 4, 4
 
 
 class FusedLIST(nn.Module):

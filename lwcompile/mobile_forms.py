@@ -221,10 +221,12 @@ def _conv_before_upsample(gm: fx.GraphModule, up: fx.Node) -> int:
     return 1
 
 
-_PHASES = 4  # r: the conv runs on r*r pixel phases
+#: a "thin" conv: kernel at least MIN_KERNEL, at most MAX_OUT_CHANNELS outputs; it runs on
+#: PHASES x PHASES pixel phases (also ``emit.ThinConvPhases``, the module-level form)
+PHASES, MIN_KERNEL, MAX_OUT_CHANNELS = 4, 9, 4
 
 
-def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = _PHASES) -> int:
+def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = PHASES) -> int:
     x, weight, bias, stride, padding, dilation, groups = _conv_args(conv)
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if (val is None or val.dim() != 4 or not _is_attr(weight) or weight is None
@@ -233,7 +235,8 @@ def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = _PHASES) -> in
         return 0
     w = _tensor(gm, weight)
     c_out, _, k, k_w = w.shape
-    if c_out > 4 or k != k_w or k < 9 or list(padding) != [k // 2, k // 2]:
+    if (c_out > MAX_OUT_CHANNELS or k != k_w or k < MIN_KERNEL
+            or list(padding) != [k // 2, k // 2]):
         return 0
     phased, d = phase_weight(w, r)
     b_val = _tensor(gm, bias)
