@@ -49,6 +49,8 @@ examples:
   lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up*.up' \
       --rule mypackage.rules:MyRule
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
+  lwcompile export sr_light.pt -o sr_light.pte --input 1x3x128x128     # phones: ExecuTorch
+  lwcompile export sr_light.pt -o sr_light.onnx                        # onnxruntime
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
 
 exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error
@@ -63,6 +65,10 @@ class RuleSpecError(LwCompileError):
     """A --rule names nothing that makes an lwcompile Rule."""
 
 
+class ExportSpecError(LwCompileError):
+    """export lacks what the chosen runtime needs (e.g. the onnx package)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = _parser()
@@ -70,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.run is _lighten and args.data is not None and not args.distill:
             parser.error("--data is only used with --distill")
+        if (args.run is _export and not (args.mobile or args.onnx)
+                and args.output.suffix not in (".pte", ".onnx")):
+            parser.error(f"cannot tell the runtime from {args.output.name!r}: name it .pte "
+                         "or .onnx, or pass --mobile or --onnx")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
@@ -128,6 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR",
                    help="folder of training images for --distill (default: scikit-image's)")
     rule_option(command("plan", _plan, "show what lighten would do to MODEL, without building it"))
+    p = command("export", _export, "write MODEL for a runtime: ExecuTorch/XNNPACK or ONNX")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                   help="where to write it; .pte means --mobile, .onnx means --onnx")
+    runtime = p.add_mutually_exclusive_group()
+    runtime.add_argument("--mobile", action="store_true",
+                         help="an XNNPACK-delegated ExecuTorch program (.pte), as phones run "
+                              "it; needs lwcompile[mobile]")
+    runtime.add_argument("--onnx", action="store_true",
+                         help="ONNX for onnxruntime (height and width stay dynamic); needs "
+                              "lwcompile[export]")
     command("profile", _profile, "parameters and MACs of MODEL, layer by layer")
     p = command("report", _report, "describe a saved lightened model, optionally as HTML",
                 model=False)
@@ -185,6 +205,30 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     with _stage(f"planning {type(model).__name__}", args.quiet):
         report = lwcompile.plan(model, inputs, **_rules(args))
     return {"model": args.model, "report": report.to_dict(), "text": str(report)}
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    """export_mobile or export_onnx of MODEL (a saved lightened model, or any other)."""
+    mobile = args.mobile or (not args.onnx and args.output.suffix == ".pte")
+    model = load_model(args.model)
+    inputs = _inputs(model, args.input) or infer_example_inputs(model)
+    where = "ExecuTorch (XNNPACK)" if mobile else "ONNX"
+    with _stage(f"exporting {type(model).__name__} to {where}", args.quiet):
+        if mobile:
+            written = lwcompile.export_mobile(model, inputs, args.output)
+            return {"model": args.model, "runtime": "executorch-xnnpack",
+                    "export": written.to_dict(), "text": str(written)}
+        try:
+            path = lwcompile.export_onnx(model, inputs, args.output)
+        except ImportError as exc:
+            raise ExportSpecError(f"ONNX export needs the onnx package ({one_line(exc)}); "
+                                  "install it with `pip install 'lwcompile[export]'`") from exc
+    shapes = ", ".join("x".join(map(str, a.shape)) for a in inputs
+                       if isinstance(a, torch.Tensor))
+    text = (f"{path} ({path.stat().st_size / 1024:.0f} KiB, example inputs {shapes}; height "
+            "and width dynamic)")
+    return {"model": args.model, "runtime": "onnx", "export": {"path": str(path)},
+            "text": text}
 
 
 def _profile(args: argparse.Namespace) -> dict[str, Any]:

@@ -348,3 +348,42 @@ def test_distill_for_real(capsys, workdir):
     distilled = persist.load(workdir / "distilled.pt").state_dict()
     assert plain.keys() == distilled.keys()
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
+
+
+def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
+    mobile = pytest.importorskip("lwcompile.mobile")
+    pytest.importorskip("executorch")
+    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
+                         "-o", "light.pt")
+    assert code == 0, err
+    code, out, err = run(capsys, "export", "light.pt", "-o", "light.pte", "--input",
+                         "1x3x16x16", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["runtime"] == "executorch-xnnpack"
+    assert result["export"]["report"]["op_share"] == 1.0  # every op on XNNPACK
+    x = torch.rand(1, 3, 16, 16)
+    (got,) = mobile.load_pte(workdir / "light.pte")(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, persist.load(workdir / "light.pt")(x),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_export_onnx_keeps_height_and_width_free(capsys, workdir):
+    ort = pytest.importorskip("onnxruntime")
+    code, _, err = run(capsys, "export", "lwc_tiny:build", "--onnx", "-o", "tiny.model",
+                       "--input", "1x3x16x16")
+    assert code == 0, err
+    session = ort.InferenceSession(str(workdir / "tiny.model"),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 20, 12)
+    with torch.no_grad():
+        expected = cli.load_model("lwc_tiny:build")(x)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]),
+                               expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_needs_a_runtime_it_can_tell(capsys, workdir):
+    code, out, err = run(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
+    assert code == 2 and "cannot tell the runtime from 'tiny.bin'" in err and out == ""
+    assert not (workdir / "tiny.bin").exists()
