@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,9 +130,11 @@ def _must_pad(h: int, w: int, r: int) -> bool:
     return bool(h % r or w % r)
 
 
-def _thin(conv: nn.Conv2d) -> bool:
+def _thin(conv: nn.Module) -> bool:
+    if type(conv) is not nn.Conv2d:
+        return False
     k_h, k_w = conv.kernel_size
-    return (type(conv) is nn.Conv2d and conv.out_channels <= MAX_OUT_CHANNELS
+    return (conv.out_channels <= MAX_OUT_CHANNELS
             and k_h == k_w >= MIN_KERNEL and conv.padding == (k_h // 2, k_w // 2)
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros")
@@ -140,11 +142,19 @@ def _thin(conv: nn.Conv2d) -> bool:
 
 def thin_convs_on_phases(model: nn.Module) -> int:
     """Replace (in place) every thin large-kernel conv in ``model`` by its ThinConvPhases."""
+    return swap_modules(model, lambda m: ThinConvPhases(m) if _thin(m) else None)
+
+
+def swap_modules(model: nn.Module,
+                 replacement_for: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Put ``replacement_for(child)`` in place of every submodule of ``model`` (not ``model``
+    itself) for which it is not None; return how many were replaced."""
     done = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and _thin(child):
-                setattr(parent, name, ThinConvPhases(child))
+            replacement = replacement_for(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
                 done += 1
     return done
 
@@ -191,8 +201,7 @@ def merge_lists(model: nn.Module) -> nn.Module:
     """Replace every LIST in ``model`` (in place) by the equivalent FusedLIST."""
     if isinstance(model, LIST):
         return FusedLIST(model)
-    for name, child in list(model.named_children()):
-        setattr(model, name, merge_lists(child))
+    swap_modules(model, lambda m: FusedLIST(m) if isinstance(m, LIST) else None)
     return model
 
 

@@ -18,13 +18,11 @@ from collections import Counter
 
 from torch import nn
 
+from .emit import swap_modules
+
 
 def onnxruntime_forms(model: nn.Module) -> Counter[str]:
     """Rewrite ``model`` (an eval copy) in place; return the rewrites done, per kind."""
-    done: Counter[str] = Counter()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.PReLU) and child.num_parameters == 1:
-                setattr(parent, name, nn.LeakyReLU(float(child.weight.detach())))
-                done["prelu-as-leaky-relu"] += 1
-    return +done
+    leaky = swap_modules(model, lambda m: nn.LeakyReLU(float(m.weight.detach()))
+                         if isinstance(m, nn.PReLU) and m.num_parameters == 1 else None)
+    return +Counter({"prelu-as-leaky-relu": leaky})
