@@ -20,8 +20,9 @@ faster (``python -m benchmarks.emit_forms``):
   55 -> 50 ms; exported to onnxruntime 80 -> 59, 113 -> 96, 30 -> 26 ms.
 - ``thin_convs_on_phases``: a large-kernel (k >= 9) "same" conv writing at most 4 channels
   (SRResNet's 9x9 output conv) becomes a ``ThinConvPhases``: one stride-4 conv computing
-  the 16 pixel phases, then a pixel shuffle. 16 -> 3 channels 9x9 at 512x512, ad hoc:
-  PyTorch NCHW 343 -> 69 ms, channels_last 51 -> 44 ms, onnxruntime 89-96 -> 32-33 ms.
+  the 16 pixel phases, then a pixel shuffle. 16 -> 3 channels 9x9 at 512x512
+  (``benchmarks.thin_conv``): PyTorch NCHW 277 -> 58 ms, channels_last 57 -> 44 ms,
+  onnxruntime 88 -> 34 ms.
 - ``channels_last``: the model in NHWC plus a wrapper converting 4-D inputs; depthwise and
   thin 1x1 convs run far faster that way on oneDNN.
 """
@@ -94,8 +95,8 @@ class ThinConvPhases(nn.Module):
     channels), and ``pixel_shuffle`` puts them in place. Its kernel, (2d + 1) r wide, is
     ``phase_weight``'s (the conv between ``pixel_unshuffle`` and ``pixel_shuffle``) with the
     unshuffle folded in: that saves the unshuffle's transpose, which onnxruntime runs as a
-    full copy of the input (in onnxruntime, on 16 -> 3 channels at 512x512: 32 ms, against
-    54-69 ms with the unshuffle and 89-96 ms for the plain 9x9 conv).
+    full copy of the input (``benchmarks.thin_conv``, onnxruntime, 16 -> 3 channels at
+    512x512: 34 ms, against 61 ms with the unshuffle and 88 ms for the plain 9x9 conv).
     """
 
     def __init__(self, conv: nn.Conv2d, r: int = PHASES) -> None:

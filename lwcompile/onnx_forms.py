@@ -5,7 +5,8 @@ cost far more than its arithmetic:
 
 - ``prelu-as-leaky-relu``: a PReLU with one slope is a LeakyReLU with that slope. onnxruntime
   fuses LeakyRelu into the conv before it; PRelu it runs as its own pass over memory, with
-  layout reorders around it (PRelu plus its reorders were 60 of 208 ms).
+  layout reorders around it (with the output conv, the largest costs in an ad-hoc
+  per-node profile).
 
 (The other large cost there, the thin 9x9 output conv, is ``emit.ThinConvPhases``, a form
 PyTorch gains from too.) It applies to any model, the original included, so speed-ups
