@@ -9,8 +9,10 @@ hooks, which made counting cost 40% of a forward; lighten only needs the totals.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +30,38 @@ def count_params(module: nn.Module) -> int:
 
 
 _CONVOLUTION = torch.ops.aten.convolution.default
+_VALUE_DEPENDENT = frozenset({torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape})
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """Which storage ``t`` views: the same for real and fake tensors (a fake tensor's data
+    pointer is 0), so memory is counted alike on both."""
+    return t.untyped_storage()._cdata
+
+
+@dataclass
+class Window:
+    """One call of a module, as the memory count saw it."""
+
+    #: activation bytes alive when the call began (its inputs among them)
+    live_at_entry: int
+    #: the most bytes alive above that during the call (its output among them)
+    transient: int
+
+
+@dataclass
+class Timeline:
+    """A run's memory, split into its module calls and the code between them: the peak of
+    a run in which some calls are swapped is composed from it (composed.py)."""
+
+    #: the most bytes alive when code between the windowed calls allocated (what is alive
+    #: as a call ends is never more than its window's entry + transient)
+    outside_peak: int = 0
+    #: qualified module name -> its calls, in order
+    calls: dict[str, list[Window]] = field(default_factory=dict)
+    #: an op read tensor values into Python or sized its output by them (ATen's own tags):
+    #: on other values the run could take another course
+    value_dependent: bool = False
 
 
 class CostMode(TorchDispatchMode):
@@ -35,16 +69,33 @@ class CostMode(TorchDispatchMode):
 
     Weights, buffers and inputs existed before and are not counted: the peak is the
     activation memory the forward needs, which is what a concat-free rewrite lowers.
+    Calls wrapped in ``window(name)`` are also accounted on their own (``timeline``).
     """
 
     def __init__(self, preexisting: set[int] | None = None) -> None:
         super().__init__()
-        #: storages that existed before (None: count FLOPs only, e.g. on fake tensors)
+        #: storages that existed before, by ``storage_id`` (None: count FLOPs only)
         self.preexisting = preexisting
         self.flops = 0
         self.live: dict[int, int] = {}
         self.refs: dict[int, int] = {}
         self.current = self.peak = 0
+        self.timeline = Timeline()
+        self._window: Window | None = None
+
+    @contextlib.contextmanager
+    def window(self, name: str) -> Iterator[None]:
+        """Account the block as one call of ``name`` (calls do not nest: an inner one is
+        part of the outer)."""
+        if self._window is not None:
+            yield
+            return
+        self._window = Window(self.current, 0)
+        try:
+            yield
+        finally:
+            self.timeline.calls.setdefault(name, []).append(self._window)
+            self._window = None
 
     def _release(self, ptr: int) -> None:
         self.refs[ptr] -= 1
@@ -55,6 +106,8 @@ class CostMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not self.timeline.value_dependent and _VALUE_DEPENDENT.intersection(func.tags):
+            self.timeline.value_dependent = True
         if func is _CONVOLUTION:  # most ops of an image network: skip the generic wrapper
             self.flops += conv_flop_count(args[0].shape, args[1].shape, out.shape,
                                           transposed=args[6])
@@ -68,19 +121,36 @@ class CostMode(TorchDispatchMode):
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self.preexisting:
+        ptr = storage._cdata
+        if ptr in self.preexisting:
             return
         if ptr not in self.live:
             self.live[ptr], self.refs[ptr] = storage.nbytes(), 0
             self.current += storage.nbytes()
             self.peak = max(self.peak, self.current)
+            if self._window is None:
+                self.timeline.outside_peak = max(self.timeline.outside_peak, self.current)
+            else:
+                self._window.transient = max(self._window.transient,
+                                             self.current - self._window.live_at_entry)
         self.refs[ptr] += 1
         weakref.finalize(t, self._release, ptr)
+
+    def allocated(self, value: Any) -> bool:
+        """Whether ``value`` is a tensor whose storage this run allocated and still holds."""
+        return isinstance(value, torch.Tensor) and storage_id(value) in self.live
 
     @property
     def macs(self) -> int:
         return self.flops // 2
+
+
+def preexisting(module: nn.Module, values: Any) -> set[int]:
+    """The storages a forward of ``module`` on ``values`` finds already there: its weights,
+    buffers and inputs (what ``CostMode`` does not count as activations)."""
+    tensors = [*module.parameters(), *module.buffers(),
+               *(a for a in tree_flatten(values)[0] if isinstance(a, torch.Tensor))]
+    return {storage_id(t) for t in tensors}
 
 
 @dataclass
@@ -88,6 +158,8 @@ class Measured:
     output: Any
     macs: int
     peak_bytes: int
+    #: the output is one tensor in a storage the run allocated (not an input, not a weight)
+    fresh_output: bool = False
 
 
 def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measured:
@@ -96,40 +168,34 @@ def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measu
     MACs are half the flop counter's FLOPs; bilinear resizes and elementwise ops count as
     zero there. Measuring rides along forwards we need anyway (verification).
     """
-    tensors = [*module.parameters(), *module.buffers(),
-               *(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))]
-    cost = CostMode({t.untyped_storage().data_ptr() for t in tensors})
+    cost = CostMode(preexisting(module, (args, kwargs)))
     with preserved_state(module), torch.no_grad(), cost:
         out = module(*args, **(kwargs or {}))
-    return Measured(out, cost.macs, cost.peak)
-
-
-def run_counting(module: nn.Module, args: tuple, kwargs: dict | None = None) -> tuple[Any, int]:
-    """Run ``module`` once (no grad, state restored); return its output and its MACs."""
-    run = measure(module, args, kwargs)
-    return run.output, run.macs
+    return Measured(out, cost.macs, cost.peak, cost.allocated(out))
 
 
 def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:
     """MACs of one forward of ``module`` on these inputs."""
-    return run_counting(module, args, kwargs)[1]
+    return measure(module, args, kwargs).macs
 
 
-def count_on_shapes(module: nn.Module, shapes: tuple[torch.Size, ...],
-                    dtype: torch.dtype = torch.float32) -> tuple[Any, int]:
-    """Output and MACs of one forward on inputs of these shapes, without the arithmetic.
+def measure_on_shapes(module: nn.Module, shapes: tuple[torch.Size, ...],
+                      dtype: torch.dtype = torch.float32) -> Measured:
+    """``measure`` on inputs of these shapes, without the arithmetic.
 
     Runs on fake tensors (shapes and dtypes only), so checking a rewrite's shapes and
-    counting its MACs costs microseconds per op instead of a real convolution. Raises what
-    the forward raises, including for code that needs real values (``.item()``): callers
-    fall back to ``run_counting`` on real inputs.
+    counting its MACs and memory costs microseconds per op instead of a real convolution.
+    The output is a fake tensor. Raises what the forward raises, including for code that
+    needs real values (``.item()``): callers fall back to ``measure`` on real inputs.
     """
-    cost = CostMode()
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         inputs = tuple(torch.empty(s, dtype=dtype) for s in shapes)
+        # weights become fake when first used: their fake storages existed before too
+        weights = [mode.from_tensor(t) for t in (*module.parameters(), *module.buffers())]
+        cost = CostMode({storage_id(t) for t in (*inputs, *weights)})
         with preserved_state(module), torch.no_grad(), cost:
             out = module(*inputs)
-    return out, cost.macs
+    return Measured(out, cost.macs, cost.peak, cost.allocated(out))
 
 
 def random_inputs(shapes: tuple[torch.Size, ...], seed: int = 0,

@@ -19,14 +19,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .composed import compose_result
 from .cost import (
     Measured,
     count_macs,
-    count_on_shapes,
     count_params,
     measure,
+    measure_on_shapes,
     random_inputs,
-    run_counting,
 )
 from .errors import (
     LwCompileError,
@@ -62,7 +62,21 @@ class Workspace:
     #: region name -> GraphModule installed in ``root`` (only these may be edited as graphs)
     installed: dict[str, fx.GraphModule]
     #: outcomes of shape checks, by what decides them (``structure_key``s, shapes, dtype)
-    shape_checks: dict[tuple, tuple[str, int, int]] = field(default_factory=dict)
+    shape_checks: dict[tuple, Checked] = field(default_factory=dict)
+    #: rewritten site -> what checking its replacement found
+    rewritten: dict[str, Checked] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What checking one replacement against the original it stands in for found."""
+
+    problem: str  # '' if it stands in
+    macs_before: int
+    macs_after: int
+    #: the replacement's own peak activation bytes on the site's inputs, where that composes
+    #: into the result's peak (composed.py); else why not
+    peak_after: int | str = "it was checked on real values, which its code may depend on"
 
 
 def describe(module: nn.Module) -> str:
@@ -200,8 +214,8 @@ def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any
 
 def _check_replacement(ws: Workspace, rule: Rule, original: nn.Module,
                        replacement: nn.Module, shapes: tuple[torch.Size, ...],
-                       dtype: torch.dtype) -> tuple[str, int, int]:
-    """'' if the replacement stands in for the original, else the problem; and both MACs.
+                       dtype: torch.dtype) -> Checked:
+    """Whether the replacement stands in for the original, and what both cost.
 
     A rule that is not exact only has to take the same inputs and give the same output
     shape: that is checked on fake tensors, with no arithmetic, once per distinct pair of
@@ -212,29 +226,32 @@ def _check_replacement(ws: Workspace, rule: Rule, original: nn.Module,
         key = (structure_key(original), structure_key(replacement), tuple(shapes), dtype)
         if key not in ws.shape_checks:
             try:
-                (expected, macs_before), (got, macs_after) = (
-                    count_on_shapes(m, shapes, dtype) for m in (original, replacement))
+                before, after = (measure_on_shapes(m, shapes, dtype)
+                                 for m in (original, replacement))
             except Exception:  # failing for real is reported below, with the real error
                 return _run_both(rule, original, replacement, shapes, dtype)
-            ws.shape_checks[key] = (_shape_problem(got, expected), macs_before, macs_after)
+            ws.shape_checks[key] = _on_shapes(_shape_problem(after.output, before.output),
+                                              before, after)
         return ws.shape_checks[key]
     return _run_both(rule, original, replacement, shapes, dtype)
 
 
 def _run_both(rule: Rule, original: nn.Module, replacement: nn.Module,
-              shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> tuple[str, int, int]:
-    """Run both on the same random input: the problem ('' if none) and both MACs."""
+              shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> Checked:
+    """Run both on the same random input and compare."""
     inputs = random_inputs(shapes, dtype=dtype)
-    expected, macs_before = run_counting(original, inputs)
+    before = measure(original, inputs)
     try:
-        got, macs_after = run_counting(replacement, inputs)
+        after = measure(replacement, inputs)
     except Exception as exc:
-        return f"replacement fails to run: {type(exc).__name__}: {exc}"[:300], macs_before, 0
+        problem = f"replacement fails to run: {type(exc).__name__}: {exc}"[:300]
+        return Checked(problem, before.macs, 0)
+    got, expected = after.output, before.output
     problem = _shape_problem(got, expected)
     if not problem and rule.exact and not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         err = (got - expected).abs().max().item()
         problem = f"rule claims to be exact but differs by up to {err:.3g}"
-    return problem, macs_before, macs_after
+    return Checked(problem, before.macs, after.macs)
 
 
 def _shape_problem(got: Any, expected: torch.Tensor) -> str:
@@ -242,6 +259,18 @@ def _shape_problem(got: Any, expected: torch.Tensor) -> str:
         return ""
     shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
     return f"replacement output {shape} != original {tuple(expected.shape)}"
+
+
+def _on_shapes(problem: str, before: Measured, after: Measured) -> Checked:
+    """A check on fake tensors: the replacement's code ran without reading a value. Its
+    peak composes if its output takes the original's place byte for byte."""
+    got, expected = after.output, before.output
+    in_place = (after.fresh_output and before.fresh_output
+                and (got.dtype, got.stride(), got.storage_offset()) ==
+                (expected.dtype, expected.stride(), expected.storage_offset())
+                and got.untyped_storage().nbytes() == expected.untyped_storage().nbytes())
+    peak = after.peak_bytes if in_place else "its output is laid out unlike the original's"
+    return Checked(problem, before.macs, after.macs, peak)
 
 
 def _apply(ws: Workspace, match: Match, replacement: nn.Module, erased: set[fx.Node]) -> str:
@@ -328,19 +357,19 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
         veto = _first_veto(guards, Proposal(rule, match, replacement))
         if veto is not None:
             return _kept(site, *veto, params=count_params(original))
-        problem, macs_before, macs_after = _check_replacement(
-            ws, rule, original, replacement, match.shapes, site.dtype)
+        checked = _check_replacement(ws, rule, original, replacement, match.shapes, site.dtype)
         row = Row(site.name, describe(site.module), rule.describe(replacement), APPLIED,
                   rule.name, "", count_params(original), count_params(replacement),
-                  macs_before, macs_after)
-        if problem:
-            row.outcome, row.reason, row.replacement = ROLLED_BACK, problem, "kept"
+                  checked.macs_before, checked.macs_after)
+        if checked.problem:
+            row.outcome, row.reason, row.replacement = ROLLED_BACK, checked.problem, "kept"
             row.params_after, row.macs_after = row.params_before, row.macs_before
             return row
         try:
             row.result_name = _apply(ws, match, replacement, erased)
         except Exception as exc:  # the workspace may be half-edited: start over without it
             raise SiteBroke(site.name, f"applying it broke the graph: {one_line(exc)}") from exc
+        ws.rewritten[site.name] = checked
         return row
     if refusal is None and misses:
         log.append(f"{site.name}: no rule matched ({'; '.join(misses)})")
@@ -359,7 +388,7 @@ def _kept(site: Site, decided_by: str, outcome: str, reason: str,
           params: int | None = None) -> Row:
     params = count_params(site.module) if params is None else params
     try:
-        macs = count_on_shapes(site.module, site.input_shapes, site.dtype)[1]
+        macs = measure_on_shapes(site.module, site.input_shapes, site.dtype).macs
     except Exception:
         try:
             macs = count_macs(site.module, *random_inputs(site.input_shapes, dtype=site.dtype))
@@ -392,7 +421,7 @@ def _output_shapes(out: Any) -> Any:
 
 def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                  guards: Sequence[Guard], held_back: dict[str, str],
-                 reference: Reference, seconds: Counter[str]) -> tuple[nn.Module, Report]:
+                 reference: Reference, seconds: Counter[str]) -> tuple[Workspace, Report]:
     """One pass over the model; sites in ``held_back`` are reported but left as they are.
 
     ``reference`` is the model's eager run on ``args``: traced graphs are checked against
@@ -423,7 +452,7 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
             row = decide(ws, site, rules, guards, erased, report.log)
             if row is not None:
                 report.rows.append(row)
-    return ws.root, report
+    return ws, report
 
 
 @contextlib.contextmanager
@@ -550,13 +579,17 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     held_back: dict[str, str] = {}
     while True:
         try:
-            result, report = compile_once(model, args, kwargs, rules, guards, held_back,
-                                          reference, seconds)
+            ws, report = compile_once(model, args, kwargs, rules, guards, held_back,
+                                      reference, seconds)
         except SiteBroke as broke:
             held_back[broke.site] = broke.reason
             continue
+        result = ws.root
         with timed(seconds, "result check"):
-            problem, after = _first_failure(result, args, kwargs, expected)
+            after = compose_result(ws, report, reference.flow, before.macs)
+            problem = ""
+            if after is None:
+                problem, after = _first_failure(result, args, kwargs, expected)
         if not problem:
             break
         applied = [r.site for r in report.applied]
@@ -570,7 +603,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
                                     held_back | {s: "" for s in applied if s not in keep},
                                     reference, seconds)
             with timed(seconds, "result check"):
-                failed = _first_failure(trial, args, kwargs, expected)[0]
+                failed = _first_failure(trial.root, args, kwargs, expected)[0]
             if failed:
                 hi = mid
             else:

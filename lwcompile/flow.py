@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ class DataFlow:
     #: watched module -> (input shapes, output shape) of its first call, in call order
     shapes: dict[str, tuple[tuple[torch.Size, ...], torch.Size | None]] = field(
         default_factory=dict)
+    #: watched module -> how many times it was called
+    calls: Counter[str] = field(default_factory=Counter)
 
 
 class _FlowMode(TorchFunctionMode):
@@ -169,6 +172,7 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
     handles = []
     for name in names:
         def hook(_m, inputs, out, name=name):
+            flow.calls[name] += 1
             if name not in flow.shapes:
                 flow.shapes[name] = (
                     tuple(a.shape for a in inputs if isinstance(a, torch.Tensor)),

@@ -80,7 +80,8 @@ class Replay:
         present parameters, or None: run it."""
         if kwargs or name not in self.calls:
             return None
-        fingerprint = self._key(module, args)
+        with _disable_current_modes(), torch._C.DisableTorchFunction():  # not the model's work
+            fingerprint = self._key(module, args)
         for call in self.calls[name]:
             if call.fingerprint == fingerprint:
                 self.hits += 1

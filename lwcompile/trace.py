@@ -19,6 +19,7 @@ Tracing knows nothing of rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .cost import CostMode, Timeline, preexisting
 from .errors import one_line
 from .replay import Replay
 from .state import preserved_state
@@ -46,17 +48,18 @@ class ShapeRecorder(fx.Interpreter):
     the eager run recorded (``replay``) take it from there instead of computing it."""
 
     def __init__(self, gm: fx.GraphModule, replay: Replay | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", cost: CostMode | None = None) -> None:
         super().__init__(gm)
-        self.replay, self.prefix = replay, prefix
+        self.replay, self.prefix, self.cost = replay, prefix, cost
 
     def call_module(self, target, args, kwargs):  # noqa: ANN001 - fx signature
-        if self.replay is not None:
-            out = self.replay.output_for(join(self.prefix, target), self.fetch_attr(target),
-                                         args, kwargs)
-            if out is not None:
-                return out
-        return super().call_module(target, args, kwargs)
+        name = join(self.prefix, target)
+        with self.cost.window(name) if self.cost is not None else contextlib.nullcontext():
+            if self.replay is not None:
+                out = self.replay.output_for(name, self.fetch_attr(target), args, kwargs)
+                if out is not None:
+                    return out
+            return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -76,6 +79,9 @@ class Region:
     #: traced with some non-tensor arguments fixed: the graph is for analysis only and is
     #: never installed in the result (it would bake those values in).
     specialised: bool = False
+    #: the memory of the graph's checking run, call by call (replayed calls allocate their
+    #: output like computed ones): what the result's peak is composed from
+    timeline: Timeline | None = None
 
     @property
     def traced(self) -> bool:
@@ -199,20 +205,21 @@ def trace_region(name: str, module: nn.Module, call: Call,
             if not culprit or culprit in opaque:
                 return Region(name, module, opaque_reason=one_line(exc)), set()
             opaque.add(culprit)
+    values_for_graph = [
+        v for v, p in zip(values, inspect.signature(module.forward).parameters.values(),
+                          strict=False)
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    cost = CostMode(preexisting(module, values_for_graph))
     try:
-        with preserved_state(module), torch.no_grad():
-            values_for_graph = [
-                v for v, p in zip(values, inspect.signature(module.forward).parameters.values(),
-                                  strict=False)
-                if p.kind is not inspect.Parameter.VAR_KEYWORD
-            ]
-            out = ShapeRecorder(gm, replay, name).run(*values_for_graph)
+        with preserved_state(module), torch.no_grad(), cost:
+            out = ShapeRecorder(gm, replay, name, cost).run(*values_for_graph)
     except Exception as exc:
         reason = f"traced graph fails to run: {one_line(exc)}"
         return Region(name, module, opaque_reason=reason), set()
     if not _same(out, call.output):
         return Region(name, module, opaque_reason="traced graph disagrees with eager"), set()
-    return Region(name, module, gm, specialised=bool(concrete)), opaque
+    return Region(name, module, gm, specialised=bool(concrete), timeline=cost.timeline), opaque
 
 
 def is_leaf(module: nn.Module) -> bool:

@@ -328,6 +328,8 @@ def test_the_report_says_where_compilation_spent_its_time():
     seconds = light.lwcompile_report.notes["seconds"]
     assert list(seconds) == ["reference run", "tracing + graph check", "rule decisions",
                              "result check"]
-    assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) <= wall
+    # DnCNN's result cost is composed, not run (test_composed.py): its check takes ~0 s
+    assert all(s > 0 for phase, s in seconds.items() if phase != "result check")
+    assert sum(seconds.values()) <= wall
     report = lwcompile.plan(model, (torch.rand(1, 1, 24, 24),))
     assert "result check" not in report.notes["seconds"]  # a plan builds no result

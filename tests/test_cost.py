@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lwcompile
-from lwcompile.cost import count_on_shapes, measure
+from lwcompile.cost import measure, measure_on_shapes
 from lwcompile.flow import structure_key
 
 
@@ -31,12 +31,12 @@ def test_macs_equal_the_flop_counters():
     assert run.peak_bytes >= 2 * 8 * 16 * 16 * 4
 
 
-def test_counting_on_shapes_does_no_arithmetic_and_agrees():
+def test_measuring_on_shapes_does_no_arithmetic_and_agrees():
     model, x = _model(), torch.rand(2, 3, 16, 16)
-    out, macs = count_on_shapes(model, (x.shape,))
-    assert macs == measure(model, (x,)).macs
-    assert out.shape == (2, 10)
-    assert type(out).__name__ == "FakeTensor"
+    fake, real = measure_on_shapes(model, (x.shape,)), measure(model, (x,))
+    assert (fake.macs, fake.peak_bytes) == (real.macs, real.peak_bytes)
+    assert fake.output.shape == (2, 10)
+    assert type(fake.output).__name__ == "FakeTensor"
     assert all(type(p) is nn.Parameter for p in model.parameters())  # model left real
 
 
