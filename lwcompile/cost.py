@@ -80,6 +80,8 @@ class CostMode(TorchDispatchMode):
         self.live: dict[int, int] = {}
         self.refs: dict[int, int] = {}
         self.current = self.peak = 0
+        #: in-place writes into storages that existed before (weights, buffers, inputs)
+        self.preexisting_writes = 0
         self.timeline = Timeline()
         self._window: Window | None = None
 
@@ -113,11 +115,21 @@ class CostMode(TorchDispatchMode):
                                           transposed=args[6])
         elif (formula := flop_registry.get(func._overloadpacket)) is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
+        if self.preexisting is not None and func._schema.is_mutable:
+            self._count_writes(func, args, kwargs)
         if self.preexisting is not None:
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self._track(t)
         return out
+
+    def _count_writes(self, func: Any, args: tuple, kwargs: dict) -> None:
+        for i, spec in enumerate(func._schema.arguments):
+            if spec.alias_info is None or not spec.alias_info.is_write:
+                continue
+            value = kwargs.get(spec.name) if spec.kwarg_only or i >= len(args) else args[i]
+            if isinstance(value, torch.Tensor) and storage_id(value) in self.preexisting:
+                self.preexisting_writes += 1
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()

@@ -39,11 +39,12 @@ from .errors import (
 from .flow import DataFlow, flow_recording, note_output, structure_key
 from .graph import concat_skips
 from .inputs import run_example
+from .lockstep import Lockstep
 from .replay import Replay, recording
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
 from .state import preserved_state
-from .trace import TracedModel, join, trace_model
+from .trace import Call, Region, TracedModel, is_leaf, join, trace_graph, trace_model
 
 
 class SiteBroke(Exception):
@@ -93,13 +94,15 @@ def describe(module: nn.Module) -> str:
 
 
 def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any,
-            fresh_copy: nn.Module | None = None, replay: Replay | None = None) -> Workspace:
+            fresh_copy: nn.Module | None = None, replay: Replay | None = None,
+            checked_root: tuple[Region, set[str]] | None = None) -> Workspace:
     """Copy (unless a ``fresh_copy`` of ``model`` is handed over), trace, and install each
     traced region's GraphModule in the copy. ``output`` and ``replay`` are from the eager
-    run on ``args`` that traced graphs are checked against."""
+    run on ``args`` that traced graphs are checked against; ``checked_root`` is the fresh
+    copy's root, already traced and checked alongside that run."""
     root = fresh_copy if fresh_copy is not None else _copy(model)
     root.eval()
-    traced = trace_model(root, args, kwargs, output, replay)
+    traced = trace_model(root, args, kwargs, output, replay, checked_root)
     installed: dict[str, fx.GraphModule] = {}
     for region in traced.regions:
         if not region.traced or region.specialised:
@@ -513,20 +516,24 @@ def site_types(rules: Sequence[Rule]) -> tuple[type[nn.Module], ...]:
 
 @dataclass
 class Reference:
-    """The original model's one eager run: output, MACs, peak memory, data flow, and its
-    conv outputs for checking traced graphs."""
+    """The original model's one eager run: output, MACs, peak memory, data flow, and what
+    checking traced graphs against it needs."""
 
     run: Measured
     flow: DataFlow
-    #: the copy the run used, untouched since, and its recorded conv outputs: the first
-    #: workspace starts from them. Later ones (bisection, rare) copy and check afresh, so
-    #: the recorded outputs (up to replay.BUDGET_BYTES) are not held through compilation.
+    #: the copy the run used, untouched since, the root's region (traced and checked
+    #: alongside the run, lockstep.py) and the recorded conv outputs that regions below the
+    #: root are checked with: the first workspace starts from them. Later ones (bisection,
+    #: rare) trace and check afresh, so the recorded outputs (up to replay.BUDGET_BYTES)
+    #: are not held through compilation.
     spare_copy: nn.Module | None = None
+    root: tuple[Region, set[str]] | None = None
     replay: Replay | None = None
 
-    def take_spares(self) -> tuple[nn.Module | None, Replay | None]:
-        spares = self.spare_copy, self.replay
-        self.spare_copy = self.replay = None
+    def take_spares(self) -> tuple[nn.Module | None, Replay | None,
+                                   tuple[Region, set[str]] | None]:
+        spares = self.spare_copy, self.replay, self.root
+        self.spare_copy = self.replay = self.root = None
         return spares
 
 
@@ -538,13 +545,31 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
-                   types: tuple[type[nn.Module], ...]) -> Reference:
-    reference = _copy(model).eval()
-    with flow_recording(reference, watched(reference, types)) as flow, \
-            recording(reference) as replay:
+                   types: tuple[type[nn.Module], ...], seconds: Counter[str]) -> Reference:
+    """Copy the model and run it once, measured, with its data flow recorded. The root is
+    traced first, so that its graph is checked alongside that run (lockstep.py); conv
+    outputs are recorded only if regions below the root may need checking (replay.py)."""
+    with timed(seconds, "reference run"):
+        reference = _copy(model).eval()
+    with timed(seconds, "tracing + graph check"):
+        attempt = None if is_leaf(reference) else trace_graph("", reference,
+                                                               Call(args, kwargs, None))
+    pairing = Lockstep(attempt) if attempt and attempt.graph_module is not None else None
+    needs_replay = pairing is None or bool(attempt.opaque)
+    with timed(seconds, "reference run"), \
+            flow_recording(reference, watched(reference, types)) as flow, \
+            (recording(reference) if needs_replay else contextlib.nullcontext()) as replay, \
+            (pairing.alongside(reference) if pairing else contextlib.nullcontext()):
         run = run_example(reference, args, kwargs, inferred)
         note_output(flow, run.output)
-    return Reference(run, flow, spare_copy=reference, replay=replay)
+    root = None
+    if pairing is not None:
+        # the graph's share of the run is the graph check's
+        seconds["reference run"] -= pairing.seconds
+        seconds["tracing + graph check"] += pairing.seconds
+        with timed(seconds, "tracing + graph check"):
+            root = pairing.region(run.output)
+    return Reference(run, flow, spare_copy=reference, root=root, replay=replay)
 
 
 def _rounded(seconds: Counter[str]) -> dict[str, float]:
@@ -568,8 +593,7 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
     The summary's "after" figures are estimates: totals minus each applied row's saving.
     """
     seconds: Counter[str] = Counter()
-    with timed(seconds, "reference run"):
-        reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    reference = _reference_run(model, args, kwargs, inferred, site_types(rules), seconds)
     before = reference.run
     _, report = compile_once(model, args, kwargs, rules, guards, {}, reference, seconds)
     report.notes["seconds"] = _rounded(seconds)
@@ -591,8 +615,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
     the applied ones in order and held back, and compilation is repeated.
     """
     seconds: Counter[str] = Counter()
-    with timed(seconds, "reference run"):
-        reference = _reference_run(model, args, kwargs, inferred, site_types(rules))
+    reference = _reference_run(model, args, kwargs, inferred, site_types(rules), seconds)
     before = reference.run
     expected = _output_shapes(before.output)
     held_back: dict[str, str] = {}

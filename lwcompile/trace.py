@@ -6,8 +6,9 @@ Algorithm:
 2. A graph that traces is run on the module's real inputs (recorded from one eager forward)
    and compared with eager: fx can trace without error and still be wrong (a Python ``if``
    baked in, a forward that assigns attributes). Its conv calls take their outputs from
-   the eager run where the input and weights are the same (replay.py), so the check costs
-   the Python between them, not a second forward.
+   the eager run where the input and weights are the same, so the check costs the Python
+   between them, not a second forward: the root's graph runs alongside the eager forward
+   (lockstep.py), graphs below it replay recorded outputs (replay.py).
 3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
    are visited in turn. Convs met directly inside opaque code become module-only sites: they
    can still be swapped, but nothing is known about what feeds or consumes them.
@@ -169,27 +170,47 @@ def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list
     return concrete, list(bound.arguments.values())
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_output(a: Any, b: Any) -> bool:
+    """Whether a graph's output equals eager's (within float tolerance, any nesting)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5,
                                                             equal_nan=True))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_output(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_output(a[k], b[k]) for k in a)
     return type(a) is type(b)
 
 
-def trace_region(name: str, module: nn.Module, call: Call,
-                 replay: Replay | None = None) -> tuple[Region, set[str]]:
-    """Trace one module, marking failing submodules opaque; return it and its opaque leaves.
+@dataclass
+class Attempt:
+    """A module traced (or not) and not yet checked against eager."""
 
-    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py)."""
+    name: str
+    module: nn.Module
+    graph_module: fx.GraphModule | None
+    #: submodules kept as leaves because tracing failed inside them
+    opaque: set[str] = field(default_factory=set)
+    #: the recorded call's arguments, as the graph takes them
+    values: list[Any] = field(default_factory=list)
+    specialised: bool = False
+    failure: str = ""  # why it could not be traced
+
+    def refused(self, reason: str) -> tuple[Region, set[str]]:
+        return Region(self.name, self.module, opaque_reason=reason), set()
+
+    def accepted(self, timeline: Timeline) -> tuple[Region, set[str]]:
+        return Region(self.name, self.module, self.graph_module, specialised=self.specialised,
+                      timeline=timeline), self.opaque
+
+
+def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
+    """Trace one module, marking failing submodules opaque (leaves) and retrying."""
     opaque: set[str] = set()
     try:
         concrete, values = _split_concrete(module, call)
     except TypeError as exc:
-        return Region(name, module, opaque_reason=f"cannot bind recorded call: {exc}"), opaque
+        return Attempt(name, module, None, failure=f"cannot bind recorded call: {exc}")
     while True:
         tracer = _LeafTracer(opaque)
         try:
@@ -203,23 +224,41 @@ def trace_region(name: str, module: nn.Module, call: Call,
         except Exception as exc:  # fx raises anything the user's forward raises
             culprit = tracer.failed_in
             if not culprit or culprit in opaque:
-                return Region(name, module, opaque_reason=one_line(exc)), set()
+                return Attempt(name, module, None, failure=one_line(exc))
             opaque.add(culprit)
     values_for_graph = [
         v for v, p in zip(values, inspect.signature(module.forward).parameters.values(),
                           strict=False)
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    cost = CostMode(preexisting(module, values_for_graph))
+    return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
+
+
+def check_graph(attempt: Attempt, expected: Any,
+                replay: Replay | None = None) -> tuple[Region, set[str]]:
+    """Run the traced graph on the recorded call's arguments and compare with eager's
+    ``expected`` output; the region (traced or opaque) and its opaque leaves.
+
+    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py)."""
+    if attempt.graph_module is None:
+        return attempt.refused(attempt.failure)
+    cost = CostMode(preexisting(attempt.module, attempt.values))
     try:
-        with preserved_state(module), torch.no_grad(), cost:
-            out = ShapeRecorder(gm, replay, name, cost).run(*values_for_graph)
+        with preserved_state(attempt.module), torch.no_grad(), cost:
+            out = ShapeRecorder(attempt.graph_module, replay, attempt.name,
+                                cost).run(*attempt.values)
     except Exception as exc:
-        reason = f"traced graph fails to run: {one_line(exc)}"
-        return Region(name, module, opaque_reason=reason), set()
-    if not _same(out, call.output):
-        return Region(name, module, opaque_reason="traced graph disagrees with eager"), set()
-    return Region(name, module, gm, specialised=bool(concrete), timeline=cost.timeline), opaque
+        return attempt.refused(f"traced graph fails to run: {one_line(exc)}")
+    if not same_output(out, expected):
+        return attempt.refused("traced graph disagrees with eager")
+    return attempt.accepted(cost.timeline)
+
+
+def trace_region(name: str, module: nn.Module, call: Call,
+                 replay: Replay | None = None) -> tuple[Region, set[str]]:
+    """Trace one module and check it against its recorded call; return it and its opaque
+    leaves."""
+    return check_graph(trace_graph(name, module, call), call.output, replay)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -228,10 +267,12 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any,
-                replay: Replay | None = None) -> TracedModel:
+                replay: Replay | None = None,
+                root: tuple[Region, set[str]] | None = None) -> TracedModel:
     """Trace ``model`` hierarchically, level by level, one eager forward per level below
     the root (``output`` is the root's eager output on ``args``, already known; ``replay``
-    its conv outputs, which spare the graph checks recomputing them)."""
+    its conv outputs, which spare the graph checks recomputing them). ``root`` is the
+    root's region and opaque leaves when it was already traced and checked (lockstep.py)."""
     result = TracedModel()
     pending: dict[str, nn.Module] = {"": model}
     calls = {"": Call(args, kwargs, output)}
@@ -250,7 +291,10 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any,
             if is_leaf(module):
                 result.opaque_leaves.append(name)
                 continue
-            region, opaque = trace_region(name, module, calls[name], replay)
+            if name == "" and root is not None:
+                region, opaque = root
+            else:
+                region, opaque = trace_region(name, module, calls[name], replay)
             result.regions.append(region)
             if region.traced:
                 children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}

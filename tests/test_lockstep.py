@@ -1,0 +1,164 @@
+"""The root's traced graph is checked alongside the eager run, taking eager's conv outputs."""
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from examples import dncnn
+from lwcompile.cost import measure
+from lwcompile.engine import _reference_run
+from lwcompile.lockstep import Lockstep
+from lwcompile.trace import Call, check_graph, trace_graph
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _alongside(model: nn.Module, x: torch.Tensor, spoil=None):
+    """Trace ``model``, then run it eagerly with the graph paired: (region, pairing)."""
+    model.eval()
+    attempt = trace_graph("", model, Call((x,), {}, None))
+    if spoil is not None:
+        spoil(attempt.graph_module)
+    pairing = Lockstep(attempt)
+    with pairing.alongside(model), torch.no_grad():
+        out = model(x)
+    region, _ = pairing.region(out)
+    return region, pairing
+
+
+def test_a_faithful_graph_takes_every_conv_output_from_eager_and_counts_memory_alike():
+    model, x = dncnn.DnCNN(features=16, depth=5), torch.rand(1, 1, 20, 20)
+    region, pairing = _alongside(model, x)
+    assert region.traced and pairing.hits == 5
+    with torch.no_grad():
+        computed, _ = check_graph(trace_graph("", model, Call((x,), {}, None)), model(x))
+    assert region.timeline == computed.timeline  # a copied output costs what a computed one does
+    conv = next(n for n in region.graph_module.graph.nodes if n.target == "body.0")
+    assert tuple(conv.meta["tensor_meta"].shape) == (1, 16, 20, 20)
+
+
+def test_an_in_place_activation_after_a_conv_spoils_neither_side():
+    """ReLU(inplace=True) overwrites eager's conv output after the hook: the graph holds a copy."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.2, inplace=True),
+                          nn.Conv2d(8, 3, 3, padding=1))
+    region, pairing = _alongside(model, torch.randn(1, 3, 12, 12))
+    assert region.traced and pairing.hits == 3
+
+
+_calls = [0]
+
+
+class CountsCalls(nn.Module):
+    """Tracing bakes in the Python counter's value at trace time: the graph is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        _calls[0] += 1
+        return self.second(F.relu(self.first(x)) * _calls[0])
+
+
+def test_a_graph_that_bakes_in_python_disagrees_and_computes_from_there():
+    region, pairing = _alongside(CountsCalls(), torch.rand(1, 3, 12, 12))
+    assert region.opaque_reason == "traced graph disagrees with eager"
+    assert pairing.hits == 1  # the second conv's input differed: it was computed
+
+
+class RewritesItsWeights(nn.Module):
+    """Each forward bumps the conv's weights first, and the traced graph does it too: the
+    graph bumps them once more (shared weights), and must not take eager's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        self.conv.weight.data.add_(1.0)
+        return self.conv(x)
+
+
+def test_a_graph_that_writes_weights_is_never_given_eager_outputs():
+    region, pairing = _alongside(RewritesItsWeights(), torch.rand(1, 3, 8, 8))
+    assert pairing.hits == 0 and pairing.cost.preexisting_writes == 1
+    assert region.opaque_reason == "traced graph disagrees with eager"  # as computed
+
+
+def test_a_conv_called_twice_is_paired_call_by_call():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.flip(self.conv(x), dims=[-1]))
+
+    region, pairing = _alongside(Shared(), torch.rand(1, 4, 10, 10))
+    assert region.traced and pairing.hits == 2
+
+
+def test_a_graph_that_fails_leaves_the_eager_run_alone():
+    def spoil(gm):
+        def broken(*_args, **_kwargs):
+            raise ValueError("spoilt on purpose")
+        next(n for n in gm.graph.nodes if n.target is F.relu).target = broken
+
+    region, pairing = _alongside(_FunctionalRelu(), torch.rand(1, 1, 8, 8), spoil)
+    assert region.opaque_reason == "traced graph fails to run: ValueError: spoilt on purpose"
+    assert pairing.hits == 1
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.second(F.relu(self.first(x)))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -x
+
+
+class WithAnOpaqueBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.block = nn.Conv2d(3, 8, 3, padding=1), DataDependent()
+
+    def forward(self, x):
+        return self.block(self.head(x))
+
+
+@pytest.mark.parametrize("model, channels, records", [
+    (dncnn.DnCNN(features=8, depth=3), 1, False), (WithAnOpaqueBlock(), 3, True)])
+def test_conv_outputs_are_recorded_only_for_regions_below_the_root(model, channels, records):
+    x = torch.rand(1, channels, 8, 8)
+    reference = _reference_run(model, (x,), {}, False, (nn.Conv2d,), Counter())
+    region, opaque = reference.root
+    assert region.traced
+    assert (reference.replay is not None) is records
+    assert opaque == ({"block"} if records else set())
+
+
+def test_pairing_leaves_the_eager_run_measurements_as_they_were():
+    """The graph's work runs outside eager's count, and holds none of eager's tensors."""
+    model, x = dncnn.DnCNN(features=16, depth=5).eval(), torch.rand(1, 1, 20, 20)
+    alone = measure(model, (x,))
+    pairing = Lockstep(trace_graph("", model, Call((x,), {}, None)))
+    with pairing.alongside(model):
+        paired = measure(model, (x,))
+    assert pairing.region(paired.output)[0].traced and pairing.hits == 5
+    assert (paired.macs, paired.peak_bytes) == (alone.macs, alone.peak_bytes)
+    torch.testing.assert_close(paired.output, alone.output, rtol=0, atol=0)
