@@ -216,9 +216,8 @@ def _subgraph(gm: fx.GraphModule, nodes: Sequence[fx.Node], inputs: Sequence[Any
     return fx.GraphModule(gm, graph)
 
 
-def _check_replacement(ws: Workspace, rule: Rule, original: nn.Module,
-                       replacement: nn.Module, shapes: tuple[torch.Size, ...],
-                       dtype: torch.dtype) -> Checked:
+def _check_replacement(ws: Workspace, proposal: Proposal, original: nn.Module,
+                       shapes: tuple[torch.Size, ...], dtype: torch.dtype) -> Checked:
     """Whether the replacement stands in for the original, and what both cost.
 
     A rule that is not exact only has to take the same inputs and give the same output
@@ -226,8 +225,9 @@ def _check_replacement(ws: Workspace, rule: Rule, original: nn.Module,
     structures (a network's hundreds of identical convs and LISTs share one check). An
     exact rule (or code that needs real values) runs both on the same random input.
     """
+    rule, replacement = proposal.rule, proposal.replacement
     if not rule.exact:
-        key = (structure_key(original), structure_key(replacement), tuple(shapes), dtype)
+        key = (structure_key(original), proposal.replacement_key, tuple(shapes), dtype)
         if key not in ws.shape_checks:
             try:
                 before, after = (measure_on_shapes(m, shapes, dtype)
@@ -358,10 +358,11 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
             return _failed(site, rule, f"builder returned {type(replacement).__name__}, "
                            "not an nn.Module")
         _match_placement(replacement, site.module)
-        veto = _first_veto(guards, Proposal(rule, match, replacement))
+        proposal = Proposal(rule, match, replacement)
+        veto = _first_veto(guards, proposal)
         if veto is not None:
             return _kept(site, *veto, params=count_params(original))
-        checked = _check_replacement(ws, rule, original, replacement, match.shapes, site.dtype)
+        checked = _check_replacement(ws, proposal, original, match.shapes, site.dtype)
         row = Row(site.name, describe(site.module), rule.describe(replacement), APPLIED,
                   rule.name, "", count_params(original), count_params(replacement),
                   checked.macs_before, checked.macs_after)

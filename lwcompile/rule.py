@@ -8,6 +8,7 @@ the model: the engine applies, verifies and records.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .flow import structure_key
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ class Proposal:
     rule: Rule
     match: Match
     replacement: nn.Module | None
+
+    @functools.cached_property
+    def replacement_key(self) -> tuple:
+        """The replacement's ``flow.structure_key``, computed once: guards and the engine
+        both cache work by it (identical replacements of twin sites share the work)."""
+        return structure_key(self.replacement) if self.replacement is not None else ()
 
 
 def _snake(name: str) -> str:

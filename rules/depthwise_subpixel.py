@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from lwcompile import DataFlow, Guard, Proposal, Veto, is_depthwise, random_inputs, record_flow
-from lwcompile.flow import structure_key
 
 SAFE = "use resize-then-convolve (bilinear upsample + LIST, the `subpixel` rule) instead"
 
@@ -34,7 +33,7 @@ class DepthwiseSubpixelGuard(Guard):
         depthwise = [n for n, m in replacement.named_modules() if is_depthwise(m)]
         if not depthwise:
             return None
-        key = (structure_key(replacement), tuple(match.shapes), match.site.dtype)
+        key = (proposal.replacement_key, tuple(match.shapes), match.site.dtype)
         if key not in self._flows:
             self._flows[key] = _flow(replacement, match.shapes, depthwise, match.site.dtype)
         flow = self._flows[key]

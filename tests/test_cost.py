@@ -55,3 +55,13 @@ def test_structure_key_tells_twins_from_lookalikes():
             return x * self.weight
 
     assert structure_key(Scale(3)) != structure_key(Scale(4))  # parameter shapes count
+
+
+def test_a_proposal_keys_its_replacement_once():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    site = lwcompile.Site("conv", conv, (torch.Size([1, 8, 8, 8]),), torch.Size([1, 8, 8, 8]))
+    rule = lwcompile.default_rules()[0]
+    proposal = lwcompile.Proposal(rule, lwcompile.Match(site), lwcompile.LIST(8, 8))
+    assert proposal.replacement_key == structure_key(proposal.replacement)
+    assert proposal.replacement_key is proposal.replacement_key  # computed once
+    assert lwcompile.Proposal(rule, lwcompile.Match(site), None).replacement_key == ()
