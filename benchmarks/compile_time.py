@@ -28,7 +28,9 @@ import lwcompile
 from benchmarks.speed import CASES, RESULTS, THREADS, machine, table, write_json
 from examples import dncnn
 
-TARGET = 2.0
+#: the issue's target: lighten(RRDBNet) <= 2x one trace + one forward (the small examples
+#: are timed alongside, without a target: fixed costs dominate their sub-second totals)
+TARGETS = {"RRDBNet": 2.0}
 
 
 def models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]]:
@@ -69,7 +71,8 @@ def bench(name: str, repeats: int) -> dict:
             "trace_forward_s": baseline, "lighten_s": light,
             "median_trace_forward_s": statistics.median(baseline),
             "median_lighten_s": statistics.median(light), "ratio": ratio,
-            "target_met": ratio <= TARGET,
+            "target": TARGETS.get(name),
+            "target_met": ratio <= TARGETS[name] if name in TARGETS else None,
             # lighten's own account of its time (report.notes["seconds"]), medians
             "median_phase_s": {phase: statistics.median(p.get(phase, 0.0) for p in phases)
                                for phase in phases[0]}}
@@ -85,6 +88,12 @@ def profile_lighten(name: str, top: int = 30) -> str:
     stats.print_stats(r"lwcompile|rules", top)
     stats.sort_stats("tottime").print_stats(top)
     return out.getvalue()
+
+
+def _verdict(result: dict) -> str:
+    if result["target"] is None:
+        return "-"
+    return f"<= {result['target']:.0f}x {'met' if result['target_met'] else 'NOT met'}"
 
 
 def main() -> None:
@@ -104,10 +113,10 @@ def main() -> None:
                                     "results": results})
     rows = [[r["network"], str(r["convs"]), f"{r['median_trace_forward_s']:.2f}",
              f"{r['median_lighten_s']:.2f}", f"{r['ratio']:.1f}x",
-             "met" if r["target_met"] else "NOT met"] for r in results]
+             _verdict(r)] for r in results]
     print(f"\nmedian of {args.repeats}, alternating, {THREADS} threads")
     print(table(rows, ["network", "convs", "trace+forward s", "lighten s", "ratio",
-                       f"<= {TARGET:.0f}x"]))
+                       "target"]))
     phases = list(results[0]["median_phase_s"])
     print("\nwhere lighten's time goes (its report's notes['seconds'], medians)")
     print(table([[r["network"], *(f"{r['median_phase_s'].get(p, 0.0):.2f}" for p in phases)]
