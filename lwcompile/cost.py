@@ -31,6 +31,14 @@ def count_params(module: nn.Module) -> int:
 
 _CONVOLUTION = torch.ops.aten.convolution.default
 _VALUE_DEPENDENT = frozenset({torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape})
+#: op -> whether ATen tags it value-dependent (``func.tags`` builds a new list per call)
+_value_dependent: dict[Any, bool] = {}
+
+
+def _reads_values(func: Any) -> bool:
+    if func not in _value_dependent:
+        _value_dependent[func] = bool(_VALUE_DEPENDENT.intersection(func.tags))
+    return _value_dependent[func]
 
 
 def storage_id(t: torch.Tensor) -> int:
@@ -108,7 +116,7 @@ class CostMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.timeline.value_dependent and _VALUE_DEPENDENT.intersection(func.tags):
+        if not self.timeline.value_dependent and _reads_values(func):
             self.timeline.value_dependent = True
         if func is _CONVOLUTION:  # most ops of an image network: skip the generic wrapper
             self.flops += conv_flop_count(args[0].shape, args[1].shape, out.shape,
