@@ -7,7 +7,8 @@
 The reference is the least any graph compiler must do: ``torch.fx.symbolic_trace(model)``
 plus one forward on the example input; the issue's target is lighten <= 2x that. Both are
 timed alternately ``--repeats`` times after one warm-up lighten of a small model (one-time
-import and dispatcher costs), medians. Writes benchmarks/results/compile_time.json; with
+import and dispatcher costs), as ``timeit`` times (collected before, no cyclic collection
+during), medians. Writes benchmarks/results/compile_time.json; with
 ``--profile`` also the cProfile summary of one lighten (results/compile_profile.txt).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -49,10 +51,20 @@ def trace_and_forward(model: nn.Module, inputs: tuple) -> None:
         traced(*inputs)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall time and result of ``fn()``, timed the way ``timeit`` does: garbage collected
+    before, the cyclic collector off during (else whichever side trips it pays for the
+    other's garbage: each lighten result is a cycle of GraphModule and graph)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def bench(name: str, repeats: int) -> dict:
@@ -60,10 +72,9 @@ def bench(name: str, repeats: int) -> dict:
     model, inputs = build(), make_inputs()
     baseline, light, phases = [], [], []
     for _ in range(repeats):
-        baseline.append(timed(lambda: trace_and_forward(model, inputs)))
-        start = time.perf_counter()
-        result = lwcompile.lighten(model, inputs)
-        light.append(time.perf_counter() - start)
+        baseline.append(timed(lambda: trace_and_forward(model, inputs))[0])
+        seconds, result = timed(lambda: lwcompile.lighten(model, inputs))
+        light.append(seconds)
         phases.append(result.lwcompile_report.notes["seconds"])
     ratio = statistics.median(light) / statistics.median(baseline)
     return {"network": name, "input": [list(a.shape) for a in inputs],
