@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import collection_paused, compile_verified, plan_only
+from .engine import compile_verified, plan_only
 from .errors import CompileFailed, LwCompileError, NotAModuleError, RuleError
 from .inputs import infer_example_inputs
 from .report import Report
@@ -168,7 +168,7 @@ def lighten(
     (``{"list": {"squeeze_ratio": 8}}``). The input model is never modified.
     """
     call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
-    with _no_raw_errors(model), collection_paused():
+    with _no_raw_errors(model):
         result, report = compile_verified(*call)
     result.lwcompile_report = report
     return result
@@ -191,7 +191,7 @@ def plan(
     not run (in the rare case it would roll a rewrite back, lighten's report says so).
     """
     call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
-    with _no_raw_errors(model), collection_paused():
+    with _no_raw_errors(model):
         return plan_only(*call)
 
 

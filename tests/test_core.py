@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import gc
 import time
-from typing import ClassVar
 
 import pytest
 import torch
@@ -335,34 +333,3 @@ def test_the_report_says_where_compilation_spent_its_time():
     assert sum(seconds.values()) <= wall
     report = lwcompile.plan(model, (torch.rand(1, 1, 24, 24),))
     assert "result check" not in report.notes["seconds"]  # a plan builds no result
-
-
-class _NotesCollector(Rule):
-    """Swaps nothing; remembers whether the cyclic collector ran while it was asked."""
-
-    name = "notes-collector"
-    priority = 0
-    seen: ClassVar[list[bool]] = []
-
-    def match(self, site: Site):
-        self.seen.append(gc.isenabled())
-        return NoMatch("only watching")
-
-    def build(self, match: Match) -> nn.Module:
-        raise AssertionError("never matches")
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_compiling_pauses_the_cyclic_collector_and_restores_it(enabled):
-    _NotesCollector.seen.clear()
-    (gc.enable if enabled else gc.disable)()
-    try:
-        lwcompile.lighten(dncnn.DnCNN(features=16, depth=3), (torch.rand(1, 1, 8, 8),),
-                          rules=[_NotesCollector(), *lwcompile.default_rules()])
-        assert gc.isenabled() is enabled
-        with pytest.raises(lwcompile.NothingToLighten):
-            lwcompile.lighten(nn.Conv2d(1, 1, 1), rules=[_NotesCollector()])
-        assert gc.isenabled() is enabled  # also when compilation raises
-    finally:
-        gc.enable()
-    assert _NotesCollector.seen and not any(_NotesCollector.seen)
