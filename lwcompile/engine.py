@@ -43,7 +43,16 @@ from .replay import Replay, recording
 from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
 from .rule import Guard, Match, Proposal, Refuse, Rule, Site
 from .state import preserved_state
-from .trace import Call, Region, TracedModel, is_leaf, join, trace_graph, trace_model
+from .trace import (
+    Call,
+    Region,
+    TracedModel,
+    check_graph,
+    is_leaf,
+    join,
+    trace_graph,
+    trace_model,
+)
 
 
 class SiteBroke(Exception):
@@ -77,7 +86,7 @@ class Checked:
     macs_after: int
     #: the replacement's own peak activation bytes on the site's inputs, where that composes
     #: into the result's peak (composed.py); else why not
-    peak_after: int | str = "it was checked on real values, which its code may depend on"
+    peak_after: int | str = "it was checked on real values, not on shapes alone"
 
 
 def describe(module: nn.Module) -> str:
@@ -536,12 +545,14 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
     with timed(seconds, "tracing + graph check"):
         attempt = None if is_leaf(reference) else trace_graph("", reference,
                                                                Call(args, kwargs, None))
-    pairing = Lockstep(attempt) if attempt and attempt.graph_module is not None else None
-    needs_replay = pairing is None or bool(attempt.opaque)
+    # a root with opaque leaves would run them (and the hooked convs inside) during eager's
+    # forward: its graph is checked afterwards, with recorded conv outputs, like those below
+    pairs = attempt is not None and attempt.graph_module is not None and not attempt.opaque
+    pairing = Lockstep(attempt) if pairs else None
     with timed(seconds, "reference run"), \
             flow_recording(reference, watched(reference, types)) as flow, \
-            (recording(reference) if needs_replay else contextlib.nullcontext()) as replay, \
-            (pairing.alongside(reference) if pairing else contextlib.nullcontext()):
+            (contextlib.nullcontext() if pairing else recording(reference)) as replay, \
+            (pairing.alongside(reference, flow) if pairing else contextlib.nullcontext()):
         run = run_example(reference, args, kwargs, inferred)
         note_output(flow, run.output)
     root = None
@@ -551,6 +562,9 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
         seconds["tracing + graph check"] += pairing.seconds
         with timed(seconds, "tracing + graph check"):
             root = pairing.region(run.output)
+    elif attempt is not None:
+        with timed(seconds, "tracing + graph check"):
+            root = check_graph(attempt, run.output, replay)
     return Reference(run, flow, spare_copy=reference, root=root, replay=replay)
 
 

@@ -111,6 +111,8 @@ class DataFlow:
         default_factory=dict)
     #: watched module -> how many times it was called
     calls: Counter[str] = field(default_factory=Counter)
+    #: set while other code runs the same modules (lockstep.py's graph): calls not recorded
+    paused: bool = False
 
 
 class _FlowMode(TorchFunctionMode):
@@ -172,6 +174,8 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
     handles = []
     for name in names:
         def hook(_m, inputs, out, name=name):
+            if flow.paused:
+                return
             flow.calls[name] += 1
             if name not in flow.shapes:
                 flow.shapes[name] = (

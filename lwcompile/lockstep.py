@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .cost import CostMode, preexisting
 from .errors import one_line
+from .flow import DataFlow
 from .replay import REPLAYABLE
 from .state import preserved_state
 from .trace import Attempt, Region, ShapeRecorder, TensorMeta, join, same_output
@@ -58,6 +59,7 @@ class Lockstep:
         self._waiting: tuple[str, tuple, dict] | None = None
         self._output: Any = _UNFINISHED
         self._error = ""
+        self.flow: DataFlow | None = None
 
     def _run(self, values: list[Any]) -> Generator[tuple[str, tuple, dict], Any, Any]:
         """fx.Interpreter.run, pausing at the convs while paired with eager."""
@@ -86,8 +88,10 @@ class Lockstep:
         return None
 
     @contextlib.contextmanager
-    def alongside(self, model: nn.Module) -> Iterator[None]:
-        """Pair the graph with the eager forward of ``model`` run inside the block."""
+    def alongside(self, model: nn.Module, flow: DataFlow | None = None) -> Iterator[None]:
+        """Pair the graph with the eager forward of ``model`` run inside the block; ``flow``
+        (recorded on that forward) is paused whenever the graph runs the same modules."""
+        self.flow = flow
         handles = []
         for target in self.convs:
             name = join(self.attempt.name, target)
@@ -133,11 +137,16 @@ class Lockstep:
     def _advance(self, answer: torch.Tensor | None) -> None:
         """Resume the graph with ``answer`` and run it to its next pause (or its end)."""
         self._waiting = None
+        if self.flow is not None:
+            self.flow.paused = True
         try:
             with self.cost:
                 self._waiting = self._steps.send(answer)
         except StopIteration as done:
             self._output, self.paired = done.value, False
+        finally:
+            if self.flow is not None:
+                self.flow.paused = False
 
     def region(self, expected: Any) -> tuple[Region, set[str]]:
         """Finish the graph and judge it against eager's ``expected`` output: the region

@@ -199,7 +199,7 @@ class Attempt:
     def refused(self, reason: str) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, opaque_reason=reason), set()
 
-    def accepted(self, timeline: Timeline) -> tuple[Region, set[str]]:
+    def accepted(self, timeline: Timeline | None) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, self.graph_module, specialised=self.specialised,
                       timeline=timeline), self.opaque
 
@@ -239,19 +239,23 @@ def check_graph(attempt: Attempt, expected: Any,
     """Run the traced graph on the recorded call's arguments and compare with eager's
     ``expected`` output; the region (traced or opaque) and its opaque leaves.
 
-    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py)."""
+    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py). The run's
+    memory is timed call by call only where a result's cost can be composed from it: a
+    whole model traced without opaque leaves (composed.py); elsewhere that would only slow
+    the check."""
     if attempt.graph_module is None:
         return attempt.refused(attempt.failure)
-    cost = CostMode(preexisting(attempt.module, attempt.values))
+    timed = attempt.name == "" and not attempt.opaque
+    cost = CostMode(preexisting(attempt.module, attempt.values)) if timed else None
     try:
-        with preserved_state(attempt.module), torch.no_grad(), cost:
+        with preserved_state(attempt.module), torch.no_grad(), cost or contextlib.nullcontext():
             out = ShapeRecorder(attempt.graph_module, replay, attempt.name,
                                 cost).run(*attempt.values)
     except Exception as exc:
         return attempt.refused(f"traced graph fails to run: {one_line(exc)}")
     if not same_output(out, expected):
         return attempt.refused("traced graph disagrees with eager")
-    return attempt.accepted(cost.timeline)
+    return attempt.accepted(cost.timeline if cost is not None else None)
 
 
 def trace_region(name: str, module: nn.Module, call: Call,

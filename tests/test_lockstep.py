@@ -141,15 +141,25 @@ class WithAnOpaqueBlock(nn.Module):
         return self.block(self.head(x))
 
 
-@pytest.mark.parametrize("model, channels, records", [
-    (dncnn.DnCNN(features=8, depth=3), 1, False), (WithAnOpaqueBlock(), 3, True)])
-def test_conv_outputs_are_recorded_only_for_regions_below_the_root(model, channels, records):
-    x = torch.rand(1, channels, 8, 8)
-    reference = _reference_run(model, (x,), {}, False, (nn.Conv2d,), Counter())
-    region, opaque = reference.root
-    assert region.traced
-    assert (reference.replay is not None) is records
-    assert opaque == ({"block"} if records else set())
+def test_a_root_that_traced_whole_is_paired_else_conv_outputs_are_recorded():
+    whole = _reference_run(dncnn.DnCNN(features=8, depth=3), (torch.rand(1, 1, 8, 8),), {},
+                           False, (nn.Conv2d,), Counter())
+    region, opaque = whole.root
+    assert region.traced and opaque == set() and whole.replay is None
+    # an opaque leaf would run its hooked convs during eager's forward: checked afterwards
+    partial = _reference_run(WithAnOpaqueBlock(), (torch.rand(1, 3, 8, 8),), {}, False,
+                             (nn.Conv2d,), Counter())
+    region, opaque = partial.root
+    assert region.traced and opaque == {"block"} and partial.replay is not None
+    assert partial.replay.hits == 1  # the root's own conv, replayed in its check
+
+
+def test_the_data_flow_counts_eager_calls_only():
+    """After the pairing ends the graph computes convs itself, inside eager's forward."""
+    reference = _reference_run(CountsCalls(), (torch.rand(1, 3, 8, 8),), {}, False,
+                               (nn.Conv2d,), Counter())
+    assert reference.root[0].opaque_reason == "traced graph disagrees with eager"
+    assert reference.flow.calls == {"first": 1, "second": 1}
 
 
 def test_pairing_leaves_the_eager_run_measurements_as_they_were():
