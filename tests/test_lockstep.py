@@ -12,6 +12,7 @@ from lwcompile.cost import measure
 from lwcompile.engine import _reference_run
 from lwcompile.lockstep import Lockstep
 from lwcompile.trace import Call, check_graph, trace_graph
+from tests.test_replay import ConvTwice, CountsCalls, RewritesItsWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,39 +50,10 @@ def test_an_in_place_activation_after_a_conv_spoils_neither_side():
     assert region.traced and pairing.hits == 3
 
 
-_calls = [0]
-
-
-class CountsCalls(nn.Module):
-    """Tracing bakes in the Python counter's value at trace time: the graph is wrong."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Conv2d(3, 8, 3, padding=1)
-        self.second = nn.Conv2d(8, 3, 3, padding=1)
-
-    def forward(self, x):
-        _calls[0] += 1
-        return self.second(F.relu(self.first(x)) * _calls[0])
-
-
 def test_a_graph_that_bakes_in_python_disagrees_and_computes_from_there():
     region, pairing = _alongside(CountsCalls(), torch.rand(1, 3, 12, 12))
     assert region.opaque_reason == "traced graph disagrees with eager"
     assert pairing.hits == 1  # the second conv's input differed: it was computed
-
-
-class RewritesItsWeights(nn.Module):
-    """Each forward bumps the conv's weights first, and the traced graph does it too: the
-    graph bumps them once more (shared weights), and must not take eager's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, x):
-        self.conv.weight.data.add_(1.0)
-        return self.conv(x)
 
 
 def test_a_graph_that_writes_weights_is_never_given_eager_outputs():
@@ -91,15 +63,7 @@ def test_a_graph_that_writes_weights_is_never_given_eager_outputs():
 
 
 def test_a_conv_called_twice_is_paired_call_by_call():
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(torch.flip(self.conv(x), dims=[-1]))
-
-    region, pairing = _alongside(Shared(), torch.rand(1, 4, 10, 10))
+    region, pairing = _alongside(ConvTwice(), torch.rand(1, 4, 10, 10))
     assert region.traced and pairing.hits == 2
 
 

@@ -78,16 +78,19 @@ def test_past_the_memory_budget_convs_are_computed(monkeypatch):
     assert [r.traced for r in traced.regions] == [True]
 
 
+class ConvTwice(nn.Module):
+    """One conv, called on the input and then on its own output flipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.flip(self.conv(x), dims=[-1]))
+
+
 def test_a_conv_called_twice_is_replayed_by_its_input():
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(torch.flip(self.conv(x), dims=[-1]))
-
-    model = Shared()
+    model = ConvTwice()
     x = torch.rand(1, 4, 30, 30)  # 3600 values: three whole weight periods and a rest
     traced, replay = _eager_then_trace(model, x)
     assert [r.traced for r in traced.regions] == [True]
