@@ -1,7 +1,7 @@
 """Conv outputs of lighten's eager run, replayed when a traced graph is checked against it.
 
-Used for regions below the root (traced when the root is not, or only in part); the root's
-own graph is checked alongside the eager run instead (lockstep.py), which needs no record.
+Used for a root with opaque leaves and the regions below it; a root traced whole is checked
+alongside the eager run instead (lockstep.py), which needs no record.
 A traced graph is trusted only once it gives eager's output on the same input (trace.py).
 That check is a second forward of the whole model, and in a restoration network nearly all
 of a forward is convs: work whose result is already known, because a conv called on the same

@@ -7,8 +7,8 @@ Algorithm:
    and compared with eager: fx can trace without error and still be wrong (a Python ``if``
    baked in, a forward that assigns attributes). Its conv calls take their outputs from
    the eager run where the input and weights are the same, so the check costs the Python
-   between them, not a second forward: the root's graph runs alongside the eager forward
-   (lockstep.py), graphs below it replay recorded outputs (replay.py).
+   between them, not a second forward: a root traced whole runs alongside the eager forward
+   (lockstep.py), other graphs replay recorded outputs (replay.py).
 3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
    are visited in turn. Convs met directly inside opaque code become module-only sites: they
    can still be swapped, but nothing is known about what feeds or consumes them.
