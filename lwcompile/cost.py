@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
@@ -39,6 +39,14 @@ def _reads_values(func: Any) -> bool:
     if func not in _value_dependent:
         _value_dependent[func] = bool(_VALUE_DEPENDENT.intersection(func.tags))
     return _value_dependent[func]
+
+
+@contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Run the block unseen by the active modes (``CostMode``, the data flow's function
+    mode): work lighten does beside a measured forward is not the model's."""
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
 
 
 def storage_id(t: torch.Tensor) -> int:

@@ -547,8 +547,7 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
                                                                Call(args, kwargs, None))
     # a root with opaque leaves would run them (and the hooked convs inside) during eager's
     # forward: its graph is checked afterwards, with recorded conv outputs, like those below
-    pairs = attempt is not None and attempt.graph_module is not None and not attempt.opaque
-    pairing = Lockstep(attempt) if pairs else None
+    pairing = Lockstep(attempt) if attempt is not None and attempt.whole else None
     with timed(seconds, "reference run"), \
             flow_recording(reference, watched(reference, types)) as flow, \
             (contextlib.nullcontext() if pairing else recording(reference)) as replay, \

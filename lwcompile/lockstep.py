@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 
-from .cost import CostMode, preexisting
+from .cost import CostMode, preexisting, unobserved
 from .errors import one_line
 from .flow import DataFlow
 from .replay import REPLAYABLE
@@ -111,7 +110,7 @@ class Lockstep:
             return
         start = time.perf_counter()
         try:
-            with _disable_current_modes(), torch._C.DisableTorchFunction():  # not eager's work
+            with unobserved():  # the graph's work is not eager's
                 self._pair(name, inputs, output)
         except Exception as exc:  # the graph's failure is the check's verdict, not eager's
             self._error, self.paired = one_line(exc), False

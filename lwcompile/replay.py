@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
+
+from .cost import unobserved
 
 #: the most memory recorded outputs may hold; calls past it are recomputed in the check
 BUDGET_BYTES = 512 * 2**20
@@ -82,7 +83,7 @@ class Replay:
         present parameters, or None: run it."""
         if kwargs or name not in self.calls:
             return None
-        with _disable_current_modes(), torch._C.DisableTorchFunction():  # not the model's work
+        with unobserved():
             fingerprint = self._key(module, args)
         for call in self.calls[name]:
             if call.fingerprint == fingerprint:
@@ -125,7 +126,7 @@ def recording(model: nn.Module) -> Iterator[Replay]:
             continue
 
         def hook(m: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
-            with _disable_current_modes(), torch._C.DisableTorchFunction():
+            with unobserved():
                 replay.record(name, m, inputs, output)
 
         handles.append(module.register_forward_hook(hook))

@@ -196,6 +196,13 @@ class Attempt:
     specialised: bool = False
     failure: str = ""  # why it could not be traced
 
+    @property
+    def whole(self) -> bool:
+        """The root, traced as one graph with no opaque leaves: the only graph that can be
+        checked alongside eager (lockstep.py) and a result's cost composed from
+        (composed.py)."""
+        return self.name == "" and self.graph_module is not None and not self.opaque
+
     def refused(self, reason: str) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, opaque_reason=reason), set()
 
@@ -245,8 +252,7 @@ def check_graph(attempt: Attempt, expected: Any,
     the check."""
     if attempt.graph_module is None:
         return attempt.refused(attempt.failure)
-    timed = attempt.name == "" and not attempt.opaque
-    cost = CostMode(preexisting(attempt.module, attempt.values)) if timed else None
+    cost = CostMode(preexisting(attempt.module, attempt.values)) if attempt.whole else None
     try:
         with preserved_state(attempt.module), torch.no_grad(), cost or contextlib.nullcontext():
             out = ShapeRecorder(attempt.graph_module, replay, attempt.name,
