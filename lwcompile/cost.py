@@ -41,12 +41,26 @@ def _reads_values(func: Any) -> bool:
     return _value_dependent[func]
 
 
+class SharedWrite(RuntimeError):
+    """An op was about to write into a storage the run shares with another (lockstep.py)."""
+
+
 @contextlib.contextmanager
 def unobserved() -> Iterator[None]:
     """Run the block unseen by the active modes (``CostMode``, the data flow's function
     mode): work lighten does beside a measured forward is not the model's."""
     with _disable_current_modes(), torch._C.DisableTorchFunction():
         yield
+
+
+_PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
+
+
+def unseen_alias(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()`` made below every mode (``unobserved``, at a sixth of its cost: this
+    runs for each call an eager forward records, lockstep.py)."""
+    with torch._C._ExcludeDispatchKeyGuard(_PYTHON_KEY), torch._C.DisableTorchFunction():
+        return t.detach()
 
 
 def storage_id(t: torch.Tensor) -> int:
@@ -100,6 +114,9 @@ class CostMode(TorchDispatchMode):
         self.preexisting_writes = 0
         self.timeline = Timeline()
         self._window: Window | None = None
+        #: storages this run shares with another run that still uses them: an op that
+        #: would write into one raises ``SharedWrite`` before it runs
+        self.shared: set[int] = set()
 
     @contextlib.contextmanager
     def window(self, name: str) -> Iterator[None]:
@@ -120,9 +137,12 @@ class CostMode(TorchDispatchMode):
         if self.refs[ptr] == 0:
             self.current -= self.live.pop(ptr)
             del self.refs[ptr]
+            self.shared.discard(ptr)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.shared and func._schema.is_mutable:
+            self._refuse_shared_writes(func, args, kwargs)
         out = func(*args, **kwargs)
         if not self.timeline.value_dependent and _reads_values(func):
             self.timeline.value_dependent = True
@@ -140,12 +160,12 @@ class CostMode(TorchDispatchMode):
         return out
 
     def _count_writes(self, func: Any, args: tuple, kwargs: dict) -> None:
-        for i, spec in enumerate(func._schema.arguments):
-            if spec.alias_info is None or not spec.alias_info.is_write:
-                continue
-            value = kwargs.get(spec.name) if spec.kwarg_only or i >= len(args) else args[i]
-            if isinstance(value, torch.Tensor) and storage_id(value) in self.preexisting:
-                self.preexisting_writes += 1
+        self.preexisting_writes += sum(storage_id(t) in self.preexisting
+                                       for t in _written(func, args, kwargs))
+
+    def _refuse_shared_writes(self, func: Any, args: tuple, kwargs: dict) -> None:
+        if any(storage_id(t) in self.shared for t in _written(func, args, kwargs)):
+            raise SharedWrite(f"{func} would write into a tensor the eager run still uses")
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -173,6 +193,16 @@ class CostMode(TorchDispatchMode):
         return self.flops // 2
 
 
+def _written(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    """The tensors a mutable op writes into, by its schema."""
+    for i, spec in enumerate(func._schema.arguments):
+        if spec.alias_info is None or not spec.alias_info.is_write:
+            continue
+        value = kwargs.get(spec.name) if spec.kwarg_only or i >= len(args) else args[i]
+        if isinstance(value, torch.Tensor):
+            yield value
+
+
 def preexisting(module: nn.Module, values: Any) -> set[int]:
     """The storages a forward of ``module`` on ``values`` finds already there: its weights,
     buffers and inputs (what ``CostMode`` does not count as activations)."""
@@ -188,6 +218,8 @@ class Measured:
     peak_bytes: int
     #: the output is one tensor in a storage the run allocated (not an input, not a weight)
     fresh_output: bool = False
+    #: an op read tensor values into Python or sized its output by them (``Timeline``)
+    reads_values: bool = False
 
 
 def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measured:
@@ -199,7 +231,8 @@ def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measu
     cost = CostMode(preexisting(module, (args, kwargs)))
     with preserved_state(module), torch.no_grad(), cost:
         out = module(*args, **(kwargs or {}))
-    return Measured(out, cost.macs, cost.peak, cost.allocated(out))
+    return Measured(out, cost.macs, cost.peak, cost.allocated(out),
+                    cost.timeline.value_dependent)
 
 
 def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:

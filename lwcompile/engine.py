@@ -560,7 +560,7 @@ def _reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
         seconds["reference run"] -= pairing.seconds
         seconds["tracing + graph check"] += pairing.seconds
         with timed(seconds, "tracing + graph check"):
-            root = pairing.region(run.output)
+            root = pairing.region(run.output, eager_read_values=run.reads_values)
     elif attempt is not None:
         with timed(seconds, "tracing + graph check"):
             root = check_graph(attempt, run.output, replay)

@@ -1,5 +1,6 @@
 """The root's traced graph is checked alongside the eager run, taking eager's conv outputs."""
 
+import operator
 from collections import Counter
 
 import pytest
@@ -26,7 +27,7 @@ def _alongside(model: nn.Module, x: torch.Tensor, spoil=None):
     pairing = Lockstep(attempt)
     with pairing.alongside(model), torch.no_grad():
         out = model(x)
-    region, _ = pairing.region(out)
+    region, _ = pairing.region(out, eager_read_values=False)
     return region, pairing
 
 
@@ -133,6 +134,119 @@ def test_pairing_leaves_the_eager_run_measurements_as_they_were():
     pairing = Lockstep(trace_graph("", model, Call((x,), {}, None)))
     with pairing.alongside(model):
         paired = measure(model, (x,))
-    assert pairing.region(paired.output)[0].traced and pairing.hits == 5
+    assert pairing.region(paired.output, eager_read_values=False)[0].traced and pairing.hits == 5
     assert (paired.macs, paired.peak_bytes) == (alone.macs, alone.peak_bytes)
     torch.testing.assert_close(paired.output, alone.output, rtol=0, atol=0)
+
+
+class DenseBlock(nn.Module):
+    """RRDBNet's pattern: in-place activation module, concat, scaled residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(12, 8, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x):
+        x1 = self.act(self.conv1(x))
+        return self.conv2(torch.cat((x, x1), 1)) * 0.2 + x
+
+
+def test_the_graph_takes_what_eager_computed_between_the_convs():
+    model, x = DenseBlock(), torch.rand(1, 8, 10, 10)
+    region, pairing = _alongside(model, x)
+    assert region.traced and pairing.hits == 2
+    assert pairing.reused == 4  # act, cat, mul, add: nothing computed twice
+    with torch.no_grad():
+        computed, _ = check_graph(trace_graph("", model, Call((x,), {}, None)), model(x))
+    assert region.timeline == computed.timeline  # taken where it would have been computed
+
+
+class InPlaceResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.tail = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.tail(y)
+
+
+def test_an_in_place_residual_is_taken_from_eager_not_added_twice():
+    model, x = InPlaceResidual().eval(), torch.rand(1, 4, 8, 8)
+    with torch.no_grad():
+        alone = model(x)
+    attempt = trace_graph("", model, Call((x,), {}, None))
+    pairing = Lockstep(attempt)
+    with pairing.alongside(model), torch.no_grad():
+        paired = model(x)
+    assert pairing.region(paired, eager_read_values=False)[0].traced
+    assert pairing.hits == 2 and pairing.reused == 1
+    torch.testing.assert_close(paired, alone, rtol=0, atol=0)
+
+
+def test_a_graph_never_writes_into_a_tensor_it_shares_with_eager():
+    """A write eager does not make (so not eager's to hand over) stops the graph first."""
+    def spoil(gm):
+        conv = next(n for n in gm.graph.nodes if n.target == "first")
+        with gm.graph.inserting_after(conv):
+            extra = gm.graph.call_method("mul_", (conv, 2.0))
+        conv.replace_all_uses_with(extra, delete_user_cb=lambda user: user is not extra)
+        gm.recompile()
+
+    model, x = _FunctionalRelu().eval(), torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        alone = model(x)
+    attempt = trace_graph("", model, Call((x,), {}, None))
+    spoil(attempt.graph_module)
+    pairing = Lockstep(attempt)
+    with pairing.alongside(model), torch.no_grad():
+        paired = model(x)
+    region, _ = pairing.region(paired, eager_read_values=False)
+    assert region.opaque_reason.startswith("traced graph fails to run: SharedWrite")
+    torch.testing.assert_close(paired, alone, rtol=0, atol=0)  # eager's run is untouched
+
+
+class WritesAfterUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.tail = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y * 2.0
+        y.add_(1.0)
+        return self.tail(z + y)
+
+
+def test_a_graph_never_reads_what_eager_wrote_after_handing_it_over():
+    """The graph computes its own ``y * 3`` after eager's ``y.add_``: y is no longer y."""
+    def spoil(gm):
+        next(n for n in gm.graph.nodes if n.target is operator.mul).args = (
+            next(n for n in gm.graph.nodes if n.target == "conv"), 3.0)
+        gm.recompile()
+
+    region, pairing = _alongside(WritesAfterUse(), torch.rand(1, 4, 8, 8), spoil)
+    assert region.opaque_reason.startswith("traced graph fails to run: Stale")
+    _, faithful = _alongside(WritesAfterUse(), torch.rand(1, 4, 8, 8))
+    assert faithful.reused == 3  # mul, add_, add
+
+
+class CountsPositives(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.nonzero(y.flatten() > 0).shape[0]
+
+
+def test_a_value_eager_read_marks_the_graph_check_value_dependent():
+    """The graph took nonzero's result from eager, so only eager's run saw the value read."""
+    reference = _reference_run(CountsPositives(), (torch.rand(1, 3, 8, 8),), {}, False,
+                               (nn.Conv2d,), Counter())
+    region, _ = reference.root
+    assert region.traced and reference.run.reads_values
+    assert region.timeline.value_dependent
