@@ -126,7 +126,8 @@ def _same_dtypes(out: Any, args: tuple, kwargs: dict) -> bool:
 
 
 class EagerCalls(TorchFunctionMode):
-    """Records the eager forward run inside it: call key -> (result's values, alias).
+    """Records the eager forward run inside it: call key -> (result's values, alias,
+    whether it must be copied).
 
     The alias (a detached view, sharing storage and version counter) keeps a result for
     the graph after eager has dropped it, without changing what eager's own memory count
@@ -141,7 +142,7 @@ class EagerCalls(TorchFunctionMode):
         #: entry counts only while its reference still gives the same tensor
         self._serials: dict[int, tuple[weakref.ref, int]] = {}
         self._next = itertools.count()
-        self.results: dict[Hashable, tuple[Any, Any]] = {}
+        self.results: dict[Hashable, tuple[Any, Any, bool]] = {}
         self.recording = True
         self._pending: list[Hashable | None] = []
         self._inside = 0  # depth of watched module calls
@@ -173,16 +174,18 @@ class EagerCalls(TorchFunctionMode):
             self._remember(key, out)
             twin = _functional_twin(func)
             if twin is not None and _same_dtypes(out, args, kwargs):
-                self._remember((twin, *key[1:]), out)
+                self._remember((twin, *key[1:]), out, in_place=True)
         return out
 
-    def _remember(self, key: Hashable, out: Any) -> None:
+    def _remember(self, key: Hashable, out: Any, in_place: bool = False) -> None:
+        """Keep ``out`` under ``key``. ``in_place``: the call asked for allocates its result,
+        eager's wrote into an argument (a functional twin), so a graph must copy it."""
         if isinstance(out, torch.Tensor):
-            self.results[key] = self.value(out), unseen_alias(out)
+            self.results[key] = self.value(out), unseen_alias(out), in_place
         elif isinstance(out, (tuple, list)) and out and all(
                 isinstance(t, torch.Tensor) for t in out):
             self.results[key] = (tuple(self.value(t) for t in out),
-                                 type(out)(unseen_alias(t) for t in out))
+                                 type(out)(unseen_alias(t) for t in out), False)
 
     def watching(self, modules: dict[str, nn.Module],
                  recorded: set[str]) -> list[Any]:

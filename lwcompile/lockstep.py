@@ -133,11 +133,11 @@ class Lockstep:
         found = self.eager.results.get(key) if key is not None else None
         if found is None:
             return _COMPUTE
-        values, alias = found
+        values, alias, copy = found
         window = self.cost.window(call[0][1]) if node.op == "call_module" else None
         with window or contextlib.nullcontext():
             if isinstance(alias, torch.Tensor):
-                value = self._take(alias, values)
+                value = self._copy(alias, values) if copy else self._take(alias, values)
                 node.meta["tensor_meta"] = TensorMeta(value.shape, value.dtype)
             else:
                 value = type(alias)(self._take(a, v) for a, v in zip(alias, values, strict=True))
@@ -156,6 +156,15 @@ class Lockstep:
         self.cost.shared.add(storage)
         self.seen[storage] = value[1]
         self.values[mine] = (value[0], None)
+        return mine
+
+    def _copy(self, eager: torch.Tensor, value: Value) -> torch.Tensor:
+        """A copy of eager's tensor, holding ``value``, for a call that allocates its result
+        where eager's wrote in place (the graph's memory count sees the allocation)."""
+        if eager._version != value[1]:
+            raise Stale("eager wrote again into a result the graph needs a copy of")
+        mine = eager.clone()
+        self.values[mine] = (value[0], mine._version)
         return mine
 
     def _value(self, t: torch.Tensor) -> Value:

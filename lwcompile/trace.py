@@ -5,10 +5,10 @@ Algorithm:
    marked as a leaf (opaque) and tracing is retried, so one bad block costs only itself.
 2. A graph that traces is run on the module's real inputs (recorded from one eager forward)
    and compared with eager: fx can trace without error and still be wrong (a Python ``if``
-   baked in, a forward that assigns attributes). Its conv calls take their outputs from
-   the eager run where the input and weights are the same, so the check costs the Python
-   between them, not a second forward: a root traced whole runs alongside the eager forward
-   (lockstep.py), other graphs replay recorded outputs (replay.py).
+   baked in, a forward that assigns attributes). The check is not a second forward: a root
+   traced whole runs alongside the eager forward and takes eager's result for every call
+   it makes as eager made it, on the same values (lockstep.py); other graphs take the conv
+   outputs eager recorded where the input and weights are the same (replay.py).
 3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
    are visited in turn. Convs met directly inside opaque code become module-only sites: they
    can still be swapped, but nothing is known about what feeds or consumes them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lwcompile
@@ -67,6 +68,24 @@ class Shared(Plain):
 
     def forward(self, x):
         return self.tail(self.body(torch.relu(self.body(self.head(x)))))
+
+
+class InPlaceSkip(Plain):
+    """``y += skip``, as in Real-ESRGAN's compact net: eager adds in place; the traced graph
+    (and so the result) allocates the sum, at the run's peak."""
+
+    def forward(self, x):
+        h = torch.relu(self.head(x))
+        y = F.interpolate(self.body(h), scale_factor=4)
+        y += F.interpolate(h, scale_factor=4)
+        return self.tail(y)
+
+
+def test_a_sum_eager_makes_in_place_is_counted_as_the_result_allocates_it():
+    x = torch.rand(1, 3, 16, 16)
+    light = lwcompile.lighten(InPlaceSkip().eval(), (x,), guards=[])
+    assert light.lwcompile_report.notes["result cost"] == "composed"
+    _summary_is_measured(light, (x,))
 
 
 class ReadsValues(Plain):
