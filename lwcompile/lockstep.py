@@ -13,7 +13,8 @@ Algorithm:
    own next conv, all of which eager has run by then.
 2. Each of those nodes that calls a function or module eager called (recorded since the
    last conv) on the same values, with equal other arguments, takes eager's result: an
-   alias, not a copy. Any other node is computed.
+   alias, not a copy (a copy only where eager wrote in place and the graph allocates:
+   fx records ``y += x`` as ``y + x``). Any other node is computed.
 3. At the conv, the graph's call is compared with eager's: same module, no keyword
    arguments, one input holding eager's input value (or equal to it, element by element,
    if the graph computed it), and no in-place write by the graph into a weight, buffer or
