@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .cost import unseen_alias
+from .flow import tensors
 
 #: a tensor's content at one moment: (serial number, version)
 Value = tuple[int, int]
@@ -57,18 +58,6 @@ def _frozen(value: Any, value_of: Callable[[torch.Tensor], Value]) -> Hashable:
     except TypeError as exc:
         raise Unknown(type(value).__name__) from exc
     return type(value), value
-
-
-def tensors(value: Any) -> Iterator[torch.Tensor]:
-    """The tensors in a result or in arguments (tuples, lists, dicts)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors(v)
 
 
 #: fx records Python operators; eager's torch function mode sees the Tensor methods

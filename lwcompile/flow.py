@@ -58,28 +58,28 @@ def _pointwise_conv(args: tuple, kwargs: dict) -> bool:
             and stride in (1, (1, 1), [1, 1]))
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
+def tensors(value: Any) -> Iterator[torch.Tensor]:
     """The tensors in an op's arguments or result (a plain walk: pytree is slower here, and
     this runs for every op of a forward)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _tensors(v)
+            yield from tensors(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            yield from tensors(v)
 
 
 def _origins(value: Any) -> frozenset[str]:
-    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in _tensors(value)))
+    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in tensors(value)))
 
 
 _tagged: list[weakref.ref] = []  # so tags never outlive a run (ops may return a parameter)
 
 
 def _tag(value: Any, origins: frozenset[str]) -> None:
-    for t in _tensors(value):
+    for t in tensors(value):
         if not origins and not hasattr(t, _TAG):
             continue  # nothing to record, nothing to clear
         try:

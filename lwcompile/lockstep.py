@@ -43,9 +43,9 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .cost import CostMode, preexisting, storage_id, unobserved
-from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call, tensors
+from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call
 from .errors import one_line
-from .flow import DataFlow
+from .flow import DataFlow, tensors
 from .replay import REPLAYABLE
 from .state import preserved_state
 from .trace import Attempt, Region, ShapeRecorder, TensorMeta, join, same_output

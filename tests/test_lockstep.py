@@ -208,11 +208,7 @@ def test_a_graph_never_writes_into_a_tensor_it_shares_with_eager():
     torch.testing.assert_close(paired, alone, rtol=0, atol=0)  # eager's run is untouched
 
 
-class WritesAfterUse(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.tail = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-
+class WritesAfterUse(InPlaceResidual):
     def forward(self, x):
         y = self.conv(x)
         z = y * 2.0
