@@ -14,7 +14,8 @@ Algorithm:
 2. Each of those nodes that calls a function or module eager called (recorded since the
    last conv) on the same values, with equal other arguments, takes eager's result: an
    alias, not a copy (a copy only where eager wrote in place and the graph allocates:
-   fx records ``y += x`` as ``y + x``). Any other node is computed.
+   fx records ``y += x`` as ``y + x``). Any other node is computed, and so is a call that
+   wrote in place into a tensor the graph holds in a copy of its own (its inputs).
 3. At the conv, the graph's call is compared with eager's: same module, no keyword
    arguments, one input holding eager's input value (or equal to it, element by element,
    if the graph computed it), and no in-place write by the graph into a weight, buffer or
@@ -72,6 +73,10 @@ class Lockstep:
         #: shared storage -> the version the graph has seen it reach (by taking eager's
         #: results): a higher one means eager wrote into it behind the graph's back
         self.seen: dict[int, int] = {}
+        #: serials of eager tensors whose value the graph holds in a copy of its own: a
+        #: call whose result is one of them wrote into it in place, which the graph's copy
+        #: must see, so the graph makes that call itself
+        self.owned: set[int] = set()
         # the graph's own copies (an eager forward may write into its inputs), holding the
         # values of eager's
         values = []
@@ -79,6 +84,7 @@ class Lockstep:
             if isinstance(v, torch.Tensor):
                 copy = v.clone()
                 self.values[copy] = (self.eager.value(v)[0], copy._version)
+                self.owned.add(self.values[copy][0])
                 v = copy
             values.append(v)
         eager_inputs = {storage_id(t) for t in tensors(attempt.values)}
@@ -135,6 +141,9 @@ class Lockstep:
         if found is None:
             return _COMPUTE
         values, alias, copy = found
+        if self.owned and self.owned.intersection(
+                v[0] for v in (values if isinstance(alias, (tuple, list)) else (values,))):
+            return _COMPUTE
         window = self.cost.window(call[0][1]) if node.op == "call_module" else None
         with window or contextlib.nullcontext():
             if isinstance(alias, torch.Tensor):
@@ -166,6 +175,7 @@ class Lockstep:
             raise Stale("eager wrote again into a result the graph needs a copy of")
         mine = eager.clone()
         self.values[mine] = (value[0], mine._version)
+        self.owned.add(value[0])
         return mine
 
     def _value(self, t: torch.Tensor) -> Value:

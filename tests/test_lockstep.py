@@ -246,3 +246,20 @@ def test_a_value_eager_read_marks_the_graph_check_value_dependent():
     region, _ = reference.root
     assert region.traced and reference.run.reads_values
     assert region.timeline.value_dependent
+
+
+class ScalesItsInput(nn.Module):
+    """fx keeps using ``x`` after ``x.mul_``: the graph's copy of the input must be scaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.conv(x)
+
+
+def test_a_write_into_the_graphs_own_copy_is_made_by_the_graph():
+    region, pairing = _alongside(ScalesItsInput(), torch.rand(1, 3, 8, 8))
+    assert region.traced and pairing.reused == 0
