@@ -67,8 +67,8 @@ class Lockstep:
         self.attempt = attempt
         gm = attempt.graph_module
         self.eager = EagerCalls()
-        #: graph tensor -> serial of the eager tensor whose value it holds, and its own
-        #: version then (None for an alias of eager's: its version is the storage's below)
+        #: graph tensor -> the eager value it holds, and its own version then (None for an
+        #: alias of eager's tensor, whose version is its storage's, ``seen`` below)
         self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()
         #: shared storage -> the version the graph has seen it reach (by taking eager's
         #: results): a higher one means eager wrote into it behind the graph's back
@@ -83,8 +83,8 @@ class Lockstep:
         for v in attempt.values:
             if isinstance(v, torch.Tensor):
                 copy = v.clone()
-                self.values[copy] = (self.eager.value(v)[0], copy._version)
-                self.owned.add(self.values[copy][0])
+                self.values[copy] = (self.eager.value(v), copy._version)
+                self.owned.add(self.values[copy][0][0])
                 v = copy
             values.append(v)
         eager_inputs = {storage_id(t) for t in tensors(attempt.values)}
@@ -165,7 +165,7 @@ class Lockstep:
             raise Stale("eager's result predates a write the graph has already taken")
         self.cost.shared.add(storage)
         self.seen[storage] = value[1]
-        self.values[mine] = (value[0], None)
+        self.values[mine] = (value, None)
         return mine
 
     def _copy(self, eager: torch.Tensor, value: Value) -> torch.Tensor:
@@ -174,7 +174,7 @@ class Lockstep:
         if eager._version != value[1]:
             raise Stale("eager wrote again into a result the graph needs a copy of")
         mine = eager.clone()
-        self.values[mine] = (value[0], mine._version)
+        self.values[mine] = (value, mine._version)
         self.owned.add(value[0])
         return mine
 
@@ -183,12 +183,12 @@ class Lockstep:
         held = self.values.get(t)
         if held is None:
             return self.eager.known_value(t)  # the weights the graph shares with eager
-        serial, version = held
+        value, version = held
         if version is None:
-            return serial, self.seen[storage_id(t)]
+            return value[0], self.seen[storage_id(t)]
         if t._version != version:
             raise Unknown("the graph wrote into its copy")
-        return serial, version
+        return value
 
     def _compute(self, node: fx.Node) -> Any:
         if self.cost.shared:

@@ -186,6 +186,19 @@ def test_an_in_place_residual_is_taken_from_eager_not_added_twice():
     torch.testing.assert_close(paired, alone, rtol=0, atol=0)
 
 
+class ScaledInPlaceResidual(InPlaceResidual):
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.tail(y * 2.0)
+
+
+def test_a_copy_of_an_in_place_result_still_holds_eagers_value():
+    """The graph copies ``y += x``'s result; the scaling after it is still eager's."""
+    region, pairing = _alongside(ScaledInPlaceResidual(), torch.rand(1, 4, 8, 8))
+    assert region.traced and pairing.hits == 2 and pairing.reused == 2
+
+
 def test_a_graph_never_writes_into_a_tensor_it_shares_with_eager():
     """A write eager does not make (so not eager's to hand over) stops the graph first."""
     def spoil(gm):
