@@ -82,9 +82,9 @@ class Lockstep:
         values = []
         for v in attempt.values:
             if isinstance(v, torch.Tensor):
-                copy = v.clone()
-                self.values[copy] = (self.eager.value(v), copy._version)
-                self.owned.add(self.values[copy][0][0])
+                copy, value = v.clone(), self.eager.value(v)
+                self.values[copy] = (value, copy._version)
+                self.owned.add(value[0])
                 v = copy
             values.append(v)
         eager_inputs = {storage_id(t) for t in tensors(attempt.values)}
