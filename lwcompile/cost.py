@@ -57,8 +57,8 @@ _PYTHON_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.Python)
 
 
 def unseen_alias(t: torch.Tensor) -> torch.Tensor:
-    """``t.detach()`` made below every mode (``unobserved``, at a sixth of its cost: this
-    runs for each call an eager forward records, lockstep.py)."""
+    """``t.detach()`` made below every mode: what ``unobserved`` does, without entering and
+    leaving each mode (this runs for every call an eager forward records, eager_calls.py)."""
     with torch._C._ExcludeDispatchKeyGuard(_PYTHON_KEY), torch._C.DisableTorchFunction():
         return t.detach()
 
@@ -165,7 +165,7 @@ class CostMode(TorchDispatchMode):
 
     def _refuse_shared_writes(self, func: Any, args: tuple, kwargs: dict) -> None:
         if any(storage_id(t) in self.shared for t in _written(func, args, kwargs)):
-            raise SharedWrite(f"{func} would write into a tensor the eager run still uses")
+            raise SharedWrite(f"{func} would write into a storage another run still uses")
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
