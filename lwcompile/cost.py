@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,9 +102,10 @@ class CostMode(TorchDispatchMode):
     Calls wrapped in ``window(name)`` are also accounted on their own (``timeline``).
     """
 
-    def __init__(self, preexisting: set[int] | None = None) -> None:
+    def __init__(self, preexisting: dict[int, Any] | None = None) -> None:
         super().__init__()
-        #: storages that existed before, by ``storage_id`` (None: count FLOPs only)
+        #: storages that existed before, by ``storage_id`` (None: count FLOPs only), held
+        #: (``storages``)
         self.preexisting = preexisting
         self.flops = 0
         self.live: dict[int, int] = {}
@@ -203,12 +204,18 @@ def _written(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
             yield value
 
 
-def preexisting(module: nn.Module, values: Any) -> set[int]:
+def storages(tensors: Iterable[torch.Tensor]) -> dict[int, Any]:
+    """The storages of ``tensors`` by ``storage_id``, held: a forward that replaces a
+    weight's storage (``conv.weight.data = ...``, re-parametrised blocks) frees the old one,
+    and a new activation could take its id and go uncounted."""
+    return {storage_id(t): t.untyped_storage() for t in tensors}
+
+
+def preexisting(module: nn.Module, values: Any) -> dict[int, Any]:
     """The storages a forward of ``module`` on ``values`` finds already there: its weights,
     buffers and inputs (what ``CostMode`` does not count as activations)."""
-    tensors = [*module.parameters(), *module.buffers(),
-               *(a for a in tree_flatten(values)[0] if isinstance(a, torch.Tensor))]
-    return {storage_id(t) for t in tensors}
+    return storages([*module.parameters(), *module.buffers(),
+                     *(a for a in tree_flatten(values)[0] if isinstance(a, torch.Tensor))])
 
 
 @dataclass
@@ -253,7 +260,7 @@ def measure_on_shapes(module: nn.Module, shapes: tuple[torch.Size, ...],
         inputs = tuple(torch.empty(s, dtype=dtype) for s in shapes)
         # weights become fake when first used: their fake storages existed before too
         weights = [mode.from_tensor(t) for t in (*module.parameters(), *module.buffers())]
-        cost = CostMode({storage_id(t) for t in (*inputs, *weights)})
+        cost = CostMode(storages((*inputs, *weights)))
         with preserved_state(module), torch.no_grad(), cost:
             out = module(*inputs)
     return Measured(out, cost.macs, cost.peak, cost.allocated(out))

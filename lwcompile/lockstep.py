@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .cost import CostMode, preexisting, storage_id, unobserved
+from .cost import CostMode, preexisting, storage_id, storages, unobserved
 from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call
 from .errors import one_line
 from .flow import DataFlow, tensors
@@ -87,9 +87,9 @@ class Lockstep:
                 self.owned.add(value[0])
                 v = copy
             values.append(v)
-        eager_inputs = {storage_id(t) for t in tensors(attempt.values)}
+        eager_inputs = storages(tensors(attempt.values))
         self.cost = CostMode(preexisting(attempt.module, values) | eager_inputs)
-        self.cost.shared |= eager_inputs
+        self.cost.shared |= eager_inputs.keys()
         self.recorder = ShapeRecorder(gm, prefix=attempt.name, cost=self.cost)
         self.called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         self.convs = {t for t in self.called if isinstance(gm.get_submodule(t), REPLAYABLE)}

@@ -65,3 +65,22 @@ def test_a_proposal_keys_its_replacement_once():
     assert proposal.replacement_key == structure_key(proposal.replacement)
     assert proposal.replacement_key is proposal.replacement_key  # computed once
     assert lwcompile.Proposal(rule, lwcompile.Match(site), None).replacement_key == ()
+
+
+class SwapsItsWeight(nn.Module):
+    """Re-parametrised blocks (SPAN's Conv3XC) replace a weight's storage in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(1, 4, 32, 32))
+
+    def forward(self, x):
+        new = self.w.data * 1.0
+        self.w.data = new  # the weight's old storage is freed here
+        return x * new, new
+
+
+def test_a_freed_weight_storage_does_not_hide_the_activation_that_takes_its_place():
+    """Counted storages are told apart by identity; a freed one's identity could be reused."""
+    model, x = SwapsItsWeight().eval(), torch.rand(1, 4, 32, 32)
+    assert measure(model, (x,)).peak_bytes == 2 * x.numel() * 4  # ``new`` and the product
