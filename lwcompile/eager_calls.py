@@ -37,10 +37,14 @@ class Unknown(Exception):
 
 def call_key(target: Any, args: tuple, kwargs: dict,
              value_of: Callable[[torch.Tensor], Value]) -> Hashable | None:
-    """The key of calling ``target`` on these arguments, or None if one cannot be keyed."""
+    """The key of calling ``target`` on these arguments, or None if one cannot be keyed.
+
+    Keying runs inside the user's forward and only saves work: whatever an argument raises
+    (a dict whose keys do not sort, a ``__hash__`` that fails) means no key, never a failed
+    forward."""
     try:
         return target, _frozen(args, value_of), _frozen(kwargs, value_of)
-    except Unknown:
+    except Exception:  # Unknown, or anything a user's object raises
         return None
 
 

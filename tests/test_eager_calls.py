@@ -20,6 +20,7 @@ def test_keys_tell_apart_what_python_equality_would_not():
         call_key(operator.getitem, (x, slice(0, 1)), {}, _value_of)
     assert call_key(torch.cat, ((x, x), {"dim": 0}), {}, _value_of) is not None
     assert call_key(torch.cat, ((x, x), {0}), {}, _value_of) is None  # a set: no key
+    assert call_key(torch.cat, ((x, x), {1: 0, "a": 1}), {}, _value_of) is None  # unsortable
     before = call_key(torch.mul, (x, 2.0), {}, _value_of)
     x.add_(1)  # written in place: a new value of the same tensor
     assert call_key(torch.mul, (x, 2.0), {}, _value_of) != before
