@@ -43,7 +43,9 @@ def call_key(target: Any, args: tuple, kwargs: dict,
     (a dict whose keys do not sort, a ``__hash__`` that fails) means no key, never a failed
     forward."""
     try:
-        return target, _frozen(args, value_of), _frozen(kwargs, value_of)
+        key = target, _frozen(args, value_of), _frozen(kwargs, value_of)
+        hash(key)  # the function itself too
+        return key
     except Exception:  # Unknown, or anything a user's object raises
         return None
 

@@ -21,6 +21,7 @@ def test_keys_tell_apart_what_python_equality_would_not():
     assert call_key(torch.cat, ((x, x), {"dim": 0}), {}, _value_of) is not None
     assert call_key(torch.cat, ((x, x), {0}), {}, _value_of) is None  # a set: no key
     assert call_key(torch.cat, ((x, x), {1: 0, "a": 1}), {}, _value_of) is None  # unsortable
+    assert call_key([torch.cat], (x,), {}, _value_of) is None  # an unhashable callable
     before = call_key(torch.mul, (x, 2.0), {}, _value_of)
     x.add_(1)  # written in place: a new value of the same tensor
     assert call_key(torch.mul, (x, 2.0), {}, _value_of) != before
