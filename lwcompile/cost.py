@@ -142,7 +142,8 @@ class CostMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if self.shared and func._schema.is_mutable:
+        mutable = func._schema.is_mutable
+        if mutable and self.shared:
             self._refuse_shared_writes(func, args, kwargs)
         out = func(*args, **kwargs)
         if not self.timeline.value_dependent and _reads_values(func):
@@ -152,7 +153,7 @@ class CostMode(TorchDispatchMode):
                                           transposed=args[6])
         elif (formula := flop_registry.get(func._overloadpacket)) is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
-        if self.preexisting is not None and func._schema.is_mutable:
+        if mutable and self.preexisting is not None:
             self._count_writes(func, args, kwargs)
         if self.preexisting is not None:
             for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:

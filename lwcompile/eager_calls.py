@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cost import unseen_alias
 from .flow import tensors
+from .trace import join
 
 #: a tensor's content at one moment: (serial number, version)
 Value = tuple[int, int]
@@ -83,7 +84,7 @@ def eager_call(op: str, target: Any, args: tuple, prefix: str) -> tuple[Any, tup
     """What eager calls for an fx node (op, target, args), with its arguments in eager's
     order; None for nodes eager's record cannot hold (placeholders, attributes)."""
     if op == "call_module":
-        return ("module", f"{prefix}.{target}" if prefix else target), args
+        return ("module", join(prefix, target)), args
     if op == "call_method":
         method = getattr(torch.Tensor, target, None)
         return (method, args) if method is not None else None
@@ -142,19 +143,24 @@ class EagerCalls(TorchFunctionMode):
         self._pending: list[Hashable | None] = []
         self._inside = 0  # depth of watched module calls
 
+    def _serial(self, t: torch.Tensor) -> int | None:
+        entry = self._serials.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
     def value(self, t: torch.Tensor) -> Value:
         """``t``'s value as eager holds it (a new serial the first time it is seen)."""
-        entry = self._serials.get(id(t))
-        if entry is None or entry[0]() is not t:
-            entry = self._serials[id(t)] = weakref.ref(t), next(self._next)
-        return entry[1], t._version
+        serial = self._serial(t)
+        if serial is None:
+            serial = next(self._next)
+            self._serials[id(t)] = weakref.ref(t), serial
+        return serial, t._version
 
     def known_value(self, t: torch.Tensor) -> Value:
         """``t``'s value if eager has seen ``t`` (a weight the graph shares), else Unknown."""
-        entry = self._serials.get(id(t))
-        if entry is None or entry[0]() is not t:
+        serial = self._serial(t)
+        if serial is None:
             raise Unknown("a tensor eager has not seen")
-        return entry[1], t._version
+        return serial, t._version
 
     def forget(self) -> None:
         self.results.clear()

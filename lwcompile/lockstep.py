@@ -141,9 +141,9 @@ class Lockstep:
         if found is None:
             return _COMPUTE
         values, alias, copy = found
-        if self.owned and self.owned.intersection(
-                v[0] for v in (values if isinstance(alias, (tuple, list)) else (values,))):
-            return _COMPUTE
+        results = values if isinstance(alias, (tuple, list)) else (values,)
+        if self.owned.intersection(serial for serial, _ in results):
+            return _COMPUTE  # eager wrote into a tensor the graph holds its own copy of
         window = self.cost.window(call[0][1]) if node.op == "call_module" else None
         with window or contextlib.nullcontext():
             if isinstance(alias, torch.Tensor):
@@ -210,12 +210,12 @@ class Lockstep:
         """Pair the graph with the eager forward of ``model`` run inside the block; ``flow``
         (recorded on that forward) is paused whenever the graph runs the same modules."""
         self.flow = flow
+        names = {t: join(self.attempt.name, t) for t in self.called}
         handles = self.eager.watching(
-            {join(self.attempt.name, t): model.get_submodule(join(self.attempt.name, t))
-             for t in self.called},
-            recorded={join(self.attempt.name, t) for t in self.called - self.convs})
+            {name: model.get_submodule(name) for name in names.values()},
+            recorded={names[t] for t in self.called - self.convs})
         for target in self.convs:
-            name = join(self.attempt.name, target)
+            name = names[target]
 
             def hook(_m: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
                 self._offer(name, inputs, output)
