@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from examples.dncnn import DnCNN
 from examples.srresnet import SRResNet
-from lwcompile.data import HELD_OUT, Degrade, add_noise, batches, downscale, load_images
+from lwcompile.train.data import HELD_OUT, Degrade, add_noise, batches, downscale, load_images
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"

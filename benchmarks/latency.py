@@ -43,9 +43,9 @@ from benchmarks.speed import (
     table,
     write_json,
 )
-from lwcompile.cost import count_params, measure
-from lwcompile.emit import emit_fast
-from lwcompile.profile import time_interleaved
+from lwcompile.deploy.emit import emit_fast
+from lwcompile.measure.cost import count_params, measure
+from lwcompile.measure.profile import time_interleaved
 
 #: best-vs-best speed-up the issue asks for (U-Net has none)
 TARGETS = {"DnCNN-17": 6.0, "SRResNet x4": 4.0, "SRResNet x4 +squeeze": 4.0,

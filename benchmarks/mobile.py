@@ -33,7 +33,7 @@ from torch import nn
 import lwcompile
 from benchmarks.speed import merge_rows
 from examples import dncnn, glcic, srresnet, unet
-from lwcompile.mobile import MobileExport, export_mobile, load_pte
+from lwcompile.deploy.mobile import MobileExport, export_mobile, load_pte
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

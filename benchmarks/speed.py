@@ -23,7 +23,7 @@ from torch import nn
 import lwcompile
 from examples import dncnn, glcic, srresnet, unet
 from lwcompile import Rule
-from lwcompile.emit import ChannelsLast
+from lwcompile.deploy.emit import ChannelsLast
 from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,7 +111,7 @@ def onnxruntime_session(model: nn.Module, inputs: tuple, threads: int = THREADS,
     CPUExecutionProvider on ``threads`` threads."""
     import onnxruntime as ort
 
-    from lwcompile.export import export_onnx
+    from lwcompile.deploy.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, inputs, Path(tmp) / "model.onnx", fast=fast)

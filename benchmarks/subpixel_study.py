@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import RESULTS, SR2, held_out, score, train_supervised
-from lwcompile.modules import LIST
+from lwcompile.nn import LIST
 
 SCALE = 2
 

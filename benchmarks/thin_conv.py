@@ -30,9 +30,9 @@ from benchmarks.speed import (
     table,
     write_json,
 )
-from lwcompile.emit import ThinConvPhases
-from lwcompile.mobile_forms import PHASES, phase_weight
-from lwcompile.profile import time_interleaved
+from lwcompile.deploy.emit import ThinConvPhases
+from lwcompile.deploy.mobile_forms import PHASES, phase_weight
+from lwcompile.measure.profile import time_interleaved
 
 
 class UnshufflePhases(nn.Module):
@@ -56,7 +56,7 @@ def _runtimes(model: nn.Module, inputs: tuple, folder: Path, mobile: bool) -> di
     runs = {"NCHW": eager(model, inputs), "channels_last": channels_last(model, inputs),
             "onnxruntime": onnxruntime_session(model, inputs, fast=False)}
     if mobile:
-        from lwcompile.mobile import export_mobile, load_pte
+        from lwcompile.deploy.mobile import export_mobile, load_pte
 
         path = folder / f"{id(model)}.pte"
         export = export_mobile(model, inputs, path, optimize=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lwcompile.modules import LIST
+from lwcompile.nn import LIST
 
 
 class DnCNN(nn.Module):

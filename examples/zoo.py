@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwcompile._spandrel import torchvision_stub
+from lwcompile.cli.spandrel import torchvision_stub
 
 SEED = 0
 

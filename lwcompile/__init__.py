@@ -14,10 +14,10 @@ from .api import (
     lighten,
     plan,
 )
-from .cost import count_macs, count_params, random_inputs
-from .data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
-from .distill import FitErrors, distill, init_layerwise
-from .emit import emit_fast
+from .deploy.emit import emit_fast
+from .deploy.export import export_onnx, export_program
+from .deploy.mobile import export_mobile
+from .deploy.persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
 from .errors import (
     CompileFailed,
     ExampleInputError,
@@ -28,15 +28,15 @@ from .errors import (
     UntraceableError,
     VerificationError,
 )
-from .export import export_onnx, export_program
-from .flow import DataFlow, is_depthwise, record_flow, structure_key
 from .html_report import write_html
-from .mobile import export_mobile
-from .modules import GSAT, LIST, PointwiseOverParts, Resize
-from .persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
-from .profile import profile
+from .measure.cost import count_macs, count_params, random_inputs
+from .measure.profile import profile
+from .nn import GSAT, LIST, PointwiseOverParts, Resize
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
+from .tracing.flow import DataFlow, is_depthwise, record_flow, structure_key
+from .train.data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
+from .train.distill import FitErrors, distill, init_layerwise
 
 __all__ = [
     "GSAT", "LIST", "DataFlow", "PointwiseOverParts", "Resize", "count_macs", "count_params",

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import compile_verified, plan_only
+from .compiler.engine import compile_verified, plan_only
 from .errors import CompileFailed, LwCompileError, NotAModuleError, RuleError
-from .inputs import infer_example_inputs
+from .measure.inputs import infer_example_inputs
 from .report import Report
 from .rule import Guard, Proposal, Rule, Veto
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .flow import structure_key
+from .tracing.flow import structure_key
 
 
 @dataclass(frozen=True)

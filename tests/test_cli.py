@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import lwcompile
-from lwcompile import cli, persist
+from lwcompile.cli import commands as cli
+from lwcompile.deploy import persist
 from lwcompile.html_report import to_png
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from torch import nn
 
 import lwcompile
 from lwcompile import Match, NoMatch, Rule, Site
-from lwcompile.composed import composed_peak
-from lwcompile.cost import Timeline, Window, measure
-from lwcompile.trace import trace_model
+from lwcompile.compiler.composed import composed_peak
+from lwcompile.measure.cost import Timeline, Window, measure
+from lwcompile.tracing.trace import trace_model
 from tests import lightened
 
 

@@ -10,9 +10,9 @@ import torch.fx as fx
 from lightened import inputs, light
 from torch import nn
 
-from lwcompile.concat_sinking import sink_concats
-from lwcompile.cost import count_params
-from lwcompile.emit import emit_fast
+from lwcompile.deploy.concat_sinking import sink_concats
+from lwcompile.deploy.emit import emit_fast
+from lwcompile.measure.cost import count_params
 
 
 def cats(gm: fx.GraphModule) -> int:

@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lwcompile
-from lwcompile.cost import measure, measure_on_shapes
-from lwcompile.flow import structure_key
+from lwcompile.measure.cost import measure, measure_on_shapes
+from lwcompile.tracing.flow import structure_key
 
 
 def _model() -> nn.Module:

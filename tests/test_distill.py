@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lwcompile
 from examples.dncnn import DnCNN
 from lwcompile import LIST, LwCompileError
-from lwcompile.data import add_noise, batches, load_images
-from lwcompile.distill import (
+from lwcompile.train.data import add_noise, batches, load_images
+from lwcompile.train.distill import (
     _least_squares_last_conv,
     _permutable_consumer,
     _permute_inputs,
@@ -164,7 +164,7 @@ def test_distill_under_torchrun_with_two_processes(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, torch, lwcompile
         from examples.dncnn import DnCNN
-        from lwcompile.distill import distill
+        from lwcompile.train.distill import distill
         torch.manual_seed(0)
         teacher = DnCNN(features=16, depth=3).eval()
         student = lwcompile.lighten(teacher, (torch.rand(1, 1, 16, 16),))

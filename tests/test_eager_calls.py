@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.eager_calls import EagerCalls, call_key, eager_call
+from lwcompile.graph_check.eager_calls import EagerCalls, call_key, eager_call
 
 
 def _value_of(t: torch.Tensor) -> tuple[int, int]:

@@ -12,8 +12,7 @@ from lightened import NAMES, inputs, light, original, other_inputs, randomise_ba
 from torch import nn
 
 from lwcompile import LIST, Resize
-from lwcompile.cost import count_params, measure
-from lwcompile.emit import (
+from lwcompile.deploy.emit import (
     ChannelsLast,
     FusedLIST,
     emit_fast,
@@ -21,6 +20,7 @@ from lwcompile.emit import (
     fold_bn_into,
     pointwise_before_upsampling,
 )
+from lwcompile.measure.cost import count_params, measure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from examples import dncnn, glcic, srresnet, unet
-from lwcompile.modules import LIST
+from lwcompile.nn import LIST
 
 
 def n_params(model: nn.Module) -> int:

@@ -8,8 +8,8 @@ from lightened import inputs, light, other_inputs
 from torch import nn
 
 from lwcompile import Resize
-from lwcompile.emit import emit_fast
-from lwcompile.export import export_onnx, export_program
+from lwcompile.deploy.emit import emit_fast
+from lwcompile.deploy.export import export_onnx, export_program
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

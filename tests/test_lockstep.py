@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples import dncnn
-from lwcompile.cost import measure
-from lwcompile.engine import _reference_run
-from lwcompile.lockstep import Lockstep
-from lwcompile.trace import Call, check_graph, trace_graph
+from lwcompile.compiler.engine import _reference_run
+from lwcompile.graph_check.lockstep import Lockstep
+from lwcompile.measure.cost import measure
+from lwcompile.tracing.trace import Call, check_graph, trace_graph
 from tests.test_replay import ConvTwice, CountsCalls, RewritesItsWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from torch import nn
 
 import lwcompile
 from examples import dncnn, glcic, srresnet, unet
-from lwcompile.mobile import MobileExport, MobileUnavailableError, export_mobile, load_pte
+from lwcompile.deploy.mobile import MobileExport, MobileUnavailableError, export_mobile, load_pte
 
 DNCNN_BLOCKS = 6  # LIST blocks: DnCNN-17 has 15 of the same block (its 100% share is in
 # benchmarks/results/mobile.json); 6 keep this file's lowering time within budget

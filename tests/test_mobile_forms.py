@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.mobile_forms import phase_weight, xnnpack_forms
-from lwcompile.modules import LIST, Resize
+from lwcompile.deploy.mobile_forms import phase_weight, xnnpack_forms
+from lwcompile.nn import LIST, Resize
 
 aten = torch.ops.aten
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lwcompile.cost import measure
-from lwcompile.emit import ThinConvPhases, emit_fast, thin_convs_on_phases
-from lwcompile.export import export_onnx
-from lwcompile.onnx_forms import onnxruntime_forms
+from lwcompile.deploy.emit import ThinConvPhases, emit_fast, thin_convs_on_phases
+from lwcompile.deploy.export import export_onnx
+from lwcompile.deploy.onnx_forms import onnxruntime_forms
+from lwcompile.measure.cost import measure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The built-in rules live in top-level rules/ and must ship inside a plain wheel."""
+"""The built-in rules live in lwcompile/rules/ and must ship inside a plain wheel."""
 
 from __future__ import annotations
 

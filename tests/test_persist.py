@@ -12,8 +12,8 @@ from torch import nn
 
 import lwcompile
 from examples import dncnn
-from lwcompile import persist
-from lwcompile.persist import PersistError, SaveFileError, WrongArchitectureError
+from lwcompile.deploy import persist
+from lwcompile.deploy.persist import PersistError, SaveFileError, WrongArchitectureError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ import torch
 
 from examples.dncnn import DnCNN
 from lwcompile import LIST
-from lwcompile.cost import count_macs, count_params, measure
-from lwcompile.profile import profile
+from lwcompile.measure.cost import count_macs, count_params, measure
+from lwcompile.measure.profile import profile
 
 
 def test_profile_counts_match_cost_and_split_per_layer():

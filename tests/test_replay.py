@@ -7,10 +7,10 @@ from torch import nn
 
 import lwcompile
 from examples import dncnn
-from lwcompile import replay as replay_module
-from lwcompile.cost import measure
-from lwcompile.replay import recording
-from lwcompile.trace import trace_model
+from lwcompile.graph_check import replay as replay_module
+from lwcompile.graph_check.replay import recording
+from lwcompile.measure.cost import measure
+from lwcompile.tracing.trace import trace_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

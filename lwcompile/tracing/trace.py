@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .cost import CostMode, Timeline, preexisting
-from .errors import one_line
-from .replay import Replay
-from .state import preserved_state
+from ..errors import one_line
+from ..graph_check.replay import Replay
+from ..measure.cost import CostMode, Timeline, preexisting
+from ..measure.state import preserved_state
 
 
 @dataclass(frozen=True)

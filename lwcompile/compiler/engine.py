@@ -19,8 +19,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .composed import compose_result
-from .cost import (
+from ..errors import (
+    LwCompileError,
+    NothingToLighten,
+    UntraceableError,
+    VerificationError,
+    one_line,
+)
+from ..graph_check.lockstep import Lockstep
+from ..graph_check.replay import Replay, recording
+from ..measure.cost import (
     Measured,
     count_macs,
     count_params,
@@ -28,22 +36,13 @@ from .cost import (
     measure_on_shapes,
     random_inputs,
 )
-from .errors import (
-    LwCompileError,
-    NothingToLighten,
-    UntraceableError,
-    VerificationError,
-    one_line,
-)
-from .flow import DataFlow, flow_recording, note_output, structure_key
-from .graph import concat_skips
-from .inputs import run_example
-from .lockstep import Lockstep
-from .replay import Replay, recording
-from .report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
-from .rule import Guard, Match, Proposal, Refuse, Rule, Site
-from .state import preserved_state
-from .trace import (
+from ..measure.inputs import run_example
+from ..measure.state import preserved_state
+from ..report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Report, Row, Summary
+from ..rule import Guard, Match, Proposal, Refuse, Rule, Site
+from ..tracing.flow import DataFlow, flow_recording, note_output, structure_key
+from ..tracing.skips import concat_skips
+from ..tracing.trace import (
     Call,
     Region,
     TracedModel,
@@ -53,6 +52,7 @@ from .trace import (
     trace_graph,
     trace_model,
 )
+from .composed import compose_result
 
 
 class SiteBroke(Exception):

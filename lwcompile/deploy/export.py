@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from ..errors import VerificationError, one_line
 from .emit import ChannelsLast, emit_fast
-from .errors import VerificationError, one_line
 from .onnx_forms import onnxruntime_forms
 
 
@@ -38,7 +38,7 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
         try:
             return emit_fast(model, args, channels_last=False)
         except Exception as exc:
-            from .api import LwCompileWarning
+            from ..api import LwCompileWarning
 
             warnings.warn(f"exporting the plain form: emit_fast failed ({one_line(exc)})",
                           LwCompileWarning, stacklevel=3)

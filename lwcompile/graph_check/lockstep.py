@@ -43,13 +43,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .cost import CostMode, preexisting, storage_id, storages, unobserved
+from ..errors import one_line
+from ..measure.cost import CostMode, preexisting, storage_id, storages, unobserved
+from ..measure.state import preserved_state
+from ..tracing.flow import DataFlow, tensors
+from ..tracing.trace import Attempt, Region, ShapeRecorder, TensorMeta, join, same_output
 from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call
-from .errors import one_line
-from .flow import DataFlow, tensors
 from .replay import REPLAYABLE
-from .state import preserved_state
-from .trace import Attempt, Region, ShapeRecorder, TensorMeta, join, same_output
 
 _UNFINISHED = object()
 _COMPUTE = object()

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .trace import ShapeRecorder
+from ..tracing.trace import ShapeRecorder
 
 #: activations that act on every element alone, as modules and as functions
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Sigmoid, nn.Tanh,

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ExampleInputError
 from .cost import Measured, measure
-from .errors import ExampleInputError
 
 DEFAULT_SIZE = 64
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import LwCompileError
+from ..errors import LwCompileError
 
 #: scikit-image images used for calibration and training (bundled with the package).
 TRAIN = ("astronaut", "brick", "camera", "coffee", "coins", "gravel", "immunohistochemistry",

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import LwCompileError, NotAModuleError, one_line
-from .report import Report, Row, Summary
+from ..errors import LwCompileError, NotAModuleError, one_line
+from ..report import Report, Row, Summary
 
 MAGIC = b"LWCOMPILE\x00SAVE\n"
 FORMAT = 1

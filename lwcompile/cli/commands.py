@@ -25,13 +25,13 @@ from torch import nn
 
 import lwcompile
 
-from . import persist
-from ._spandrel import torchvision_stub
-from .errors import ExampleInputError, LwCompileError, NotAModuleError, RuleError, one_line
-from .html_report import to_png, write_html
-from .inputs import infer_example_inputs
-from .report import Report
-from .rule import Rule
+from ..deploy import persist
+from ..errors import ExampleInputError, LwCompileError, NotAModuleError, RuleError, one_line
+from ..html_report import to_png, write_html
+from ..measure.inputs import infer_example_inputs
+from ..report import Report
+from ..rule import Rule
+from .spandrel import torchvision_stub
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -415,7 +415,7 @@ def _crops(student: nn.Module, teacher: nn.Module | None,
     image = _crop_source(args)
     if image is None:
         return None
-    from .data import to_channels
+    from ..train.data import to_channels
 
     conv = next((m for m in student.modules() if isinstance(m, nn.Conv2d)), None)
     channels = conv.in_channels if conv else image.shape[0]
@@ -448,7 +448,7 @@ def _crops(student: nn.Module, teacher: nn.Module | None,
 def _crop_source(args: argparse.Namespace) -> torch.Tensor | None:
     """The image to crop (CxHxW in [0, 1]): --image, the first of --data, or skimage's camera."""
     if args.data is not None:
-        from .data import load_folder
+        from ..train.data import load_folder
 
         return load_folder(args.data, channels=3)[0]
     if args.image is not None:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .cost import unseen_alias
-from .flow import tensors
-from .trace import join
+from ..measure.cost import unseen_alias
+from ..tracing.flow import tensors
+from ..tracing.trace import join
 
 #: a tensor's content at one moment: (serial number, version)
 Value = tuple[int, int]

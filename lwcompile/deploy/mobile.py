@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.fx.node import map_arg
 from torch.utils.flop_counter import flop_registry
 
-from .errors import LwCompileError, one_line
+from ..errors import LwCompileError, one_line
 from .mobile_forms import xnnpack_forms
 
 INSTALL_HINT = "pip install lwcompile[mobile]"

@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..errors import LwCompileError
+from ..nn import LIST, Resize
+from ..report import APPLIED
 from .data import Degrade, batches, step_generator
-from .errors import LwCompileError
-from .modules import LIST, Resize
-from .report import APPLIED
 
 #: modules that act on each channel separately: a channel permutation passes through them
 _PER_CHANNEL = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU,

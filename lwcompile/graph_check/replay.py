@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import unobserved
+from ..measure.cost import unobserved
 
 #: the most memory recorded outputs may hold; calls past it are recomputed in the check
 BUDGET_BYTES = 512 * 2**20

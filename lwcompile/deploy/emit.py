@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
+from ..errors import VerificationError
+from ..measure.profile import time_interleaved
+from ..nn import GSAT, LIST, Resize
 from .concat_sinking import sink_concats
-from .errors import VerificationError
 from .mobile_forms import MAX_OUT_CHANNELS, MIN_KERNEL, PHASES, phase_weight
-from .modules import GSAT, LIST, Resize
-from .profile import time_interleaved
 
 
 class FusedLIST(nn.Module):

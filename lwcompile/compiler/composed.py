@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .cost import Measured, Timeline
-from .flow import DataFlow
-from .report import Report
+from ..measure.cost import Measured, Timeline
+from ..report import Report
+from ..tracing.flow import DataFlow
 
 if TYPE_CHECKING:
     from .engine import Workspace

@@ -1,0 +1,1 @@
+"""Training the light network: data and degradations, layer-wise fitting, distillation."""
