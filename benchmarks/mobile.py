@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 import lwcompile
-from benchmarks.speed import merge_rows
+from benchmarks.speed import cpu_model_and_flags, merge_rows
 from examples import dncnn, glcic, srresnet, unet
 from lwcompile.deploy.mobile import MobileExport, export_mobile, load_pte
 
@@ -212,7 +211,8 @@ def main() -> None:
     settings = {
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
         "torch": torch.__version__, "executorch": version("executorch"),
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "machine": cpu_model_and_flags()[0], "isa": cpu_model_and_flags()[1],
+        "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "note": "medians of interleaved runs; ratios are from the same rounds. Other "

@@ -8,7 +8,9 @@ variants interleaved (``lwcompile.profile.time_interleaved``) and quotes medians
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -162,16 +164,39 @@ def write_json(name: str, data: dict) -> Path:
     return path
 
 
-def machine() -> dict[str, Any]:
-    """Versions, threads and the load average (call at the start: a loaded machine skews)."""
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "cpu": platform.processor()}
-    try:
-        import onnxruntime
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+             "neon", "asimd", "sve")
 
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and the vector ISA flags that decide which kernels run (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model name") and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    except OSError:
         pass
+    return model, sorted(flag for flag in ISA_FLAGS if flag in flags)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, ISA flags, versions, threads and the load average (call at the start: a loaded
+    machine skews timings)."""
+    cpu, isa = cpu_model_and_flags()
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpu": cpu, "isa": isa,
+                            "cores": os.cpu_count()}
+    for runtime in ("onnxruntime", "executorch"):
+        try:
+            info[runtime] = importlib.metadata.version(runtime)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
         with open("/proc/loadavg") as f:
             info["loadavg"] = f.read().split()[:3]
