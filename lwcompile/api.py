@@ -1,7 +1,7 @@
 """The public entry points: ``lighten``, ``plan``, and the default rule and guard sets.
 
 Everything here validates what the user handed in (so misuse fails early with a
-``RuleError`` naming the problem) and then hands over to the engine.
+``RuleError`` naming the problem) and then hands over to the compiler (``compiler.driver``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compiler.engine import compile_verified, plan_only
+from .compiler.driver import compile_verified, plan_only
 from .errors import CompileFailed, LwCompileError, NotAModuleError, RuleError
 from .measure.inputs import infer_example_inputs
 from .report import Report

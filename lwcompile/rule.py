@@ -3,7 +3,7 @@
 A rule is a matcher plus a builder: ``match(site)`` answers ``Match`` or ``NoMatch(reason)``,
 ``build(match)`` returns the replacement ``nn.Module``. A guard sees the proposed rewrite
 (match and built replacement) and answers ``None`` or ``Veto(reason)``. Neither ever touches
-the model: the engine applies, verifies and records.
+the model: the compiler applies, verifies and records.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Proposal:
 
     @functools.cached_property
     def replacement_key(self) -> tuple:
-        """The replacement's ``flow.structure_key``, computed once: guards and the engine
+        """The replacement's ``flow.structure_key``, computed once: guards and the compiler
         both cache work by it (identical replacements of twin sites share the work)."""
         return structure_key(self.replacement) if self.replacement is not None else ()
 
@@ -134,7 +134,7 @@ class Rule:
     """Base class of rewrite rules. Subclass as a ``@dataclass`` whose fields are parameters.
 
     ``applies_to`` filters sites by module type before ``match`` is asked; ``exact`` asks the
-    engine to check the replacement numerically against what it replaces, not only by shape.
+    compiler to check the replacement numerically against what it replaces, not only by shape.
     Lower ``priority`` runs first. ``for_image_layers`` says the rule was designed for the
     layers that read or write the image itself, so the image-boundary guard lets it through.
     """

@@ -1,4 +1,4 @@
-"""The result's cost composed from runs already made (composed.py) equals running it."""
+"""The result's cost composed from runs already made (result_cost.py) equals running it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import nn
 
 import lwcompile
 from lwcompile import Match, NoMatch, Rule, Site
-from lwcompile.compiler.composed import composed_peak
+from lwcompile.compiler.result_cost import composed_peak
+from lwcompile.graph_check.graph_run import check_after
 from lwcompile.measure.cost import Timeline, Window, measure
 from lwcompile.tracing.trace import trace_model
 from tests import lightened
@@ -43,7 +44,7 @@ def test_the_graph_check_times_memory_call_by_call():
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         out = model(x)
-    (region,) = trace_model(model, (x,), {}, out).regions
+    (region,) = trace_model(model, (x,), {}, out, check_after).regions
     plane = 16 * 16 * 4  # bytes of one float channel
     assert region.timeline.calls == {
         "0": [Window(0, 8 * plane)],  # the input existed before: not an activation

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples import dncnn
-from lwcompile.compiler.engine import _reference_run
+from lwcompile.compiler.driver import reference_run
+from lwcompile.graph_check.graph_run import check_after
 from lwcompile.graph_check.lockstep import Lockstep
 from lwcompile.measure.cost import measure
-from lwcompile.tracing.trace import Call, check_graph, trace_graph
+from lwcompile.tracing.trace import Call, trace_graph
 from tests.test_replay import ConvTwice, CountsCalls, RewritesItsWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +37,7 @@ def test_a_faithful_graph_takes_every_conv_output_from_eager_and_counts_memory_a
     region, pairing = _alongside(model, x)
     assert region.traced and pairing.hits == 5
     with torch.no_grad():
-        computed, _ = check_graph(trace_graph("", model, Call((x,), {}, None)), model(x))
+        computed, _ = check_after(trace_graph("", model, Call((x,), {}, None)), model(x))
     assert region.timeline == computed.timeline  # a copied output costs what a computed one does
     conv = next(n for n in region.graph_module.graph.nodes if n.target == "body.0")
     assert tuple(conv.meta["tensor_meta"].shape) == (1, 16, 20, 20)
@@ -107,22 +108,23 @@ class WithAnOpaqueBlock(nn.Module):
 
 
 def test_a_root_that_traced_whole_is_paired_else_conv_outputs_are_recorded():
-    whole = _reference_run(dncnn.DnCNN(features=8, depth=3), (torch.rand(1, 1, 8, 8),), {},
-                           False, (nn.Conv2d,), Counter())
+    whole = reference_run(dncnn.DnCNN(features=8, depth=3), (torch.rand(1, 1, 8, 8),), {},
+                          False, (nn.Conv2d,), Counter())
     region, opaque = whole.root
-    assert region.traced and opaque == set() and whole.replay is None
+    assert region.traced and opaque == set() and whole.graph_check.paired
+    assert whole.graph_check.replay is None
     # an opaque leaf would run its hooked convs during eager's forward: checked afterwards
-    partial = _reference_run(WithAnOpaqueBlock(), (torch.rand(1, 3, 8, 8),), {}, False,
-                             (nn.Conv2d,), Counter())
+    partial = reference_run(WithAnOpaqueBlock(), (torch.rand(1, 3, 8, 8),), {}, False,
+                            (nn.Conv2d,), Counter())
     region, opaque = partial.root
-    assert region.traced and opaque == {"block"} and partial.replay is not None
-    assert partial.replay.hits == 1  # the root's own conv, replayed in its check
+    assert region.traced and opaque == {"block"} and not partial.graph_check.paired
+    assert partial.graph_check.replay.hits == 1  # the root's own conv, replayed in its check
 
 
 def test_the_data_flow_counts_eager_calls_only():
     """After the pairing ends the graph computes convs itself, inside eager's forward."""
-    reference = _reference_run(CountsCalls(), (torch.rand(1, 3, 8, 8),), {}, False,
-                               (nn.Conv2d,), Counter())
+    reference = reference_run(CountsCalls(), (torch.rand(1, 3, 8, 8),), {}, False,
+                              (nn.Conv2d,), Counter())
     assert reference.root[0].opaque_reason == "traced graph disagrees with eager"
     assert reference.flow.calls == {"first": 1, "second": 1}
 
@@ -158,7 +160,7 @@ def test_the_graph_takes_what_eager_computed_between_the_convs():
     assert region.traced and pairing.hits == 2
     assert pairing.reused == 4  # act, cat, mul, add: nothing computed twice
     with torch.no_grad():
-        computed, _ = check_graph(trace_graph("", model, Call((x,), {}, None)), model(x))
+        computed, _ = check_after(trace_graph("", model, Call((x,), {}, None)), model(x))
     assert region.timeline == computed.timeline  # taken where it would have been computed
 
 
@@ -254,8 +256,8 @@ class CountsPositives(nn.Module):
 
 def test_a_value_eager_read_marks_the_graph_check_value_dependent():
     """The graph took nonzero's result from eager, so only eager's run saw the value read."""
-    reference = _reference_run(CountsPositives(), (torch.rand(1, 3, 8, 8),), {}, False,
-                               (nn.Conv2d,), Counter())
+    reference = reference_run(CountsPositives(), (torch.rand(1, 3, 8, 8),), {}, False,
+                              (nn.Conv2d,), Counter())
     region, _ = reference.root
     assert region.traced and reference.run.reads_values
     assert region.timeline.value_dependent

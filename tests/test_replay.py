@@ -1,5 +1,7 @@
 """Checking a traced graph replays the eager run's conv outputs instead of recomputing them."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from torch import nn
 import lwcompile
 from examples import dncnn
 from lwcompile.graph_check import replay as replay_module
+from lwcompile.graph_check.graph_run import check_after
 from lwcompile.graph_check.replay import recording
 from lwcompile.measure.cost import measure
 from lwcompile.tracing.trace import trace_model
@@ -19,7 +22,7 @@ def _eager_then_trace(model: nn.Module, x: torch.Tensor):
     model.eval()
     with recording(model) as replay, torch.no_grad():
         out = model(x)
-    return trace_model(model, (x,), {}, out, replay), replay
+    return trace_model(model, (x,), {}, out, partial(check_after, replay=replay)), replay
 
 
 def test_a_faithful_graph_takes_every_conv_output_from_the_eager_run():

@@ -1,7 +1,7 @@
 """Check the root's traced graph against eager while the eager forward runs.
 
-A traced graph is trusted only once it gives eager's output on the same input (trace.py).
-Run after eager, that check is a second forward. Run alongside eager, it computes almost
+A traced graph is trusted only once it gives eager's output on the same input. Run after
+eager (graph_run.py), that check is a second forward. Run alongside eager, it computes almost
 nothing: wherever the graph calls what eager called, on the same values, it takes eager's
 result (eager_calls.py). What it must compute (the Python that tracing may have baked in or
 dropped, which is what the check is for) runs for real, and the final outputs are compared
@@ -47,8 +47,9 @@ from ..errors import one_line
 from ..measure.cost import CostMode, preexisting, storage_id, storages, unobserved
 from ..measure.state import preserved_state
 from ..tracing.flow import DataFlow, tensors
-from ..tracing.trace import Attempt, Region, ShapeRecorder, TensorMeta, join, same_output
+from ..tracing.trace import Attempt, Region, TensorMeta, join
 from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call
+from .graph_run import GraphRun, same_output
 from .replay import REPLAYABLE
 
 _UNFINISHED = object()
@@ -90,7 +91,7 @@ class Lockstep:
         eager_inputs = storages(tensors(attempt.values))
         self.cost = CostMode(preexisting(attempt.module, values) | eager_inputs)
         self.cost.shared |= eager_inputs.keys()
-        self.recorder = ShapeRecorder(gm, prefix=attempt.name, cost=self.cost)
+        self.recorder = GraphRun(gm, prefix=attempt.name, cost=self.cost)
         self.called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         self.convs = {t for t in self.called if isinstance(gm.get_submodule(t), REPLAYABLE)}
         #: conv calls paired; graph nodes that took eager's result instead of computing

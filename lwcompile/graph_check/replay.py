@@ -2,7 +2,7 @@
 
 Used for a root with opaque leaves and the regions below it; a root traced whole is checked
 alongside the eager run instead (lockstep.py), which needs no record.
-A traced graph is trusted only once it gives eager's output on the same input (trace.py).
+A traced graph is trusted only once it gives eager's output on the same input (graph_run.py).
 That check is a second forward of the whole model, and in a restoration network nearly all
 of a forward is convs: work whose result is already known, because a conv called on the same
 input with the same weights as in eager gives the same output. So the eager run records each

@@ -82,7 +82,7 @@ class Window:
 @dataclass
 class Timeline:
     """A run's memory, split into its module calls and the code between them: the peak of
-    a run in which some calls are swapped is composed from it (composed.py)."""
+    a run in which some calls are swapped is composed from it (compiler/result_cost.py)."""
 
     #: the most bytes alive when code between the windowed calls allocated (what is alive
     #: as a call ends is never more than its window's entry + transient)

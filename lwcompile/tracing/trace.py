@@ -3,36 +3,35 @@
 Algorithm:
 1. Try to trace a module whole. If tracing raises inside a submodule, that submodule is
    marked as a leaf (opaque) and tracing is retried, so one bad block costs only itself.
-2. A graph that traces is run on the module's real inputs (recorded from one eager forward)
-   and compared with eager: fx can trace without error and still be wrong (a Python ``if``
-   baked in, a forward that assigns attributes). The check is not a second forward: a root
-   traced whole runs alongside the eager forward and takes eager's result for every call
-   it makes as eager made it, on the same values (lockstep.py); other graphs take the conv
-   outputs eager recorded where the input and weights are the same (replay.py).
+2. A graph that traces is handed to the caller's ``check`` with eager's output for the same
+   call: fx can trace without error and still be wrong (a Python ``if`` baked in, a
+   forward that assigns attributes). The check (``lwcompile.graph_check``) says whether
+   the graph stands as a region or the module becomes opaque; tracing does not know how.
 3. A module whose own ``forward`` cannot be traced becomes an opaque region; its children
    are visited in turn. Convs met directly inside opaque code become module-only sites: they
    can still be swapped, but nothing is known about what feeds or consumes them.
 
 Module state (``__dict__``) is snapshotted and restored around every trace and run, because
 some forwards assign attributes (``self.mean = self.mean.type_as(x)``, fused weights).
-Tracing knows nothing of rewrites.
+Tracing knows nothing of rewrites, of how graphs are checked, or of cost counting.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import one_line
-from ..graph_check.replay import Replay
-from ..measure.cost import CostMode, Timeline, preexisting
 from ..measure.state import preserved_state
+
+if TYPE_CHECKING:  # the type only: the graph check, not tracing, measures memory
+    from ..measure.cost import Timeline
 
 
 @dataclass(frozen=True)
@@ -45,22 +44,7 @@ class TensorMeta:
 
 class ShapeRecorder(fx.Interpreter):
     """Run a graph and store each tensor value's shape on its node (quietly, unlike
-    ShapeProp, which prints a traceback for every failing node). Conv calls whose output
-    the eager run recorded (``replay``) take it from there instead of computing it."""
-
-    def __init__(self, gm: fx.GraphModule, replay: Replay | None = None,
-                 prefix: str = "", cost: CostMode | None = None) -> None:
-        super().__init__(gm)
-        self.replay, self.prefix, self.cost = replay, prefix, cost
-
-    def call_module(self, target, args, kwargs):  # noqa: ANN001 - fx signature
-        name = join(self.prefix, target)
-        with self.cost.window(name) if self.cost is not None else contextlib.nullcontext():
-            if self.replay is not None:
-                out = self.replay.output_for(name, self.fetch_attr(target), args, kwargs)
-                if out is not None:
-                    return out
-            return super().call_module(target, args, kwargs)
+    ShapeProp, which prints a traceback for every failing node)."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -170,18 +154,6 @@ def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list
     return concrete, list(bound.arguments.values())
 
 
-def same_output(a: Any, b: Any) -> bool:
-    """Whether a graph's output equals eager's (within float tolerance, any nesting)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                            equal_nan=True))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(same_output(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_output(a[k], b[k]) for k in a)
-    return type(a) is type(b)
-
-
 @dataclass
 class Attempt:
     """A module traced (or not) and not yet checked against eager."""
@@ -199,8 +171,8 @@ class Attempt:
     @property
     def whole(self) -> bool:
         """The root, traced as one graph with no opaque leaves: the only graph that can be
-        checked alongside eager (lockstep.py) and a result's cost composed from
-        (composed.py)."""
+        checked alongside eager (graph_check.lockstep) and a result's cost composed from
+        (compiler.result_cost)."""
         return self.name == "" and self.graph_module is not None and not self.opaque
 
     def refused(self, reason: str) -> tuple[Region, set[str]]:
@@ -241,48 +213,22 @@ def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
     return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
 
 
-def check_graph(attempt: Attempt, expected: Any,
-                replay: Replay | None = None) -> tuple[Region, set[str]]:
-    """Run the traced graph on the recorded call's arguments and compare with eager's
-    ``expected`` output; the region (traced or opaque) and its opaque leaves.
-
-    ``replay`` holds conv outputs of an eager run on the same inputs (replay.py). The run's
-    memory is timed call by call only where a result's cost can be composed from it: a
-    whole model traced without opaque leaves (composed.py); elsewhere that would only slow
-    the check."""
-    if attempt.graph_module is None:
-        return attempt.refused(attempt.failure)
-    cost = CostMode(preexisting(attempt.module, attempt.values)) if attempt.whole else None
-    try:
-        with preserved_state(attempt.module), torch.no_grad(), cost or contextlib.nullcontext():
-            out = ShapeRecorder(attempt.graph_module, replay, attempt.name,
-                                cost).run(*attempt.values)
-    except Exception as exc:
-        return attempt.refused(f"traced graph fails to run: {one_line(exc)}")
-    if not same_output(out, expected):
-        return attempt.refused("traced graph disagrees with eager")
-    return attempt.accepted(cost.timeline if cost is not None else None)
-
-
-def trace_region(name: str, module: nn.Module, call: Call,
-                 replay: Replay | None = None) -> tuple[Region, set[str]]:
-    """Trace one module and check it against its recorded call; return it and its opaque
-    leaves."""
-    return check_graph(trace_graph(name, module, call), call.output, replay)
-
-
 def is_leaf(module: nn.Module) -> bool:
     """fx's own notion of a leaf: torch.nn built-ins other than containers."""
     return fx.Tracer().is_leaf_module(module, "")
 
 
-def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any,
-                replay: Replay | None = None,
+#: judges a traced module against eager's output for its call: the region (traced, or
+#: opaque with the reason) and the submodules left opaque inside it
+Check = Callable[[Attempt, Any], tuple[Region, set[str]]]
+
+
+def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Check,
                 root: tuple[Region, set[str]] | None = None) -> TracedModel:
     """Trace ``model`` hierarchically, level by level, one eager forward per level below
-    the root (``output`` is the root's eager output on ``args``, already known; ``replay``
-    its conv outputs, which spare the graph checks recomputing them). ``root`` is the
-    root's region and opaque leaves when it was already traced and checked (lockstep.py)."""
+    the root (``output`` is the root's eager output on ``args``, already known), each
+    traced module judged by ``check``. ``root`` is the root's region and opaque leaves
+    when it was already traced and checked."""
     result = TracedModel()
     pending: dict[str, nn.Module] = {"": model}
     calls = {"": Call(args, kwargs, output)}
@@ -304,7 +250,8 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any,
             if name == "" and root is not None:
                 region, opaque = root
             else:
-                region, opaque = trace_region(name, module, calls[name], replay)
+                call = calls[name]
+                region, opaque = check(trace_graph(name, module, call), call.output)
             result.regions.append(region)
             if region.traced:
                 children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}

@@ -1,7 +1,7 @@
 """The result's MACs and peak memory, derived from runs already made instead of a new one.
 
 A forward of the whole result would show that it runs and what it costs. When the whole
-model is one traced graph whose checking run (trace.py) read no value into Python, and
+model is one traced graph whose checking run (graph_check) read no value into Python, and
 every rewrite swapped one module called once by that graph for a replacement that ran on
 fake tensors and gives a fresh tensor of the same shape, dtype and strides, that forward
 adds nothing:
@@ -19,14 +19,10 @@ values) is run and measured.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..measure.cost import Measured, Timeline
 from ..report import Report
 from ..tracing.flow import DataFlow
-
-if TYPE_CHECKING:
-    from .engine import Workspace
+from .workspace import Workspace
 
 
 def why_not_composed(ws: Workspace, report: Report, flow: DataFlow) -> str:
