@@ -7,10 +7,10 @@ colour one filtered map. Squeezing the input first keeps a full kxk kernel per o
 colour and per squeezed channel: for 9x9 64->3 the MACs per pixel drop from 15,552 to
 4,912 (3.2x). Small kernels (3x3) are left alone: there the squeeze saves little.
 
-A default rule because its measured cost is small: on the trained SR x2 teacher, after 480
-CPU-s of fine-tuning, 0.02-0.04 dB below the equally fine-tuned teacher (two seeds;
-``python -m benchmarks.image_output_study``). ``default_rules(without=["image-output-squeeze"])``
-keeps every image-facing layer standard, as the paper does.
+A default rule because the quality it costs is within what a short fine-tune recovers
+(measured by ``python -m benchmarks.image_output_study``; results in docs/quality.md).
+``default_rules(without=["image-output-squeeze"])`` keeps every image-facing layer standard,
+as the paper does.
 
 The replacement starts from the original weights, not at random: the conv's weight seen as
 a C_in x (C_out k k) matrix is cut to its best rank-C_in/4 approximation (SVD), whose left
