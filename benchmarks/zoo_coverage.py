@@ -59,9 +59,9 @@ def run_one(name: str) -> dict:
     s = report.summary
     row.update(
         status="lightened" if report.applied and same_shape else "unchanged",
-        applied=len(report.applied), kept=len(report.refused),
+        applied=len(report.applied), kept=len(report.not_applied),
         rules=dict(Counter(r.decided_by for r in report.applied)),
-        kept_by=dict(Counter(r.decided_by for r in report.refused)),
+        kept_by=dict(Counter(r.decided_by for r in report.not_applied)),
         params_before=s.params_before, params_after=s.params_after,
         macs_before=s.macs_before, macs_after=s.macs_after, shape_kept=same_shape,
         depthwise_into_pixel_shuffle=sorted(depthwise_feeding_pixel_shuffle(light, inputs)),

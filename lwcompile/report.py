@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,8 +64,16 @@ class Report:
         return [r for r in self.rows if r.outcome == APPLIED]
 
     @property
-    def refused(self) -> list[Row]:
+    def not_applied(self) -> list[Row]:
+        """Every site left as it was, whatever the outcome: KEPT, REFUSED or ROLLED_BACK."""
         return [r for r in self.rows if r.outcome != APPLIED]
+
+    @property
+    def refused(self) -> list[Row]:
+        """Deprecated: every non-applied row, not only REFUSED ones; use ``not_applied``."""
+        warnings.warn("Report.refused returns every site not applied (kept, refused or rolled "
+                      "back); use Report.not_applied", DeprecationWarning, stacklevel=2)
+        return self.not_applied
 
     def to_dict(self) -> dict[str, Any]:
         summary = None
@@ -97,7 +106,7 @@ class Report:
             s = self.summary
             out.append("")
             out.append(
-                f"{len(self.applied)} rewritten, {len(self.refused)} kept | "
+                f"{len(self.applied)} rewritten, {len(self.not_applied)} kept | "
                 f"params {_num(s.params_before)} -> {_num(s.params_after)} "
                 f"({s.param_ratio:.1f}x fewer) | MACs {_num(s.macs_before)} -> "
                 f"{_num(s.macs_after)} ({s.mac_ratio:.1f}x fewer) | peak activations "

@@ -46,7 +46,7 @@ def test_dncnn_report(dncnn_pair):
     report = light.lwcompile_report
     assert len(report.applied) == 15
     assert {r.site for r in report.applied} == {f"body.{i}" for i in range(2, 45, 3)}
-    kept = {r.site: r for r in report.refused}
+    kept = {r.site: r for r in report.not_applied}
     assert set(kept) == {"body.0", "body.47"}
     assert all(r.decided_by == "image-boundary" and r.outcome == KEPT for r in kept.values())
     row = report.applied[0]

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import LwCompileError, UntraceableError, one_line
-from ..measure.state import preserved_state
+from ..measure.snapshot import preserved_state
 from ..tracing.trace import Check, Region, TracedModel, trace_model
 from .check import Checked
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ..errors import one_line
 from ..measure.cost import CostMode, preexisting
-from ..measure.state import preserved_state
+from ..measure.snapshot import preserved_state
 from ..tracing.trace import Attempt, Region, ShapeRecorder, join
 from .replay import Replay
 

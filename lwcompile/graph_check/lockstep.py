@@ -45,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import one_line
 from ..measure.cost import CostMode, preexisting, storage_id, storages, unobserved
-from ..measure.state import preserved_state
+from ..measure.snapshot import preserved_state
 from ..tracing.flow import DataFlow, tensors
 from ..tracing.trace import Attempt, Region, TensorMeta, join
 from .eager_calls import EagerCalls, Unknown, Value, call_key, eager_call

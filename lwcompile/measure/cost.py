@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
-from .state import preserved_state
+from .snapshot import preserved_state
 
 
 def count_params(module: nn.Module) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cost import count_params, measure
-from .state import preserved_state
+from .snapshot import preserved_state
 
 
 @dataclass

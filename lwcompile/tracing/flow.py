@@ -26,7 +26,7 @@ import torch.fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..measure.state import preserved_state
+from ..measure.snapshot import preserved_state
 
 _TAG = "_lwcompile_origins"
 

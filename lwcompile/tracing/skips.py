@@ -1,9 +1,9 @@
-"""A networkx view of a traced region: depths, and the concat skips of U-Net style networks.
+"""The concat-skip finder: the skip connections of U-Net style networks in a traced graph.
 
 A channel concat whose inputs were produced at different depths of the graph (longest path
-from the inputs) joins an early feature map to a late one: a skip connection. Rewrites of
-convs that consume one must keep the channel bookkeeping (which input channels are which),
-so the report lists them.
+from the inputs, on a networkx view of it) joins an early feature map to a late one: a skip
+connection. Rewrites of convs that consume one must keep the channel bookkeeping (which
+input channels are which), so the report lists them (``concat_skips``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import one_line
-from ..measure.state import preserved_state
+from ..measure.snapshot import preserved_state
 
 if TYPE_CHECKING:  # the type only: the graph check, not tracing, measures memory
     from ..measure.cost import Timeline

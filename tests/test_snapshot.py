@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lwcompile.measure.state import preserved_state
+from lwcompile.measure.snapshot import preserved_state
 
 
 class Assigns(nn.Module):
