@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test zoo coverage lint clean
+.PHONY: demo test quick zoo coverage lint clean
 
 # torch is pinned to the local CPU wheel first, so nothing can pull a CUDA build later;
 # spandrel (the zoo of third-party networks) needs torchvision on paper, so --no-deps.
@@ -20,9 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
-# the fast suite (CI): every test except the whole spandrel zoo
+# extra pytest arguments, e.g. make quick PYTEST_ARGS="-x tests/test_core.py"
+PYTEST_ARGS ?=
+
+# the CI suite: every test except the whole spandrel zoo; lists the 15 slowest tests
 test: $(STAMP)
-	$(PY) -m pytest -m "not zoo"
+	$(PY) -m pytest -m "not zoo" --durations=15 $(PYTEST_ARGS)
+
+# while editing: also leaves out the tests marked slow (fuzz, subprocesses, wheel, ExecuTorch)
+quick: $(STAMP)
+	$(PY) -m pytest -m "not zoo and not slow" $(PYTEST_ARGS)
 
 # every spandrel architecture, lightened and checked (about 15 minutes on 2 cores)
 zoo: $(STAMP)

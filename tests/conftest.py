@@ -6,12 +6,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "zoo: spandrel zoo model outside ZOO_FAST (deselect with -m 'not zoo')"
-    )
-
-
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's reporter
     """Print how many random networks the fuzz suite checked (CI logs show it)."""
     import sys

@@ -1,6 +1,7 @@
 """Small lightened versions of the four reference networks, built once per test session.
 
-Shared by test_emit.py and test_export.py (lighten is the slow part). BatchNorm statistics
+Shared by the deployment tests (lighten is the slow part): import it as
+``from tests.lightened import ...`` so that every file shares one cache. BatchNorm statistics
 are randomised first: with the init values (mean 0, var 1) a wrong fold would go unnoticed.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 import lwcompile
 from examples import dncnn, glcic, srresnet, unet
+from tests.helpers import image_and_mask
 
 NAMES = ["dncnn", "srresnet", "glcic", "unet"]
 
@@ -23,20 +25,13 @@ def _images(*shapes: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, ...]
     return tuple(torch.rand(s, generator=g) for s in shapes)
 
 
-def _image_and_mask(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    (image,) = _images((1, 3, h, w))
-    mask = torch.zeros(1, 1, h, w)
-    mask[..., h // 4: h // 2, w // 4: 3 * w // 4] = 1.0
-    return image, mask
-
-
 #: name -> (builder, example inputs, inputs of another size)
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple, tuple]] = {
     "dncnn": (lambda: dncnn.DnCNN(features=32, depth=5), _images((1, 1, 32, 32)),
               _images((1, 1, 40, 24), seed=1)),
     "srresnet": (lambda: srresnet.SRResNet(scale=4, features=32, blocks=2),
                  _images((1, 3, 16, 16)), _images((1, 3, 20, 12), seed=1)),
-    "glcic": (glcic.build, _image_and_mask(32, 32), _image_and_mask(40, 24)),
+    "glcic": (glcic.build, image_and_mask(32, 32), image_and_mask(40, 24)),
     "unet": (lambda: unet.UNet(base=16), _images((1, 3, 32, 32)), _images((1, 3, 40, 24),
                                                                           seed=1)),
 }

@@ -12,12 +12,8 @@ from torch import nn
 
 import lwcompile
 from examples import custom_rules, dncnn, glcic, srresnet, unet
-from lwcompile import Match, NoMatch, Rule, RuleError, Site
+from lwcompile import Match, NoMatch, Rule, RuleError, Site, count_params
 from lwcompile.report import APPLIED, KEPT, ROLLED_BACK
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_examples_use_only_the_public_api():
@@ -89,7 +85,7 @@ def test_plan_and_lighten_agree(module):
     light = lwcompile.lighten(model, x)
     decisions = lambda rep: [(r.site, r.outcome, r.decided_by) for r in rep.rows]  # noqa: E731
     assert decisions(report) == decisions(light.lwcompile_report)
-    assert report.summary.params_after == n_params(light)
+    assert report.summary.params_after == count_params(light)
     assert report.summary.macs_after == light.lwcompile_report.summary.macs_after
 
 

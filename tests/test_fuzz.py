@@ -165,6 +165,7 @@ def check_contract(spec: Spec) -> None:
     assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
+@pytest.mark.slow  # 300 networks lightened
 def test_lighten_keeps_its_contract_on_random_networks(one_thread) -> None:
     STATS.clear()
 

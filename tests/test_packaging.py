@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # builds and installs a wheel in subprocesses
 def test_rules_load_from_a_non_editable_wheel_install(tmp_path: Path) -> None:
     pytest.importorskip("hatchling")
     wheels, target = tmp_path / "wheels", tmp_path / "site"
@@ -29,8 +30,10 @@ def test_rules_load_from_a_non_editable_wheel_install(tmp_path: Path) -> None:
         "print(len(lwcompile.lighten(m).lwcompile_report.applied))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
     assert out[0].startswith(str(target))
     assert "'list'" in out[1]
     assert out[2] == "1"

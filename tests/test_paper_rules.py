@@ -10,21 +10,12 @@ from torch import nn
 import lwcompile
 from examples import glcic, srresnet, unet
 from examples.custom_rules import DepthwiseSeparable
-from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, is_depthwise, record_flow
+from lwcompile import GSAT, LIST, Match, NoMatch, Resize, Rule, Site, count_params
 from lwcompile.errors import RuleError
 from lwcompile.report import APPLIED, KEPT
 from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
 from lwcompile.rules.split_concat_pointwise import SplitConcatPointwiseRule
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def depthwise_feeding_pixel_shuffle(model: nn.Module, inputs: tuple) -> set[str]:
-    """Independent of the guard: watch every depthwise conv in a real forward."""
-    names = [n for n, m in model.named_modules() if is_depthwise(m)]
-    return record_flow(model, inputs, watch=names).feeds_pixel_shuffle & set(names)
+from tests.helpers import depthwise_feeding_pixel_shuffle, image_and_mask
 
 
 def lightened(example) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001 - an examples module
@@ -36,13 +27,13 @@ def lightened(example) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001 - an exam
 def test_module_weights_match_the_paper():
     weights = lambda m: sum(p.numel() for n, p in m.named_parameters()  # noqa: E731
                             if n.endswith("weight") and p.dim() == 4)
-    assert n_params(LIST(64, 64)) == 2_288
+    assert count_params(LIST(64, 64)) == 2_288
     assert weights(GSAT(64, dilation=2)) == 5_120
 
 
 def test_srresnet():
     model, light = lightened(srresnet)
-    assert n_params(model) / n_params(light) >= 12
+    assert count_params(model) / count_params(light) >= 12
     x = srresnet.example_inputs()[0]
     assert light(x).shape == model(x).shape == (1, 3, 128, 128)
     rows = {r.site: r for r in light.lwcompile_report.rows}
@@ -51,9 +42,10 @@ def test_srresnet():
     assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
 
 
+@pytest.mark.slow  # the paper's full-size completion network
 def test_glcic():
     model, light = lightened(glcic)
-    assert n_params(model) / n_params(light) >= 10
+    assert count_params(model) / count_params(light) >= 10
     by_site = {r.site: r for r in light.lwcompile_report.rows}
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d) and max(conv.dilation) > 1:
@@ -65,7 +57,7 @@ def test_glcic():
             resize, lst = light.get_submodule(name)
             assert isinstance(resize, Resize) and isinstance(lst, LIST)
     for h, w in ((64, 64), (67, 61), (33, 50)):
-        image, mask = torch.rand(1, 3, h, w), torch.zeros(1, 1, h, w)
+        image, mask = image_and_mask(h, w)
         assert light(image, mask).shape == model(image, mask).shape
 
 
@@ -209,17 +201,18 @@ def test_image_output_squeeze_is_default_and_takes_only_srresnets_9x9_output_con
     assert rows["head.0"].decided_by == "image-boundary"
     squeeze, spatial = light.tail
     assert (squeeze.in_channels, squeeze.out_channels, spatial.kernel_size) == (64, 16, (9, 9))
-    assert n_params(light.tail) == 64 * 16 + 16 * 3 * 81 + 3
-    assert n_params(light) == 104_854
+    assert count_params(light.tail) == 64 * 16 + 16 * 3 * 81 + 3
+    assert count_params(light) == 104_854
     assert light(*x).shape == (1, 3, 128, 128)
     # the paper's choice (every image-facing layer standard): leave the rule out, or the site
     paper = lwcompile.lighten(model, x, rules=lwcompile.default_rules(
         without=["image-output-squeeze"]))
-    assert n_params(paper.tail) == 64 * 3 * 81 + 3
-    assert n_params(paper) == 104_854 - n_params(light.tail) + n_params(paper.tail) == 115_494
+    assert count_params(paper.tail) == 64 * 3 * 81 + 3
+    assert (count_params(paper) == 104_854 - count_params(light.tail) + count_params(paper.tail)
+            == 115_494)
     excluded = lwcompile.lighten(model, x, exclude=["tail"])
     assert {r.site: r.decided_by for r in excluded.lwcompile_report.rows}["tail"] == "exclude"
-    assert n_params(excluded) == 115_494
+    assert count_params(excluded) == 115_494
 
 
 def test_default_rules_without_leaves_named_rules_out_and_refuses_unknown_names():

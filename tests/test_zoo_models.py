@@ -16,15 +16,9 @@ import torch
 # importorskip: otherwise importorskip("spandrel") would fail on the missing torchvision and
 # silently skip the whole module.
 from examples import zoo
+from tests.helpers import zoo_cases
 
 spandrel = pytest.importorskip("spandrel")
-
-
-def _cases() -> list:
-    return [
-        pytest.param(name, id=name, marks=() if name in zoo.ZOO_FAST else pytest.mark.zoo)
-        for name in zoo.ZOO
-    ]
 
 
 def test_zoo_is_populated() -> None:
@@ -34,7 +28,7 @@ def test_zoo_is_populated() -> None:
     assert 6 <= len(zoo.ZOO_FAST) <= 10
 
 
-@pytest.mark.parametrize("name", _cases())
+@pytest.mark.parametrize("name", zoo_cases())
 def test_forward(name: str) -> None:
     entry = zoo.ZOO[name]
     model = entry.build()

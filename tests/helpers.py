@@ -1,0 +1,54 @@
+"""Small helpers shared by the test files (plain functions; fixtures live in conftest.py).
+
+Import them as ``from tests.helpers import ...`` (one module identity for every test file).
+Parameter counts come from the public ``lwcompile.count_params``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lwcompile
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: the tolerance a rewritten or exported graph is held to."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, check_stride=False)
+
+
+@torch.no_grad()
+def run(model: nn.Module, args: tuple) -> torch.Tensor:
+    """One forward pass on the tuple of inputs ``args``, without autograd."""
+    return model(*args)
+
+
+def image_and_mask(h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An inpainting input (GLCIC's two arguments): a seeded RGB image and a mask whose
+    rectangular hole (ones = missing) covers rows h/4..h/2 and columns w/4..3w/4."""
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., h // 4: h // 2, w // 4: 3 * w // 4] = 1.0
+    return image, mask
+
+
+def depthwise_feeding_pixel_shuffle(model: nn.Module, inputs: tuple) -> set[str]:
+    """Depthwise convs whose output reaches a pixel shuffle, seen in a real forward pass
+    (independent of the compiler's own guard, which decides from the traced graph)."""
+    names = [n for n, m in model.named_modules() if lwcompile.is_depthwise(m)]
+    return lwcompile.record_flow(model, inputs, watch=names).feeds_pixel_shuffle & set(names)
+
+
+def zoo_cases(slow: frozenset[str] = frozenset()) -> list:
+    """One pytest param per spandrel zoo network: marked ``zoo`` outside ``ZOO_FAST`` (only
+    ``make zoo`` runs those), and ``slow`` for the fast-subset names in ``slow``."""
+    import pytest
+
+    from examples import zoo  # imports spandrel: only for the files that test the zoo
+
+    def marks(name: str) -> tuple:
+        if name not in zoo.ZOO_FAST:
+            return (pytest.mark.zoo,)
+        return (pytest.mark.slow,) if name in slow else ()
+
+    return [pytest.param(name, id=name, marks=marks(name)) for name in zoo.ZOO]
