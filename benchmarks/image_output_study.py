@@ -32,7 +32,7 @@ from benchmarks.common import RESULTS, TASKS, held_out, load_teacher, score, tra
 from benchmarks.quality_denoise import example, n_params, print_table
 from lwcompile.measure.cost import measure
 from lwcompile.rules.image_output_squeeze import ImageOutputSqueezeRule
-from lwcompile.train.distill import init_layerwise
+from lwcompile.train.layerwise import init_layerwise
 
 
 def run(budget_s: float, ratios: list[int], seed: int, lr: float) -> dict:

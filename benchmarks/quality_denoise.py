@@ -40,7 +40,8 @@ from benchmarks.common import (
     score,
     train_supervised,
 )
-from lwcompile.train.distill import distill, init_layerwise
+from lwcompile.train.distill import distill
+from lwcompile.train.layerwise import init_layerwise
 
 DEFAULT_BUDGET = {"denoise": 300.0, "sr": 120.0}
 

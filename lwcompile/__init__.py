@@ -36,7 +36,9 @@ from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 from .tracing.flow import DataFlow, is_depthwise, record_flow, structure_key
 from .train.data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
-from .train.distill import FitErrors, distill, init_layerwise
+from .train.distill import distill
+from .train.fitting import FitTask, register_fit
+from .train.layerwise import FitErrors, init_layerwise
 
 __all__ = [
     "GSAT", "LIST", "DataFlow", "PointwiseOverParts", "Resize", "count_macs", "count_params",
@@ -48,6 +50,7 @@ __all__ = [
     "lighten", "plan", "ExcludeGuard", "LwCompileWarning", "CompileFailed",
     "NothingToLighten", "HELD_OUT", "TRAIN", "add_noise", "batches", "downscale",
     "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
+    "FitTask", "register_fit",
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
     "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
 ]

@@ -19,14 +19,9 @@ import lwcompile
 from examples.dncnn import DnCNN
 from lwcompile import LIST, LwCompileError
 from lwcompile.train.data import add_noise, batches, load_images
-from lwcompile.train.distill import (
-    _least_squares_last_conv,
-    _permutable_consumer,
-    _permute_inputs,
-    centre_heavy_order,
-    distill,
-    init_layerwise,
-)
+from lwcompile.train.distill import distill
+from lwcompile.train.fitting import centre_heavy_order, least_squares_last_conv
+from lwcompile.train.layerwise import _permutable_consumer, _permute_inputs, init_layerwise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +76,7 @@ def test_least_squares_recovers_the_last_conv_of_a_sequential_replacement():
     x = torch.randn(3, 8, 12, 12)
     with torch.no_grad():
         y = truth(rep[0](x))
-    _least_squares_last_conv(rep, x, y, ridge=1e-10)
+    least_squares_last_conv(rep, x, y, ridge=1e-10)
     torch.testing.assert_close(rep[1].weight, truth.weight, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(rep[1].bias, truth.bias, rtol=1e-3, atol=1e-4)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import LwCompileError
 
@@ -178,6 +178,27 @@ def _replay(loader: Iterable, channels: int, start: int) -> Iterator[Tensor]:
             i += 1
         if not seen or iter(loader) is loader:  # empty, or a one-shot iterator: stop
             return
+
+
+def image_channels(teacher: nn.Module) -> int:
+    """The channels of the images ``teacher`` reads: its first conv's input channels."""
+    conv = next((m for m in teacher.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise LwCompileError("cannot infer the image channels: pass channels=")
+    return conv.in_channels
+
+
+def model_inputs(data: str | Path | Tensor | Iterable | None, teacher: nn.Module,
+                 channels: int | None, degrade: Degrade | None, batch_size: int,
+                 crop: int | None, seed: int, start: int = 0,
+                 rank: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(step, model input) pairs: ``batches`` of ``data`` passed through ``degrade``, whose
+    noise is also seeded by the step; ``channels`` defaults to ``image_channels(teacher)``."""
+    stream = batches(data, channels=channels or image_channels(teacher),
+                     batch_size=batch_size, crop=crop, seed=seed, start=start, rank=rank)
+    for step, clean in enumerate(stream, start):
+        yield step, clean if degrade is None else degrade(
+            clean, step_generator(seed + 1, rank, step))
 
 
 def add_noise(sigma: float) -> Degrade:
