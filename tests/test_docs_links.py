@@ -3,7 +3,8 @@
 Every relative link in README.md and docs/*.md must name an existing file or folder, and a
 ``#fragment`` must name a heading of the target page (GitHub's anchor rules). Every file and
 function that docs/architecture.md's stage table names must exist, so the map of the
-pipeline cannot silently go stale when code moves.
+pipeline cannot silently go stale when code moves. The README's paper table and demo summary
+are what ``python -m examples.paper_table`` and ``make demo`` print.
 """
 
 from __future__ import annotations
@@ -99,3 +100,28 @@ def test_architecture_names_exist() -> None:
             if not re.search(rf"^\s*(?:def|class)\s+{name}\b|^{name}\s*[:=]", text, re.M):
                 missing.append(f"{file}: no {name}")
     assert not missing, "; ".join(missing)
+
+
+@pytest.mark.slow  # lightens the four reference networks
+def test_readme_paper_table_is_what_paper_table_prints(capsys: pytest.CaptureFixture) -> None:
+    """The README's table rows are exactly ``python -m examples.paper_table``'s output."""
+    from examples import paper_table
+
+    paper_table.main()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index("| network | params before -> after | MACs before -> after (example "
+                         "input) | rules that fired | paper (params) |")
+    rows = readme[start + 2:start + 2 + len(printed[1:])]
+    assert rows == printed[1:]
+
+
+def test_readme_demo_summary_is_what_demo_prints() -> None:
+    """The summary line of the README's ``make demo`` output is the report's own."""
+    import lwcompile
+    from examples import dncnn
+
+    report = lwcompile.lighten(dncnn.build()).lwcompile_report
+    summary = str(report).splitlines()[-1]
+    assert summary.startswith("15 rewritten, 2 kept")
+    assert summary in (ROOT / "README.md").read_text()
