@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import lwcompile
-from lwcompile.cli import commands as cli
+from lwcompile.cli import main
+from lwcompile.cli.loading import load_model
+from lwcompile.cli.spandrel import torchvision_stub
 from lwcompile.deploy import persist
 from lwcompile.html_report import to_png
 
@@ -61,14 +63,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def needs_spandrel() -> None:
     try:
-        with cli.torchvision_stub():
+        with torchvision_stub():
             import spandrel  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"spandrel is not installed: {exc}")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -76,14 +78,15 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def esrgan_checkpoint(path: Path) -> int:
     """A small ESRGAN (RRDBNet: 16 features, 1 RRDB block, x2) saved as a plain state dict,
     the way released checkpoints are; spandrel identifies it from the keys alone."""
-    with cli.torchvision_stub():
+    with torchvision_stub():
         from spandrel.architectures.ESRGAN import ESRGAN
     torch.manual_seed(0)
     model = ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=2)
     torch.save(model.state_dict(), path)
-    return sum(p.numel() for p in model.parameters())
+    return lwcompile.count_params(model)
 
 
+@pytest.mark.slow  # a subprocess: the console path as a user runs it
 def test_lighten_an_esrgan_checkpoint_end_to_end(tmp_path):
     needs_spandrel()
     params = esrgan_checkpoint(tmp_path / "esrgan.pth")
@@ -104,7 +107,7 @@ def test_lighten_an_esrgan_checkpoint_end_to_end(tmp_path):
     assert summary["params_before"] == params == 291_667
     assert summary["params_after"] < params / 6
     light = persist.load(tmp_path / "out.pt", expected="RRDBNet")
-    assert sum(p.numel() for p in light.parameters()) == summary["params_after"]
+    assert lwcompile.count_params(light) == summary["params_after"]
     with torch.no_grad():
         assert light(torch.rand(1, 3, 12, 20)).shape == (1, 3, 24, 40)
 
@@ -238,41 +241,26 @@ def test_bad_rule_option_exits_1(capsys, workdir, spec, message):
     assert code == 1 and message in err, err
 
 
-def test_profile_without_lwcompile_profile_lists_site_costs(capsys, workdir, monkeypatch):
-    monkeypatch.delattr(lwcompile, "profile", raising=False)
-    monkeypatch.setitem(sys.modules, "lwcompile.profile", None)  # as if not there yet
-    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
-    assert code == 0
-    result = json.loads(out)
-    assert [(x["site"], x["params"], x["macs"]) for x in result["layers"]] == [
-        ("0", 448, 16 * 16 * 16 * 27), ("2", 2_320, 16 * 16 * 16 * 144),
-        ("4", 2_320, 16 * 16 * 16 * 144), ("6", 435, 3 * 16 * 16 * 144)]
-    assert result["total"]["params"] == 5_523
-    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16")
-    assert code == 0 and "% MACs" in out and "whole model: 5,523 parameters" in out
-
-
-def test_profile_uses_lwcompile_profile_when_there(capsys, workdir, monkeypatch):
-    calls = []
-
-    def profile(model, inputs):
-        calls.append((type(model).__name__, tuple(inputs[0].shape)))
-        return {"layers": 3}
-
-    monkeypatch.setattr(lwcompile, "profile", profile, raising=False)
-    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x8x8", "--json")
-    assert code == 0 and calls == [("Sequential", (1, 3, 8, 8))]
-    assert json.loads(out)["profile"] == {"layers": 3}
-
-
-def test_profile_with_the_real_profiler(capsys, workdir):
-    if cli._optional_function("profile") is None:
-        pytest.skip("lwcompile.profile is not there yet")
+def test_profile_counts_each_layer(capsys, workdir):
     code, out, err = run(capsys, "profile", "lwc_tiny:build", "--json")  # input inferred
     assert code == 0, err
     profile = json.loads(out)["profile"]
     assert profile["params"] == 5_523
     assert [x["name"] for x in profile["layers"] if x["params"]] == ["0", "2", "4", "6"]
+    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
+    assert code == 0, err
+    layers = json.loads(out)["profile"]["layers"]
+    assert [(x["name"], x["params"], x["macs"]) for x in layers if x["params"]] == [
+        ("0", 448, 16 * 16 * 16 * 27), ("2", 2_320, 16 * 16 * 16 * 144),
+        ("4", 2_320, 16 * 16 * 16 * 144), ("6", 435, 3 * 16 * 16 * 144)]
+    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16")
+    assert code == 0 and "(outside leaf layers)" in out and "params 5.52k" in out
+
+
+def test_profile_on_an_input_the_model_rejects_exits_1(capsys, workdir):
+    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--input", "1x4x16x16")
+    assert code == 1 and out == ""
+    assert "lwcompile: error: Sequential cannot be profiled on the example input" in err
 
 
 def test_lighten_then_report_as_text_and_html(capsys, workdir):
@@ -327,15 +315,6 @@ def test_distill_option_calls_lwcompile_distill(capsys, workdir, monkeypatch):
     assert torch.all(persist.load(workdir / "light.pt").get_submodule("6").bias == 0.5)
 
 
-def test_distill_unavailable_is_a_clear_error(capsys, workdir, monkeypatch):
-    monkeypatch.delattr(lwcompile, "distill", raising=False)
-    monkeypatch.setitem(sys.modules, "lwcompile.distill", None)  # as if not installed
-    code, _, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt", "--input",
-                       "1x3x16x16", "--distill", "3")
-    assert code == 1 and "--distill needs lwcompile.distill" in err
-    assert not (workdir / "light.pt").exists()
-
-
 def test_distill_for_real(capsys, workdir):
     """One real distillation step on a folder of one image changes the saved weights."""
     (workdir / "photos").mkdir()
@@ -351,8 +330,9 @@ def test_distill_for_real(capsys, workdir):
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
 
 
+@pytest.mark.slow  # ExecuTorch lowering
 def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
-    mobile = pytest.importorskip("lwcompile.mobile")
+    mobile = pytest.importorskip("lwcompile.deploy.mobile")
     pytest.importorskip("executorch")
     code, out, err = run(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
                          "-o", "light.pt")
@@ -379,7 +359,7 @@ def test_export_onnx_keeps_height_and_width_free(capsys, workdir):
                                    providers=["CPUExecutionProvider"])
     x = torch.rand(1, 3, 20, 12)
     with torch.no_grad():
-        expected = cli.load_model("lwc_tiny:build")(x)
+        expected = load_model("lwc_tiny:build")(x)
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]),
                                expected, rtol=1e-4, atol=1e-5)
 

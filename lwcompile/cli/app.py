@@ -1,0 +1,163 @@
+"""The ``lwcompile`` command line: its arguments, its output and its exit codes.
+
+Results go to stdout (a table, or JSON with ``--json``); progress and library chatter go to
+stderr, so ``--json`` output can be piped. Exit codes: 0 ok, 1 lwcompile refused (an
+``LwCompileError``: the message says why), 2 usage error. What each subcommand does is in
+``commands``; this module only parses, dispatches and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import LwCompileError
+from . import commands
+
+EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130  # argparse itself exits 2 on misuse
+
+EPILOG = """\
+MODEL is a factory `package.module:callable` returning an nn.Module (the current folder is
+importable), a checkpoint file whose architecture spandrel identifies (.pth, .pt, .ckpt,
+.safetensors), or a file written by `lwcompile lighten`.
+
+examples:
+  lwcompile lighten examples.dncnn:build -o dncnn_light.pt
+  lwcompile lighten 4x_esrgan.pth -o esrgan_light.pt --input 1x3x64x64 --json
+  lwcompile lighten examples.dncnn:build -o light.pt --distill 2000 --data photos/
+  lwcompile plan examples.srresnet:build
+  lwcompile lighten examples.srresnet:build -o sr_light.pt --without image-output-squeeze
+  lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up*.up' \
+      --rule mypackage.rules:MyRule
+  lwcompile profile 4x_esrgan.pth --input 1x3x32x32
+  lwcompile export sr_light.pt -o sr_light.pte --input 1x3x128x128     # phones: ExecuTorch
+  lwcompile export sr_light.pt -o sr_light.onnx                        # onnxruntime
+  lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
+
+exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_combinations(parser, args)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        result = args.run(args)
+    except LwCompileError as exc:
+        print(f"lwcompile: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("lwcompile: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    text = result.pop("text")  # each command returns its data and the human-readable form
+    print(json.dumps(result, indent=2, default=str) if args.json else text)
+    return EXIT_OK
+
+
+def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot express: options that only make sense together."""
+    if args.run is commands.lighten and args.data is not None and not args.distill:
+        parser.error("--data is only used with --distill")
+    if (args.run is commands.export and not (args.mobile or args.onnx)
+            and args.output.suffix not in (".pte", ".onnx")):
+        parser.error(f"cannot tell the runtime from {args.output.name!r}: name it .pte "
+                     "or .onnx, or pass --mobile or --onnx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per function in ``commands`` (``args.run``)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lwcompile", formatter_class=formatter, epilog=EPILOG,
+        description="Turn a PyTorch image-restoration network into a lightweight variant.")
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], dict], help: str,
+                model: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
+                           formatter_class=formatter)
+        if model:
+            p.add_argument("model", metavar="MODEL", help="module:factory or checkpoint file")
+            p.add_argument("--input", action="append", type=_shape, metavar="SHAPE",
+                           help="example input shape, e.g. 1x3x64x64; repeat for several "
+                                "inputs (default: a 1xCx64x64 image, C from the first conv)")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        p.set_defaults(run=run)
+        return p
+
+    def rule_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                       help="a rule to use besides the default ones (a Rule class or factory, "
+                            "e.g. mypackage.rules:MyRule); repeatable")
+        p.add_argument("--without", action="append", metavar="RULE",
+                       help="leave out the default rule of this name (e.g. "
+                            "image-output-squeeze, to keep every image-facing layer standard "
+                            "as the paper does); repeatable")
+        p.add_argument("--exclude", action="append", metavar="GLOB",
+                       help="keep the sites whose names match (e.g. 'up*.up'); repeatable")
+
+    p = command("lighten", commands.lighten,
+                "lighten MODEL and save the result (architecture + weights)")
+    rule_options(p)
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pt",
+                   help="where to save the lightened model (lwcompile.load reads it)")
+    p.add_argument("--distill", type=_positive, metavar="STEPS",
+                   help="then train the result for STEPS steps to reproduce MODEL's outputs")
+    p.add_argument("--data", metavar="DIR",
+                   help="folder of training images for --distill (default: scikit-image's)")
+    rule_options(command("plan", commands.plan,
+                         "show what lighten would do to MODEL, without building it"))
+    p = command("export", commands.export,
+                "write MODEL for a runtime: ExecuTorch/XNNPACK or ONNX")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                   help="where to write it; .pte means --mobile, .onnx means --onnx")
+    runtime = p.add_mutually_exclusive_group()
+    runtime.add_argument("--mobile", action="store_true",
+                         help="an XNNPACK-delegated ExecuTorch program (.pte), as phones run "
+                              "it; needs lwcompile[mobile]")
+    runtime.add_argument("--onnx", action="store_true",
+                         help="ONNX for onnxruntime (height and width stay dynamic); needs "
+                              "lwcompile[export]")
+    command("profile", commands.profile, "parameters and MACs of MODEL, layer by layer")
+    p = command("report", commands.report,
+                "describe a saved lightened model, optionally as HTML", model=False)
+    p.add_argument("saved", metavar="OUT.pt", type=Path, help="a file written by lighten")
+    p.add_argument("--html", type=Path, metavar="REPORT.html",
+                   help="write a self-contained HTML report (default: print the table)")
+    p.add_argument("--teacher", metavar="MODEL", help="the original model, to show its output "
+                   "beside the lightened one")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--image", type=Path, help="image for the output crops")
+    source.add_argument("--data", metavar="DIR", help="folder whose first image is used")
+    source.add_argument("--no-crops", action="store_true", help="no output crops")
+    p.add_argument("--crop", type=_positive, default=64, metavar="PX",
+                   help="size of the centre crop fed to the models (default 64)")
+    return parser
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """An --input shape such as ``1x3x64x64``."""
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1x3x64x64")
+    return dims
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
