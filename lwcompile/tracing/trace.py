@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -29,9 +29,6 @@ from torch import nn
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
-
-if TYPE_CHECKING:  # the type only: the graph check, not tracing, measures memory
-    from ..measure.cost import Timeline
 
 
 @dataclass(frozen=True)
@@ -65,8 +62,10 @@ class Region:
     #: never installed in the result (it would bake those values in).
     specialised: bool = False
     #: the memory of the graph's checking run, call by call (replayed calls allocate their
-    #: output like computed ones): what the result's peak is composed from
-    timeline: Timeline | None = None
+    #: output like computed ones): what the result's peak is composed from. A
+    #: ``measure.cost.Timeline`` the graph check recorded (tracing does not count memory),
+    #: or None where it was not timed
+    timeline: Any = None
 
     @property
     def traced(self) -> bool:
@@ -178,7 +177,7 @@ class Attempt:
     def refused(self, reason: str) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, opaque_reason=reason), set()
 
-    def accepted(self, timeline: Timeline | None) -> tuple[Region, set[str]]:
+    def accepted(self, timeline: Any) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, self.graph_module, specialised=self.specialised,
                       timeline=timeline), self.opaque
 
