@@ -1,5 +1,6 @@
-"""Writing your own rules and guards: four small examples, each tested in
-tests/test_custom_rules.py. Only the public API is used (``import lwcompile``).
+"""Writing your own rules and guards: five small examples, tested in tests/test_custom_rules.py
+and (the fitted start, e) tests/test_fitting.py. Only the public API is used
+(``import lwcompile``).
 
     python -m examples.custom_rules
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 import lwcompile
-from lwcompile import Guard, Match, NoMatch, Proposal, Rule, Site, Veto
+from lwcompile import FitTask, Guard, Match, NoMatch, Proposal, Rule, Site, Veto, register_fit
 
 
 # (a) A rule: a 5x5 conv becomes two stacked 3x3 convs (same receptive field, fewer weights).
@@ -91,6 +92,58 @@ def squeeze_ratio_sweep(model: nn.Module, example_inputs: tuple,
     }
 
 
+# (e) A rule whose replacement gets a fitted start: a kxk conv through a few channels, fitted
+# to the conv it replaced by ``lwcompile.init_layerwise`` through the fit registered for it.
+class LowRankConv(nn.Module):
+    """A kxk conv factored through ``rank`` channels: kxk conv to ``rank``, then 1x1 out."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, padding=conv.padding,
+                                bias=False)
+        self.expand = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(x))
+
+
+@dataclass
+class LowRank(Rule):
+    name = "low-rank"
+    priority = 40
+
+    rank: int = 8
+
+    def match(self, site: Site) -> Match | NoMatch:
+        conv = site.module
+        if type(conv) is not nn.Conv2d or conv.groups != 1 or isinstance(conv.padding, str):
+            return NoMatch("not a dense Conv2d with numeric padding")
+        if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            return NoMatch("needs stride 1, dilation 1, zero padding")
+        if self.rank >= min(conv.in_channels, conv.out_channels):
+            return NoMatch(f"rank {self.rank} saves nothing on {conv.in_channels}->"
+                           f"{conv.out_channels} channels")
+        return Match(site)
+
+    def build(self, match: Match) -> nn.Module:
+        return LowRankConv(match.site.module, self.rank)
+
+
+@register_fit(LowRankConv)
+@torch.no_grad()
+def fit_low_rank(module: LowRankConv, task: FitTask) -> None:
+    """Start from the teacher's kernel truncated to the rank (its best rank-r approximation,
+    by SVD), then solve the 1x1 expansion by least squares on the teacher's activations:
+    the exact optimum given the reduction, where gradient steps from random weights only
+    approach one."""
+    weight = task.original.weight.flatten(1)  # out x (in * kh * kw)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    rank = module.reduce.out_channels
+    module.reduce.weight.copy_((s[:rank, None].sqrt() * vh[:rank]).view_as(module.reduce.weight))
+    module.expand.weight.copy_((u[:, :rank] * s[:rank].sqrt())[..., None, None])
+    task.least_squares(module.expand, module.reduce(task.inputs))
+
+
 def main() -> None:
     from examples import dncnn, srresnet
 
@@ -114,6 +167,13 @@ def main() -> None:
 
     print("(d) LIST squeeze ratio sweep on DnCNN-17:",
           squeeze_ratio_sweep(dncnn.build(), dncnn.example_inputs()))
+
+    teacher = dncnn.DnCNN(features=32, depth=4).eval()
+    light = lwcompile.lighten(teacher, dncnn.example_inputs(), rules=[LowRank(rank=8)])
+    errors = lwcompile.init_layerwise(light, teacher, torch.rand(8, 1, 48, 48), batch_size=4)
+    print("\n(e) low-rank convs fitted to the teacher: relative error per site, before -> after")
+    for site, error in errors.items():
+        print(f"  {site}: {errors.before[site]:.3g} -> {error:.3g}")
 
 
 if __name__ == "__main__":

@@ -140,19 +140,26 @@ def fitting_for(module: nn.Module) -> Fitting:
 
 @torch.no_grad()
 def solve_conv(conv: nn.Conv2d, features: Tensor, target: Tensor, ridge: float = 1e-4) -> None:
-    """Set ``conv``'s weight and bias to the ridge least-squares fit of ``target`` from
-    ``features``. The normal equations are accumulated over the unfolded input patches one
-    sample at a time (a 9x9 conv has C*81 inputs per pixel)."""
+    """Set ``conv``'s weight (and bias, if it has one) to the ridge least-squares fit of
+    ``target`` from ``features``. The normal equations are accumulated over the unfolded
+    input patches one sample at a time (a 9x9 conv has C*81 inputs per pixel); a conv
+    without bias is solved without an intercept, since it cannot keep one."""
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise LwCompileError("least squares solves a dense conv with numeric zero padding, got "
+                             f"groups={conv.groups}, padding={conv.padding!r} "
+                             f"({conv.padding_mode})")
     gram = rhs = 0
     for f, t in zip(features, target, strict=True):
         patches = F.unfold(f[None], conv.kernel_size, dilation=conv.dilation,
                            padding=conv.padding, stride=conv.stride)[0].double()
-        patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
+        if conv.bias is not None:
+            patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
         gram = gram + patches @ patches.T
         rhs = rhs + patches @ t.flatten(1).double().T
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     sol = torch.linalg.solve(gram, rhs).float()
-    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape))
+    weights = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
+    conv.weight.copy_(sol[:weights].T.reshape(conv.weight.shape))
     if conv.bias is not None:
         conv.bias.copy_(sol[-1])
 
