@@ -1,9 +1,10 @@
-"""Where a model's cost goes: parameters, MACs, peak activation memory and measured latency.
+"""Where a model's cost goes: parameters, MACs, peak activation memory and latency per layer.
 
 Counts come from the same authorities as the compiler's report (``torch.utils.flop_counter``
-and ``lwcompile.cost.CostMode``), so a profile and a report agree. Latency is wall time:
-the median of ``runs`` forwards after ``warmup`` (medians resist the odd slow run; compare
-models only within one process, interleaved, see ``time_interleaved``).
+and the ``CostMode`` of ``lwcompile.measure.cost``), so a profile and a report agree. Latency
+is wall time: the median of ``runs`` forwards after ``warmup`` (medians resist the odd slow
+run). Timings from different processes are not comparable; to compare models, time them in
+one process, interleaved (``time_interleaved``), so machine load hits them all alike.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .snapshot import preserved_state
 
 @dataclass
 class LayerProfile:
+    """One leaf module's share of a forward: its counts and the time spent inside it."""
+
     name: str
     kind: str
     params: int
@@ -34,6 +37,9 @@ class LayerProfile:
 
 @dataclass
 class Profile:
+    """A whole model's counts and latency, and the leaf layers they come from; ``str()`` is
+    the table the ``lwcompile profile`` command prints."""
+
     params: int
     macs: int
     peak_bytes: int
