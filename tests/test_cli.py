@@ -22,6 +22,7 @@ from lwcompile.cli.loading import load_model
 from lwcompile.cli.spandrel import torchvision_stub
 from lwcompile.deploy import persist
 from lwcompile.html_report import to_png
+from tests.helpers import close
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = '''
@@ -69,7 +70,8 @@ def needs_spandrel() -> None:
         pytest.skip(f"spandrel is not installed: {exc}")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``lwcompile ARGV`` in-process: the exit code, stdout and stderr."""
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
@@ -113,11 +115,11 @@ def test_lighten_an_esrgan_checkpoint_end_to_end(tmp_path):
 
 
 def test_help_shows_examples(capsys):
-    code, out, _ = run(capsys, "--help")
+    code, out, _ = run_cli(capsys, "--help")
     assert code == 0
     assert "examples:" in out and "lwcompile lighten examples.dncnn:build" in out
     assert "exit codes: 0 ok, 1 lwcompile refused" in out
-    code, out, _ = run(capsys, "report", "--help")
+    code, out, _ = run_cli(capsys, "report", "--help")
     assert code == 0 and "--teacher" in out and "examples:" in out
 
 
@@ -132,22 +134,22 @@ def test_help_shows_examples(capsys):
     ["report", "o.pt", "--image", "a.png", "--data", "photos"],
 ])
 def test_usage_errors_exit_2(capsys, workdir, argv):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert "usage: lwcompile" in err and out == ""
     assert not (workdir / "o.pt").exists()
 
 
 def test_refused_model_exits_1_with_the_reason(capsys, workdir):
-    code, out, err = run(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
-                         "-o", "out.pt")
+    code, out, err = run_cli(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
+                             "-o", "out.pt")
     assert code == 1 and out == ""
     assert "lightening Identity: failed" in err
     assert err.endswith("lwcompile: error: nothing to lighten in Identity: no conv the rules "
                         "apply to was found (see the error's .report)\n")
     assert not (workdir / "out.pt").exists()
-    code, out, _ = run(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
-                       "-o", "out.pt", "--json", "-q")
+    code, out, _ = run_cli(capsys, "lighten", "torch.nn:Identity", "--input", "1x3x8x8",
+                           "-o", "out.pt", "--json", "-q")
     assert code == 1
     assert json.loads(out)["error"]["type"] == "NothingToLighten"
 
@@ -161,7 +163,7 @@ def test_refused_model_exits_1_with_the_reason(capsys, workdir):
     ("missing.pth", "'missing.pth' is no file"),
 ])
 def test_model_spec_errors_exit_1(capsys, workdir, spec, message):
-    code, _, err = run(capsys, "plan", spec)
+    code, _, err = run_cli(capsys, "plan", spec)
     assert code == 1
     assert err.startswith("lwcompile: error: ")
     assert __import__("re").search(message, err), err
@@ -170,28 +172,28 @@ def test_model_spec_errors_exit_1(capsys, workdir, spec, message):
 def test_checkpoint_that_is_not_a_model_exits_1(capsys, workdir):
     needs_spandrel()
     torch.save({"mean": torch.zeros(3), "epoch": 7}, workdir / "stats.pth")
-    code, _, err = run(capsys, "lighten", "stats.pth", "-o", "out.pt")
+    code, _, err = run_cli(capsys, "lighten", "stats.pth", "-o", "out.pt")
     assert code == 1
     assert "stats.pth is not a model checkpoint spandrel can identify" in err
     (workdir / "notes.pth").write_text("not a checkpoint at all")
-    code, _, err = run(capsys, "plan", "notes.pth")
+    code, _, err = run_cli(capsys, "plan", "notes.pth")
     assert code == 1 and "notes.pth is not a model checkpoint" in err
     assert "Traceback" not in err
 
 
 def test_corrupt_saved_file_exits_1(capsys, workdir):
     (workdir / "noise.pt").write_bytes(bytes(range(256)) * 8)
-    code, _, err = run(capsys, "report", "noise.pt")
+    code, _, err = run_cli(capsys, "report", "noise.pt")
     assert code == 1 and "noise.pt is not an lwcompile save file" in err
     persist.save(torch.nn.Conv2d(1, 1, 3), workdir / "cut.pt")
     (workdir / "cut.pt").write_bytes((workdir / "cut.pt").read_bytes()[:-10])
-    code, _, err = run(capsys, "report", "cut.pt", "--html", "r.html")
+    code, _, err = run_cli(capsys, "report", "cut.pt", "--html", "r.html")
     assert code == 1 and "cut.pt is truncated or corrupt" in err
     assert not (workdir / "r.html").exists()
 
 
 def test_plan_of_a_factory(capsys, workdir):
-    code, out, err = run(capsys, "plan", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
+    code, out, err = run_cli(capsys, "plan", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
     assert code == 0, err
     report = json.loads(out)["report"]
     assert [(r["site"], r["outcome"]) for r in report["rows"]] == [
@@ -205,12 +207,12 @@ def outcomes(out: str) -> list[tuple[str, str, str]]:
 
 def test_rule_option_adds_a_user_rule_and_the_result_loads(capsys, workdir):
     rule = "examples.custom_rules:FiveByFiveToTwoThreeByThree"
-    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16", "--json")
+    code, out, err = run_cli(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16", "--json")
     assert code == 0, err
     assert outcomes(out)[1:] == [("2", "applied", "list"),
                                  ("4", "applied", "image-output-squeeze")]
-    code, out, err = run(capsys, "lighten", "lwc_tiny:big_tail", "--input", "1x3x16x16",
-                         "--rule", rule, "-o", "light.pt", "--json")
+    code, out, err = run_cli(capsys, "lighten", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                             "--rule", rule, "-o", "light.pt", "--json")
     assert code == 0, err
     assert outcomes(out)[1] == ("2", "applied", "5x5-to-2x3x3")
     light = persist.load(workdir / "light.pt")
@@ -218,16 +220,16 @@ def test_rule_option_adds_a_user_rule_and_the_result_loads(capsys, workdir):
 
 
 def test_without_leaves_out_a_default_rule_and_exclude_keeps_sites(capsys, workdir):
-    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
-                         "--without", "image-output-squeeze", "--json")
+    code, out, err = run_cli(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                             "--without", "image-output-squeeze", "--json")
     assert code == 0, err
     assert outcomes(out)[1:] == [("2", "applied", "list"), ("4", "kept", "image-boundary")]
-    code, out, err = run(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
-                         "--exclude", "2", "--json")
+    code, out, err = run_cli(capsys, "plan", "lwc_tiny:big_tail", "--input", "1x3x16x16",
+                             "--exclude", "2", "--json")
     assert code == 0, err
     assert outcomes(out)[1:] == [("2", "kept", "exclude"),
                                  ("4", "applied", "image-output-squeeze")]
-    code, _, err = run(capsys, "plan", "lwc_tiny:big_tail", "--without", "lits")
+    code, _, err = run_cli(capsys, "plan", "lwc_tiny:big_tail", "--without", "lits")
     assert code == 1 and "no default rule named 'lits'" in err, err
 
 
@@ -237,45 +239,45 @@ def test_without_leaves_out_a_default_rule_and_exclude_keeps_sites(capsys, workd
     ("lwc_tiny:nothing", "cannot find 'lwc_tiny:nothing'"),
 ])
 def test_bad_rule_option_exits_1(capsys, workdir, spec, message):
-    code, _, err = run(capsys, "plan", "lwc_tiny:build", "--rule", spec)
+    code, _, err = run_cli(capsys, "plan", "lwc_tiny:build", "--rule", spec)
     assert code == 1 and message in err, err
 
 
 def test_profile_counts_each_layer(capsys, workdir):
-    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--json")  # input inferred
+    code, out, err = run_cli(capsys, "profile", "lwc_tiny:build", "--json")  # input inferred
     assert code == 0, err
     profile = json.loads(out)["profile"]
     assert profile["params"] == 5_523
     assert [x["name"] for x in profile["layers"] if x["params"]] == ["0", "2", "4", "6"]
-    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
+    code, out, err = run_cli(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16", "--json")
     assert code == 0, err
     layers = json.loads(out)["profile"]["layers"]
     assert [(x["name"], x["params"], x["macs"]) for x in layers if x["params"]] == [
         ("0", 448, 16 * 16 * 16 * 27), ("2", 2_320, 16 * 16 * 16 * 144),
         ("4", 2_320, 16 * 16 * 16 * 144), ("6", 435, 3 * 16 * 16 * 144)]
-    code, out, _ = run(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16")
+    code, out, _ = run_cli(capsys, "profile", "lwc_tiny:build", "--input", "1x3x16x16")
     assert code == 0 and "(outside leaf layers)" in out and "params 5.52k" in out
 
 
 def test_profile_on_an_input_the_model_rejects_exits_1(capsys, workdir):
-    code, out, err = run(capsys, "profile", "lwc_tiny:build", "--input", "1x4x16x16")
+    code, out, err = run_cli(capsys, "profile", "lwc_tiny:build", "--input", "1x4x16x16")
     assert code == 1 and out == ""
     assert "lwcompile: error: Sequential cannot be profiled on the example input" in err
 
 
 def test_lighten_then_report_as_text_and_html(capsys, workdir):
-    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt",
-                         "--input", "1x3x16x16")
+    code, out, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt",
+                             "--input", "1x3x16x16")
     assert code == 0, err
     assert "saved to light.pt" in out and "lightening Sequential: done" in err
     light = persist.load(workdir / "light.pt")
     assert [r.site for r in light.lwcompile_report.applied] == ["2", "4"]
 
-    code, out, _ = run(capsys, "report", "light.pt")
+    code, out, _ = run_cli(capsys, "report", "light.pt")
     assert code == 0 and "2 rewritten, 2 kept" in out
 
-    code, out, err = run(capsys, "report", "light.pt", "--html", "r.html",
-                         "--teacher", "lwc_tiny:build", "--json")
+    code, out, err = run_cli(capsys, "report", "light.pt", "--html", "r.html",
+                             "--teacher", "lwc_tiny:build", "--json")
     assert code == 0, err
     page = (workdir / "r.html").read_text()
     assert "<svg" in page and "lwcompile report: Sequential" in page
@@ -287,11 +289,12 @@ def test_lighten_then_report_as_text_and_html(capsys, workdir):
 
     image = workdir / "patch.png"
     image.write_bytes(to_png(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))))
-    code, out, err = run(capsys, "report", "light.pt", "--html", "r2.html", "--image",
-                         "patch.png", "--json")
+    code, out, err = run_cli(capsys, "report", "light.pt", "--html", "r2.html", "--image",
+                             "patch.png", "--json")
     assert code == 0, err
     assert json.loads(out)["crops"] == 2  # input and student: no teacher given
-    code, out, _ = run(capsys, "report", "light.pt", "--html", "r3.html", "--no-crops", "--json")
+    code, out, _ = run_cli(capsys, "report", "light.pt", "--html", "r3.html", "--no-crops",
+                           "--json")
     assert json.loads(out)["crops"] == 0
     assert "data:image/png" not in (workdir / "r3.html").read_text()
 
@@ -307,8 +310,8 @@ def test_distill_option_calls_lwcompile_distill(capsys, workdir, monkeypatch):
         return student
 
     monkeypatch.setattr(lwcompile, "distill", distill, raising=False)
-    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt", "--input",
-                         "1x3x16x16", "--distill", "3", "--data", "photos", "--json")
+    code, out, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "light.pt", "--input",
+                             "1x3x16x16", "--distill", "3", "--data", "photos", "--json")
     assert code == 0, err
     assert calls == [("Sequential", "photos", 3)]
     assert json.loads(out)["distill_steps"] == 3 and "distill progress" in err
@@ -322,7 +325,7 @@ def test_distill_for_real(capsys, workdir):
     (workdir / "photos" / "a.png").write_bytes(to_png(image))
     for argv in (["-o", "plain.pt"], ["-o", "distilled.pt", "--distill", "1", "--data",
                                       "photos"]):
-        code, _, err = run(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16", *argv)
+        code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16", *argv)
         assert code == 0, err
     plain = persist.load(workdir / "plain.pt").state_dict()
     distilled = persist.load(workdir / "distilled.pt").state_dict()
@@ -334,11 +337,11 @@ def test_distill_for_real(capsys, workdir):
 def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
     mobile = pytest.importorskip("lwcompile.deploy.mobile")
     pytest.importorskip("executorch")
-    code, out, err = run(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
-                         "-o", "light.pt")
+    code, out, err = run_cli(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
+                             "-o", "light.pt")
     assert code == 0, err
-    code, out, err = run(capsys, "export", "light.pt", "-o", "light.pte", "--input",
-                         "1x3x16x16", "--json")
+    code, out, err = run_cli(capsys, "export", "light.pt", "-o", "light.pte", "--input",
+                             "1x3x16x16", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["runtime"] == "executorch-xnnpack"
@@ -346,25 +349,23 @@ def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
     x = torch.rand(1, 3, 16, 16)
     (got,) = mobile.load_pte(workdir / "light.pte")(x)
     with torch.no_grad():
-        torch.testing.assert_close(got, persist.load(workdir / "light.pt")(x),
-                                   rtol=1e-4, atol=1e-5)
+        close(got, persist.load(workdir / "light.pt")(x))
 
 
 def test_export_onnx_keeps_height_and_width_free(capsys, workdir):
     ort = pytest.importorskip("onnxruntime")
-    code, _, err = run(capsys, "export", "lwc_tiny:build", "--onnx", "-o", "tiny.model",
-                       "--input", "1x3x16x16")
+    code, _, err = run_cli(capsys, "export", "lwc_tiny:build", "--onnx", "-o", "tiny.model",
+                           "--input", "1x3x16x16")
     assert code == 0, err
     session = ort.InferenceSession(str(workdir / "tiny.model"),
                                    providers=["CPUExecutionProvider"])
     x = torch.rand(1, 3, 20, 12)
     with torch.no_grad():
         expected = load_model("lwc_tiny:build")(x)
-    torch.testing.assert_close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]),
-                               expected, rtol=1e-4, atol=1e-5)
+    close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]), expected)
 
 
 def test_export_needs_a_runtime_it_can_tell(capsys, workdir):
-    code, out, err = run(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
     assert code == 2 and "cannot tell the runtime from 'tiny.bin'" in err and out == ""
     assert not (workdir / "tiny.bin").exists()
