@@ -90,8 +90,8 @@ class Report:
         lines = [
             (r.site or "<root>", r.original,
              r.replacement if r.outcome == APPLIED else r.outcome, r.decided_by,
-             f"{_num(r.params_before)} -> {_num(r.params_after)}",
-             f"{_num(r.macs_before)} -> {_num(r.macs_after)}", r.reason)
+             f"{short_number(r.params_before)} -> {short_number(r.params_after)}",
+             f"{short_number(r.macs_before)} -> {short_number(r.macs_after)}", r.reason)
             for r in self.rows
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
@@ -107,9 +107,9 @@ class Report:
             out.append("")
             out.append(
                 f"{len(self.applied)} rewritten, {len(self.not_applied)} kept | "
-                f"params {_num(s.params_before)} -> {_num(s.params_after)} "
-                f"({s.param_ratio:.1f}x fewer) | MACs {_num(s.macs_before)} -> "
-                f"{_num(s.macs_after)} ({s.mac_ratio:.1f}x fewer) | peak activations "
+                f"params {short_number(s.params_before)} -> {short_number(s.params_after)} "
+                f"({s.param_ratio:.1f}x fewer) | MACs {short_number(s.macs_before)} -> "
+                f"{short_number(s.macs_after)} ({s.mac_ratio:.1f}x fewer) | peak activations "
                 f"{_mib(s.peak_activation_before)} -> {_mib(s.peak_activation_after)} MiB"
             )
         return "\n".join(out)
@@ -124,8 +124,12 @@ def _mib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:.1f}"
 
 
-def _num(n: int) -> str:
+def short_number(n: float | None) -> str:
+    """``n`` with a k, M or G suffix (``3.80k``), "?" for None: one format for the text
+    report, the HTML page and the profile table, so that they read alike."""
+    if n is None:
+        return "?"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
-    return str(n)
+    return str(int(n)) if float(n).is_integer() else f"{n:.2f}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..report import short_number
 from .cost import count_params, measure
 from .snapshot import preserved_state
 
@@ -56,8 +57,8 @@ class Profile:
         rows = [("layer", "kind", "params", "MACs", "calls", "ms", "%")]
         total = sum(layer.latency_ms for layer in self.layers) + self.other_ms or 1.0
         for layer in self.layers:
-            rows.append((layer.name, layer.kind, _si(layer.params), _si(layer.macs),
-                         str(layer.calls), f"{layer.latency_ms:.2f}",
+            rows.append((layer.name, layer.kind, short_number(layer.params),
+                         short_number(layer.macs), str(layer.calls), f"{layer.latency_ms:.2f}",
                          f"{100 * layer.latency_ms / total:.1f}"))
         rows.append(("(outside leaf layers)", "", "", "", "", f"{self.other_ms:.2f}",
                      f"{100 * self.other_ms / total:.1f}"))
@@ -67,17 +68,10 @@ class Profile:
                  for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append("")
-        lines.append(f"params {_si(self.params)} | MACs {_si(self.macs)} | peak activations "
-                     f"{self.peak_bytes / 2**20:.1f} MiB | latency {self.latency_ms:.2f} ms "
-                     f"(median of {len(self.runs_ms)})")
+        lines.append(f"params {short_number(self.params)} | MACs {short_number(self.macs)} | "
+                     f"peak activations {self.peak_bytes / 2**20:.1f} MiB | "
+                     f"latency {self.latency_ms:.2f} ms (median of {len(self.runs_ms)})")
         return "\n".join(lines)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 def time_runs(fn: Callable[[], Any], runs: int = 7, warmup: int = 2) -> list[float]:
