@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .report import short_number
+from .report import APPLIED, KEPT, REFUSED, short_number
 
 Crops = Mapping[str, bytes] | Sequence[tuple[str, bytes]]
 
@@ -75,8 +75,8 @@ def render_html(report_dict: Mapping[str, Any], crops: Crops | None = None, *,
     """The page for ``Report.to_dict()``; ``crops`` are (caption, PNG bytes), shown side by
     side; ``meta`` is shown under the title (e.g. versions from the save file's header)."""
     rows = list(report_dict.get("rows", []))
-    applied = [r for r in rows if r["outcome"] == "applied"]
-    other = [r for r in rows if r["outcome"] != "applied"]
+    applied = [r for r in rows if r["outcome"] == APPLIED]
+    other = [r for r in rows if r["outcome"] != APPLIED]
     parts = [
         f"<h1>lwcompile report: {_e(title)}</h1>",
         f'<p class="meta">{_meta(meta)}</p>',
@@ -191,7 +191,7 @@ def _chart(rows: list[dict]) -> str:
         y = top + j * line_h + 13
         site = r["site"] or "<root>"
         label = site if len(site) <= 30 else "\u2026" + site[-29:]
-        colour = "#1d2330" if r["outcome"] == "applied" else "#8a5300"
+        colour = "#1d2330" if r["outcome"] == APPLIED else "#8a5300"
         out.append(f'<text x="0" y="{y}" fill="{colour}">{_e(label)}<title>{_e(site)}: '
                    f'{_e(r["original"])}</title></text>')
     out.append("</svg>")
@@ -202,7 +202,7 @@ def _chart(rows: list[dict]) -> str:
 
 
 def _outcome(outcome: str) -> str:
-    css = {"kept": "o-kept", "refused": "o-refused"}.get(outcome, "o-rolled")
+    css = {KEPT: "o-kept", REFUSED: "o-refused"}.get(outcome, "o-rolled")
     return f'<span class="o {css}">{_e(outcome)}</span>'
 
 
