@@ -7,7 +7,6 @@ that a run on a shared machine gets the same amount of work however loaded the m
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from examples.dncnn import DnCNN
 from examples.srresnet import SRResNet
+from lwcompile.files import write_atomic
 from lwcompile.train.data import HELD_OUT, Degrade, add_noise, batches, downscale, load_images
 
 HERE = Path(__file__).resolve().parent
@@ -77,9 +77,9 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
     used = lambda: (time.process_time() - start) / budget_s  # noqa: E731
 
     def save() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "cpu_seconds": time.process_time() - start}, checkpoint.with_suffix(".tmp"))
-        os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "cpu_seconds": time.process_time() - start}
+        write_atomic(checkpoint, lambda f: torch.save(state, f))
 
     model.train()
     if freeze_bn:
@@ -114,9 +114,8 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
 
 
 def save_atomic(model: nn.Module, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    """Write ``model``'s state_dict to ``path``; an interrupted run leaves the old file."""
+    write_atomic(path, lambda f: torch.save(model.state_dict(), f))
 
 
 def load_teacher(task: Task) -> nn.Module:

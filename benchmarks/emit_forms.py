@@ -35,9 +35,9 @@ from benchmarks.speed import (
     table,
     write_json,
 )
-from lwcompile.deploy.emit import ChannelsLast, FusedLIST, emit_fast
+from lwcompile.deploy.emit import emit_fast
 from lwcompile.measure.profile import time_interleaved
-from lwcompile.nn import LIST
+from lwcompile.nn import LIST, ChannelsLast, FusedLIST
 
 
 def network_forms(name: str, runs: int) -> dict:

@@ -4,7 +4,7 @@
 
 The conv writes 3 channels at 512x512 from 16 (the light SRResNet x4's squeezed tail) or 64
 (the original's) input channels. Forms: the plain 9x9 conv; ``export_mobile``'s phase form
-(pixel_unshuffle(4), 3x3 conv to 48 channels, pixel_shuffle(4)); ``emit.ThinConvPhases``
+(pixel_unshuffle(4), 3x3 conv to 48 channels, pixel_shuffle(4)); ``nn.ThinConvPhases``
 (one stride-4 conv, pixel shuffle). Runtimes: PyTorch NCHW, PyTorch channels_last,
 onnxruntime, and ExecuTorch/XNNPACK (without lwcompile's own XNNPACK forms, so each form
 is measured as written). All variants interleaved, medians, 2 threads.
@@ -30,8 +30,8 @@ from benchmarks.speed import (
     table,
     write_json,
 )
-from lwcompile.deploy.emit import ThinConvPhases
-from lwcompile.deploy.mobile_forms import PHASES, phase_weight
+from lwcompile.deploy.identities import PHASES, phase_bias, phase_weight
+from lwcompile.deploy.module_rewrites import on_phases
 from lwcompile.measure.profile import time_interleaved
 
 
@@ -46,7 +46,7 @@ class UnshufflePhases(nn.Module):
                               padding=reach)
         with torch.no_grad():
             self.conv.weight.copy_(weight)
-            self.conv.bias.copy_(conv.bias.repeat_interleave(r * r))
+            self.conv.bias.copy_(phase_bias(conv.bias, r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(self.conv(F.pixel_unshuffle(x, self.r)), self.r)
@@ -85,7 +85,7 @@ def main() -> None:
             conv = nn.Conv2d(c_in, 3, 9, padding=4).eval()
             inputs = (torch.rand(1, c_in, 512, 512),)
             forms = {"9x9 conv": conv, "unshuffle phases": UnshufflePhases(conv).eval(),
-                     "ThinConvPhases": ThinConvPhases(conv).eval()}
+                     "ThinConvPhases": on_phases(conv).eval()}
             for form, model in forms.items():
                 torch.testing.assert_close(model(*inputs), conv(*inputs), rtol=1e-4, atol=1e-4)
                 for runtime, fn in _runtimes(model, inputs, Path(tmp), mobile).items():

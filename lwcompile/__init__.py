@@ -35,6 +35,7 @@ from .nn import GSAT, LIST, PointwiseOverParts, Resize
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 from .tracing.flow import DataFlow, is_depthwise, record_flow, structure_key
+from .tracing.fx_helpers import channel_concat_parts
 from .train.data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
 from .train.distill import distill
 from .train.fitting import FitTask, register_fit
@@ -53,6 +54,7 @@ __all__ = [
     "FitTask", "register_fit",
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
     "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
+    "channel_concat_parts",
 ]
 
 

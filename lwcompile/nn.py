@@ -1,10 +1,14 @@
 """Lightweight building blocks from Lahiri et al. (TCSVT 2021).
 
 Plain ``nn.Module`` classes: they know nothing of the compiler, so users can also build
-light networks by hand with them.
+light networks by hand with them. Below them, their deployed forms (and a thin conv's),
+which compute the same function in the shape that runs fastest.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,3 +143,86 @@ class PointwiseOverParts(nn.Module):
         for conv, x in zip(self.parts[1:], parts[1:], strict=True):
             out = out + conv(x)
         return out
+
+
+# Deployed forms: the same functions as the blocks above (or as a plain conv), in the shape
+# that runs fastest. ``lwcompile.emit_fast`` puts them in place.
+
+
+class FusedLIST(nn.Module):
+    """LIST with one grouped 1x1 conv (groups=2) over ``cat([squeezed, depthwise])``.
+
+    Group 0 is LIST's 1x1 branch and group 1 the 1x1 after its depthwise conv, so the
+    parameters are LIST's, value for value and in number. The concat copies the C/2
+    squeezed channels instead of LIST's C output channels, and one conv call replaces two.
+    """
+
+    def __init__(self, lst: LIST) -> None:
+        super().__init__()
+        pointwise, spatial = lst.pointwise_branch, lst.spatial_branch[1]
+        self.squeeze = copy.deepcopy(lst.squeeze)
+        self.depthwise = copy.deepcopy(lst.spatial_branch[0])
+        self.pointwise = nn.Conv2d(2 * lst.squeeze.out_channels,
+                                   pointwise.out_channels + spatial.out_channels, 1, groups=2)
+        with torch.no_grad():
+            self.pointwise.weight.copy_(torch.cat([pointwise.weight, spatial.weight]))
+            self.pointwise.bias.copy_(torch.cat([pointwise.bias, spatial.bias]))
+        self.train(lst.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = self.squeeze(x)
+        return self.pointwise(torch.cat([squeezed, self.depthwise(squeezed)], dim=1))
+
+
+class ThinConvPhases(nn.Module):
+    """A "same" conv with few output channels computed on its ``r * r`` pixel phases.
+
+    One stride-r conv (``weight``, ``padding``: ``lwcompile.deploy.identities.
+    strided_phase_weight`` of the original kernel) computes all r * r phases of each r x r
+    output cell, and ``pixel_shuffle`` puts them in place: the GEMM is r^2 times wider than
+    the thin conv's. Inputs whose sizes are not multiples of r are padded with the zeros the
+    original conv's own padding would read, and the output cropped.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, r: int,
+                 padding: int) -> None:
+        super().__init__()
+        self.r = r
+        self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[-1], stride=r,
+                              padding=padding, bias=bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+            if bias is not None:
+                self.conv.bias.copy_(bias)
+        self.conv.to(weight.device, weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if _must_pad(h, w, self.r):
+            x = F.pad(x, (0, (-w) % self.r, 0, (-h) % self.r))
+        return F.pixel_shuffle(self.conv(x), self.r)[..., :h, :w]
+
+
+def _must_pad(h: int, w: int, r: int) -> bool:
+    """Pad unless eager sizes are multiples of ``r`` (a pad of zero still copies the input).
+    A traced or exported graph always pads: it must hold at every size."""
+    if torch.jit.is_tracing() or not (isinstance(h, int) and isinstance(w, int)):
+        return True
+    return bool(h % r or w % r)
+
+
+class ChannelsLast(nn.Module):
+    """Runs ``module`` in channels_last on channels_last copies of its 4-D tensor inputs.
+
+    ``module`` itself is converted (``nn.Module.to`` works in place): pass a copy to keep
+    the original in NCHW. Depthwise and thin 1x1 convs run far faster in NHWC on oneDNN.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.to(memory_format=torch.channels_last)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.contiguous(memory_format=torch.channels_last)
+                     if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+        return self.module(*args, **kwargs)

@@ -12,15 +12,14 @@ from lightened import NAMES, inputs, light, original, other_inputs, randomise_ba
 from torch import nn
 
 from lwcompile import LIST, Resize
-from lwcompile.deploy.emit import (
-    ChannelsLast,
-    FusedLIST,
-    emit_fast,
+from lwcompile.deploy.emit import emit_fast
+from lwcompile.deploy.module_rewrites import (
     fold_batchnorm,
     fold_bn_into,
     pointwise_before_upsampling,
 )
 from lwcompile.measure.cost import count_params, measure
+from lwcompile.nn import ChannelsLast, FusedLIST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

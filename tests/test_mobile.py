@@ -1,8 +1,7 @@
 """Mobile export: each lightened example runs as an XNNPACK-delegated .pte in ExecuTorch.
 
-Lowering costs ~0.17 CPU seconds per op (ExecuTorch's passes, not ours; the first call
-in a process ~15 s more), so each network is exported once per module and shared by the
-tests that read it.
+Lowering is slow (ExecuTorch's passes, not ours, grow with the number of ops), so each
+network is exported once per module and shared by the tests that read it.
 """
 
 from __future__ import annotations

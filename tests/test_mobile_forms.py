@@ -1,4 +1,4 @@
-"""The XNNPACK forms of lwcompile.mobile_forms: same outputs, and the slow ops are gone."""
+"""The XNNPACK rewrites of deploy.aten_rewrites: same outputs, and the slow ops are gone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.deploy.mobile_forms import phase_weight, xnnpack_forms
+from lwcompile.deploy.aten_rewrites import xnnpack_forms
+from lwcompile.deploy.identities import phase_weight
 from lwcompile.nn import LIST, Resize
 
 aten = torch.ops.aten
@@ -147,10 +148,21 @@ def test_thin_large_kernel_conv_runs_on_pixel_phases_with_the_same_output(k):
     torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_small_kernels_and_sizes_not_divisible_by_four_keep_the_plain_conv():
-    model = nn.Sequential(nn.Conv2d(16, 3, 3, padding=1))
-    assert rewrite(model, torch.rand(1, 16, 24, 20))[1] == {}
-    assert rewrite(nn.Conv2d(16, 3, 9, padding=4), torch.rand(1, 16, 22, 20))[1] == {}
+def test_small_kernels_and_wide_convs_keep_the_plain_conv():
+    assert rewrite(nn.Conv2d(16, 3, 3, padding=1), torch.rand(1, 16, 24, 20))[1] == {}
+    assert rewrite(nn.Conv2d(16, 8, 9, padding=4), torch.rand(1, 16, 24, 20))[1] == {}
+
+
+@pytest.mark.parametrize("size", [(22, 20), (13, 9)])
+def test_sizes_not_divisible_by_four_are_padded_and_cropped(size):
+    torch.manual_seed(0)
+    model = nn.Conv2d(16, 3, 9, padding=4)
+    x = torch.rand(1, 16, *size)
+    module, forms = rewrite(model, x)
+    assert forms == {"thin-conv-phases": 1}
+    assert aten.constant_pad_nd.default in ops(module)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("k", "r"), [(5, 2), (9, 4), (7, 3)])

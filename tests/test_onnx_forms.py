@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lwcompile.deploy.emit import ThinConvPhases, emit_fast, thin_convs_on_phases
+from lwcompile.deploy.emit import emit_fast
 from lwcompile.deploy.export import export_onnx
-from lwcompile.deploy.onnx_forms import onnxruntime_forms
+from lwcompile.deploy.module_rewrites import on_phases, onnxruntime_forms, thin_convs_on_phases
 from lwcompile.measure.cost import measure
+from lwcompile.nn import ThinConvPhases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +31,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_thin_conv_phases_equals_the_conv(c_in, c_out, k, bias, size):
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=bias)
-    phases = ThinConvPhases(conv)
+    phases = on_phases(conv)
     assert phases.conv.stride == (4, 4) and phases.conv.out_channels == 16 * c_out
     x = torch.randn(2, c_in, *size)
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_export_onnx_applies_them_and_onnxruntime_agrees_at_odd_sizes(tmp_path):
 def test_thin_conv_phases_copies_no_input_when_eager_sizes_divide():
     """A zero pad would still copy the input: eager skips it, and needs it only otherwise."""
     torch.manual_seed(0)
-    phases = ThinConvPhases(nn.Conv2d(16, 3, 9, padding=4))
+    phases = on_phases(nn.Conv2d(16, 3, 9, padding=4))
     fits, odd = torch.rand(1, 16, 32, 32), torch.rand(1, 16, 30, 32)
     outputs = 2 * 3 * 32 * 32 * 4  # the stride-4 conv's 48 x 8 x 8 and the shuffled 3 x 32 x 32
     assert measure(phases, (fits,)).peak_bytes == outputs

@@ -1,2 +1,11 @@
-"""Deployment: fast module-level forms (emit_fast), ONNX / onnxruntime export, ExecuTorch
-(XNNPACK) export, and saving/loading light models."""
+"""Deployment: a lightened model in the form each runtime runs fastest, and saved to disk.
+
+- ``identities``: the tensor identities every rewrite rests on (split a conv by concat
+  parts, slice per-channel values, fold BatchNorm, phase weights for thin convs) and the
+  decisions of when a form pays off, written once;
+- ``module_rewrites``, ``concat_sinking``: the module-level adapters, for eager PyTorch and
+  ONNX; ``emit`` (``emit_fast``) runs them in order;
+- ``aten_rewrites``: the ATen-level adapter, for ExecuTorch/XNNPACK;
+- ``export`` (``export_onnx``, ``export_program``), ``mobile`` (``export_mobile``);
+- ``persist`` (``save``, ``load``, ``info``).
+"""

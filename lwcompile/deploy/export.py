@@ -3,8 +3,8 @@
 Height and width stay symbolic by default, so ``Resize`` (which computes its output size
 from the input's at run time) stays size-generic instead of freezing the example's size.
 
-ONNX goes through torch's TorchScript-based exporter by default: for these CNNs it is 20-30x
-faster than the torch.export-based one, writes opset 17 natively (the new exporter starts at
+ONNX goes through torch's TorchScript-based exporter by default: for these CNNs it exports
+much faster than the torch.export-based one, writes opset 17 natively (the new exporter starts at
 18 and converts down) and needs no onnxscript. ``dynamo=True`` selects the new exporter
 (torch's recommended path; the old one is deprecated).
 """
@@ -23,8 +23,9 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import VerificationError, one_line
-from .emit import ChannelsLast, emit_fast
-from .onnx_forms import onnxruntime_forms
+from ..nn import ChannelsLast
+from .emit import emit_fast
+from .module_rewrites import onnxruntime_forms
 
 
 def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
@@ -69,7 +70,8 @@ def _export(model: nn.Module, args: tuple, dynamic_hw: bool) -> torch.export.Exp
 
 
 def _for_onnx(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
-    """``_for_export``'s copy, in the fast form also with ``onnxruntime_forms`` (checked
+    """``_for_export``'s copy, in the fast form also with ``onnxruntime_forms`` (a PReLU
+    with one slope as a LeakyReLU, which onnxruntime fuses into the conv before it; checked
     equal on ``args`` when any applied, as emit_fast's steps are)."""
     prepared = _for_export(model, args, fast)
     if not fast:
@@ -90,7 +92,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
                 opset: int = 17, dynamo: bool = False, fast: bool = True) -> Path:
     """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file, in
-    ``emit_fast``'s form plus ``onnx_forms``' unless ``fast=False`` (what lwcompile emits is
+    ``emit_fast``'s form plus ``onnxruntime_forms`` unless ``fast=False`` (what lwcompile emits is
     fast by default).
 
     Tensor arguments become the graph's inputs (``input_0``, ...) and its output

@@ -9,7 +9,7 @@ ExecuTorch's portable kernels runs as a plain single-threaded reference kernel a
 delegate in two, with layout conversions at each boundary. The report is read from the
 lowered program itself, so it is what the ``.pte`` does.
 
-Needs ExecuTorch (``pip install lwcompile[mobile]``); measured with executorch 1.5.1 and
+Needs ExecuTorch (``pip install lwcompile[mobile]``); tested with executorch 1.5.1 and
 torch 2.13. Shapes are static: the ``.pte`` accepts inputs of the example inputs' shapes.
 A non-tensor argument (a noise level) is fixed to its example value by ``torch.export`` but
 keeps its place: call the program with every argument, as the model.
@@ -31,7 +31,7 @@ from torch.fx.node import map_arg
 from torch.utils.flop_counter import flop_registry
 
 from ..errors import LwCompileError, one_line
-from .mobile_forms import xnnpack_forms
+from .aten_rewrites import xnnpack_forms
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
 
@@ -130,7 +130,7 @@ class MobileExport:
     size_bytes: int
     input_shapes: list[tuple[int, ...]]  # of the tensor arguments
     report: DelegationReport
-    #: equivalent forms emitted for XNNPACK (``lwcompile.mobile_forms``): kind -> count
+    #: equivalent forms emitted for XNNPACK (``deploy.aten_rewrites``): kind -> count
     forms: dict[str, int]
     #: max |pte - eager| on the example inputs, or None when not checked
     max_abs_error: float | None = None
@@ -156,7 +156,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     The model is exported in eval mode (BatchNorm with running statistics, as deployed) and
     its training flags are restored afterwards. With ``optimize``, BatchNorms and ReLUs after
     a concat and concats feeding squeezing convs are rewritten into equivalent forms XNNPACK
-    fuses (``lwcompile.mobile_forms``; outputs change by float rounding only). Constant
+    fuses (``deploy.aten_rewrites``; outputs change by float rounding only). Constant
     subexpressions are folded before partitioning: ``1 - mask`` otherwise leaves a copy of
     the scalar 1 outside XNNPACK.
     With ``verify``, the written file is run once on ``example_inputs`` by the ExecuTorch

@@ -8,8 +8,8 @@ The header (lwcompile and torch versions, class name, parameter count, an archit
 fingerprint, the report, the payload's size and sha256) is read and checked *before* anything
 is unpickled, so a truncated, corrupt or foreign file, or one holding another architecture,
 is refused with a clear error instead of a pickle traceback. Files are written atomically
-(temporary file in the same folder, fsync, ``os.replace``): an interrupted save leaves the
-previous file as it was.
+(``lwcompile.files.write_atomic``): an interrupted save leaves the previous file as it was.
+GraphModules in the model are made picklable for the save (``tracing.fx_helpers.picklable``).
 
 Loading unpickles Python objects: only load files you trust. The classes of the model's
 modules (yours included) must be importable where the file is loaded.
@@ -17,24 +17,24 @@ modules (yours included) must be importable where the file is loaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..errors import LwCompileError, NotAModuleError, one_line
+from ..files import write_atomic
 from ..report import Report, Row, Summary
+from ..tracing.fx_helpers import picklable
 
 MAGIC = b"LWCOMPILE\x00SAVE\n"
 FORMAT = 1
@@ -69,7 +69,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *,
     report = report if report is not None else getattr(model, "lwcompile_report", None)
     buffer = io.BytesIO()
     try:
-        with _picklable(model):
+        with picklable(model):
             torch.save(model, buffer)
     except Exception as exc:
         raise SaveFileError(
@@ -89,7 +89,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *,
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
     head = json.dumps(header, default=str).encode()
-    _write_atomic(path, [MAGIC, _LENGTH.pack(len(head)), head, payload])
+    _write(path, [MAGIC, _LENGTH.pack(len(head)), head, payload])
     return path
 
 
@@ -158,64 +158,14 @@ def _version() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def _picklable(model: nn.Module) -> Iterator[None]:
-    """Let torch.fx GraphModules pickle, whatever traced them; undone afterwards.
-
-    A GraphModule pickles as its generated code and is re-traced on load with the tracer
-    class that made it: lwcompile's own tracer needs constructor arguments, so the plain
-    fx tracer is used instead (the re-trace treats every submodule as a leaf either way);
-    the class name is kept (fx pickles it only for torch.package).
-    Annotations that are strings (``from __future__ import annotations`` in the model's
-    file) make fx's pickler fail; they are cosmetic and dropped.
-    """
-    saved = []
-    for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
-        types = {n: n.type for n in gm.graph.nodes if isinstance(n.type, str)}
-        saved.append((gm, gm.__dict__.get("_tracer_cls"), types))
-        gm._tracer_cls = None
-        gm._graphmodule_cls_name = type(gm).__name__  # else it loads as "GraphModule"
-        for node in types:
-            node.type = None
-        if types:
-            gm.recompile()  # the pickle holds the code as last compiled
+def _write(path: Path, chunks: list[bytes]) -> None:
+    """Write ``chunks`` to ``path`` atomically, as a SaveFileError where that fails."""
+    if not path.parent.is_dir():
+        raise SaveFileError(f"cannot save to {path}: folder {path.parent} does not exist")
     try:
-        yield
-    finally:
-        for gm, tracer_cls, types in saved:
-            gm._tracer_cls = tracer_cls
-            gm.__dict__.pop("_graphmodule_cls_name", None)
-            for node, annotation in types.items():
-                node.type = annotation
-            if types:
-                gm.recompile()
-
-
-def _write_atomic(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise SaveFileError(f"cannot save to {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise SaveFileError(f"cannot save to {path}: {one_line(exc)}") from exc
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, lambda f: f.writelines(chunks))
+    except OSError as exc:
+        raise SaveFileError(f"cannot save to {path}: {one_line(exc)}") from exc
 
 
 def _read(path: Path) -> tuple[dict[str, Any], bytes]:

@@ -9,24 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
-from lwcompile import Match, NoMatch, PointwiseOverParts, Rule, Site
-
-
-def channel_concat_parts(node: fx.Node) -> list[fx.Node] | None:
-    """The parts of ``node`` if it is ``torch.cat(parts, dim=1)`` over 4-D tensors."""
-    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
-        return None
-    parts = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    meta = node.meta.get("tensor_meta")
-    if meta is None or len(meta.shape) != 4 or dim not in (1, -3):
-        return None
-    if not all(isinstance(p, fx.Node) and "tensor_meta" in p.meta for p in parts):
-        return None
-    return list(parts)
+from lwcompile import Match, NoMatch, PointwiseOverParts, Rule, Site, channel_concat_parts
 
 
 @dataclass

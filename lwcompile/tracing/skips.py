@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 from torch import fx
+
+from .fx_helpers import channel_concat_parts, node_shape
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -47,18 +48,12 @@ def concat_skips(graph: fx.Graph, prefix: str = "") -> list[ConcatSkip]:
     depth = depths(g)
     skips = []
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
-            continue
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        parts = node.args[0]
-        meta = node.meta.get("tensor_meta")
-        if dim not in (1, -3) or meta is None or len(meta.shape) != 4:
-            continue
-        if not all(isinstance(p, fx.Node) and "tensor_meta" in p.meta for p in parts):
+        parts = channel_concat_parts(node)
+        if parts is None:
             continue
         part_depths = tuple(depth[p.name] for p in parts)
         if len(set(part_depths)) > 1:
             name = f"{prefix}.{node.name}" if prefix else node.name
             skips.append(ConcatSkip(name, tuple(p.name for p in parts), part_depths,
-                                    tuple(p.meta["tensor_meta"].shape[1] for p in parts)))
+                                    tuple(node_shape(p)[1] for p in parts)))
     return skips

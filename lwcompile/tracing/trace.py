@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
+from .fx_helpers import strip_string_annotations
 
 
 @dataclass(frozen=True)
@@ -194,9 +195,7 @@ def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
         try:
             with preserved_state(module):
                 graph = tracer.trace(module, concrete_args=concrete or None)
-            for node in graph.nodes:
-                if isinstance(node.type, str):  # `from __future__ import annotations`:
-                    node.type = None  # string annotations make the GraphModule unpicklable
+            strip_string_annotations(graph)  # else the GraphModule cannot be pickled
             gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             break
         except Exception as exc:  # fx raises anything the user's forward raises

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LwCompileError
+from ..files import write_atomic
 from .data import Degrade, model_inputs
 
 
 def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def distill(

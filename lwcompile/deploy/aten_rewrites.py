@@ -1,0 +1,252 @@
+"""Exact rewrites of an exported ATen graph for XNNPACK; used by ``export_mobile``.
+
+XNNPACK folds a BatchNorm into the conv right before it and fuses a ReLU into it, so a plain
+conv-BN-ReLU stack costs only its convs. A light block ends in a channel concatenation
+(LIST's two branches), and a BatchNorm or ReLU after a ``cat`` gets no such fusion: each is
+one more full pass over memory, on top of the concat's own copy. These rewrites remove
+them; the arithmetic is ``identities``', shared with the module-level rewrites of
+``emit_fast``, and this module only finds the patterns in the ATen graph:
+
+- ``bn-into-cat-convs``: ``bn(cat(conv_i))`` -> ``cat(conv_i')``, each conv folded with its
+  part of the BatchNorm (eval statistics);
+- ``relu-into-cat-parts``, ``prelu-into-cat-parts``, ``activation-into-cat-parts``: an
+  elementwise activation of a concat read by nothing else -> the concat of each part's
+  activation (a per-channel PReLU's slopes sliced by part). After convs XNNPACK fuses
+  them, and the concat can then move on into the next rewrite;
+- ``conv-over-cat-split``: ``conv(cat(x_i))`` -> ``sum_i conv_i(x_i)`` (groups 1), where
+  the adds move less memory than the concat they remove (a squeezing conv after LIST);
+- ``conv-before-upsample``: ``conv1x1(upsample(x))`` -> ``upsample(conv1x1(x))`` (bilinear
+  or nearest): the conv runs at the low resolution, the upsample moves its channels;
+- ``thin-conv-phases``: a large-kernel "same" conv writing at most a few channels
+  (SRResNet's 9x9 output conv) -> ``pixel_unshuffle``, the conv on pixel phases,
+  ``pixel_shuffle``: the GEMM is no longer 3 columns wide. Sizes that are not multiples
+  of the phase count are padded with zeros and the output cropped, as at module level
+  (XNNPACK runs the pad and the crop too, and the phase form stays far ahead).
+
+They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
+or lightened, and never touch the model itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch import fx
+
+from ..tracing.fx_helpers import channel_concat_parts, node_shape
+from . import identities
+
+aten = torch.ops.aten
+_CONV_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)  # aten.conv2d's own defaults
+
+#: elementwise activations and the name of their rewrite
+_ACTIVATIONS = {
+    aten.relu.default: "relu-into-cat-parts", aten.relu_.default: "relu-into-cat-parts",
+    aten.prelu.default: "prelu-into-cat-parts",
+    **dict.fromkeys((aten.leaky_relu.default, aten.hardtanh.default, aten.sigmoid.default,
+                     aten.tanh.default, aten.silu.default, aten.gelu.default,
+                     aten.hardswish.default), "activation-into-cat-parts"),
+}
+
+_UPSAMPLE_MODES = {aten.upsample_bilinear2d.vec: "bilinear",
+                   aten.upsample_bilinear2d.default: "bilinear",
+                   aten.upsample_nearest2d.vec: "nearest",
+                   aten.upsample_nearest2d.default: "nearest"}
+
+
+def xnnpack_forms(gm: fx.GraphModule) -> Counter[str]:
+    """Rewrite ``gm`` (an ``ExportedProgram.module()``) in place; return rewrites per kind."""
+    done: Counter[str] = Counter()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is aten.batch_norm.default and not _arg(node, 5, False):
+            done["bn-into-cat-convs"] += _fold_bn(gm, node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ACTIVATIONS:
+            done[_ACTIVATIONS[node.target]] += _activation_into_parts(gm, node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and _UPSAMPLE_MODES.get(node.target) \
+                in identities.COMMUTING_UPSAMPLE_MODES:
+            done["conv-before-upsample"] += _conv_before_upsample(gm, node)
+    for node in list(graph.nodes):
+        if (parts := channel_concat_parts(node)) is not None:
+            done["conv-over-cat-split"] += _split_convs(gm, node, parts)
+    for node in list(graph.nodes):
+        if node.target is aten.conv2d.default:
+            done["thin-conv-phases"] += _thin_conv_phases(gm, node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return +done
+
+
+def _arg(node: fx.Node, i: int, default: object = None) -> object:
+    return node.args[i] if len(node.args) > i else default
+
+
+def _conv_args(node: fx.Node) -> list:
+    """input, weight, bias, stride, padding, dilation, groups of an aten.conv2d node."""
+    return [*node.args, *_CONV_DEFAULTS[len(node.args):]]
+
+
+def _is_attr(node: object) -> bool:
+    """A stored tensor (or an absent optional one): something the rewrite can read and fold."""
+    return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+
+
+def _sole_user_convs(parts: list[fx.Node], user: fx.Node) -> bool:
+    """Every part is a conv2d with stored weight and bias, used only by ``user``."""
+    return all(p.target is aten.conv2d.default and list(p.users) == [user]
+               and isinstance(_conv_args(p)[1], fx.Node) and all(map(_is_attr, _conv_args(p)[1:3]))
+               for p in parts)
+
+
+def _fold_bn(gm: fx.GraphModule, bn: fx.Node) -> int:
+    cat = bn.args[0]
+    parts = channel_concat_parts(cat)
+    if (parts is None or list(cat.users) != [bn] or not _sole_user_convs(parts, cat)
+            or not all(map(_is_attr, bn.args[1:5])) or bn.args[3] is None or bn.args[4] is None):
+        return 0
+    weight, bias, mean, var = (_tensor(gm, a) for a in bn.args[1:5])
+    stats = identities.BatchNormStats(mean, var, bn.args[7], weight, bias)
+    convs = [_conv_args(conv) for conv in parts]
+    folded = identities.fold_bn_into_parts(
+        [(_tensor(gm, args[1]), _tensor(gm, args[2])) for args in convs], stats)
+    for conv, args, (w, b) in zip(parts, convs, folded, strict=True):
+        with gm.graph.inserting_before(conv):
+            args[1], args[2] = _constant(gm, w), _constant(gm, b)
+        conv.args = tuple(args)
+    bn.replace_all_uses_with(cat)
+    gm.graph.erase_node(bn)
+    return 1
+
+
+def _activation_into_parts(gm: fx.GraphModule, act: fx.Node) -> int:
+    """An elementwise activation of a concat -> the concat of each part's activation."""
+    cat = act.args[0] if act.args else None
+    parts = channel_concat_parts(cat)
+    if parts is None or list(cat.users) != [act]:
+        return 0
+    extra = [tuple(act.args[1:])] * len(parts)
+    if act.target is aten.prelu.default:
+        if not _is_attr(act.args[1]) or act.args[1] is None:
+            return 0
+        slope = _tensor(gm, act.args[1])
+        if slope.numel() > 1:  # per-channel slopes: each part its slice
+            with gm.graph.inserting_before(cat):
+                extra = [(_constant(gm, s),) for s in identities.split_per_channel(
+                    slope, [node_shape(p)[1] for p in parts])]
+    target = aten.relu.default if act.target is aten.relu_.default else act.target
+    outs = []
+    with gm.graph.inserting_before(cat):
+        for part, args in zip(parts, extra, strict=True):
+            out = gm.graph.call_function(target, (part, *args), dict(act.kwargs))
+            out.meta = dict(part.meta)
+            outs.append(out)
+    cat.args = (outs, *cat.args[1:])
+    act.replace_all_uses_with(cat)
+    gm.graph.erase_node(act)
+    return 1
+
+
+def _split_convs(gm: fx.GraphModule, cat: fx.Node, parts: list[fx.Node]) -> int:
+    users = list(cat.users)
+    if not users or any(
+        u.target is not aten.conv2d.default or u.args[0] is not cat
+        or _conv_args(u)[6] != 1 or _conv_args(u)[1] is None
+        or not all(map(_is_attr, _conv_args(u)[1:3])) or node_shape(u) is None for u in users
+    ):
+        return 0
+    outputs = sum(node_shape(u).numel() for u in users)
+    if not identities.sum_of_parts_pays_off(node_shape(cat).numel(), outputs, len(parts)):
+        return 0
+    sizes = [node_shape(p)[1] for p in parts]
+    for conv in users:
+        args = _conv_args(conv)
+        bias = args[2]
+        total = None
+        terms = identities.split_inputs(_tensor(gm, args[1]), None, sizes)
+        with gm.graph.inserting_before(conv):
+            for i, (part, (w, _)) in enumerate(zip(parts, terms, strict=True)):
+                out = gm.graph.call_function(
+                    aten.conv2d.default,
+                    (part, _constant(gm, w), bias if i == 0 else None, *args[3:]))
+                total = out if total is None else gm.graph.call_function(
+                    aten.add.Tensor, (total, out))
+        total.meta = dict(conv.meta)  # same tensor: later rewrites read its shape
+        conv.replace_all_uses_with(total)
+        gm.graph.erase_node(conv)
+    return len(users)
+
+
+def _conv_before_upsample(gm: fx.GraphModule, up: fx.Node) -> int:
+    users = list(up.users)
+    if len(users) != 1 or users[0].target is not aten.conv2d.default:
+        return 0
+    conv, source = users[0], up.args[0]
+    args = _conv_args(conv)
+    low, high, weight = node_shape(source), node_shape(up), node_shape(args[1])
+    if (args[0] is not up or low is None or high is None or node_shape(conv) is None
+            or weight is None or tuple(weight[2:]) != (1, 1)
+            or list(args[3]) != [1, 1] or list(args[4]) != [0, 0]
+            or high[-2] * high[-1] <= low[-2] * low[-1]):
+        return 0
+    with gm.graph.inserting_before(up):
+        early = gm.graph.call_function(aten.conv2d.default, (source, *args[1:]))
+        early.meta = {"val": torch.empty(low[0], node_shape(conv)[1], *low[2:],
+                                         device="meta")}
+        late = gm.graph.call_function(up.target, (early, *up.args[1:]), dict(up.kwargs))
+        late.meta = dict(conv.meta)
+    conv.replace_all_uses_with(late)
+    gm.graph.erase_node(conv)
+    gm.graph.erase_node(up)
+    return 1
+
+
+def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = identities.PHASES) -> int:
+    x, weight, bias, stride, padding, dilation, groups = _conv_args(conv)
+    shape = node_shape(x)
+    if (shape is None or len(shape) != 4 or not _is_attr(weight) or weight is None
+            or not _is_attr(bias)):
+        return 0
+    w = _tensor(gm, weight)
+    if not identities.thin_conv(w.shape[0], tuple(w.shape[2:]), padding, stride, dilation,
+                                groups):
+        return 0
+    phased, d = identities.phase_weight(w, r)
+    new_bias = identities.phase_bias(_tensor(gm, bias), r)
+    h, w_ = int(shape[-2]), int(shape[-1])
+    graph = gm.graph
+    with graph.inserting_before(conv):
+        if h % r or w_ % r:  # zeros past the edge: what the conv's own padding reads
+            x = graph.call_function(aten.constant_pad_nd.default,
+                                    (x, [0, (-w_) % r, 0, (-h) % r], 0.0))
+        unshuffled = graph.call_function(aten.pixel_unshuffle.default, (x, r))
+        inner = graph.call_function(aten.conv2d.default, (
+            unshuffled, _constant(gm, phased),
+            None if new_bias is None else _constant(gm, new_bias), [1, 1], [d, d]))
+        out = graph.call_function(aten.pixel_shuffle.default, (inner, r))
+        if h % r or w_ % r:
+            out = graph.call_function(aten.slice.Tensor, (out, 2, 0, h))
+            out = graph.call_function(aten.slice.Tensor, (out, 3, 0, w_))
+    out.meta = dict(conv.meta)
+    conv.replace_all_uses_with(out)
+    gm.graph.erase_node(conv)
+    return 1
+
+
+def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    if node is None:
+        return None
+    return functools.reduce(getattr, node.target.split("."), gm).detach()
+
+
+def _constant(gm: fx.GraphModule, value: torch.Tensor) -> fx.Node:
+    """A new attribute of ``gm`` holding ``value``, read by a get_attr node at the cursor."""
+    name = f"_xnnpack_form_{sum(1 for _ in gm.buffers())}"
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, value.contiguous().clone())
+    return gm.graph.get_attr(name)

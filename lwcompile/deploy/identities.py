@@ -1,0 +1,165 @@
+"""The tensor identities behind every deployment rewrite, and when each one pays off.
+
+Written once, on plain tensors, and used by both graph levels: ``module_rewrites`` and
+``concat_sinking`` (the module-level graph that eager PyTorch and ONNX run: ``emit_fast``,
+``export_onnx``) and ``aten_rewrites`` (the ATen graph that ExecuTorch lowers:
+``export_mobile``). The adapters only find their pattern in their graph and rebuild it
+around what these functions return; each identity is exact in real arithmetic, so a rewrite
+changes outputs by float rounding only.
+
+- A conv over ``cat(parts)`` is the sum of convs over each part, with the weight's input
+  channels split by part and the bias added once (groups 1, any kernel, any padding: the
+  padding acts on each channel alone). A conv with one group per part is the concat of the
+  per-part convs, the weight split by output channels.
+- An elementwise activation of a concat is the concat of the activations; a per-channel
+  PReLU takes each part's slice of its slopes.
+- An eval BatchNorm after a conv is the conv with scaled weights and shifted bias (torch's
+  own ``fuse_conv_bn_weights``); after a concat of convs, each conv takes its part of it.
+- A 1x1 conv commutes with a bilinear or nearest upsampling: interpolation weights sum to
+  one and the conv is the same affine map at every pixel. Run first, it works at the low
+  resolution and the upsample moves its (often fewer) output channels.
+- A "same" kxk conv equals a conv on the r x r pixel phases of its input (``phase_weight``):
+  a thin conv (few outputs, large kernel) becomes a GEMM r^2 times wider.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+#: a "thin" conv: kernel at least MIN_KERNEL, at most MAX_OUT_CHANNELS outputs, run on
+#: PHASES x PHASES pixel phases. On smaller kernels the phase form did not pay off
+#: (``python -m benchmarks.thin_conv`` shows the forms per runtime).
+PHASES, MIN_KERNEL, MAX_OUT_CHANNELS = 4, 9, 4
+
+#: upsampling modes whose interpolation weights sum to one (they commute with a 1x1 conv)
+COMMUTING_UPSAMPLE_MODES = frozenset({"bilinear", "nearest"})
+
+
+def part_slices(sizes: Sequence[int]) -> list[slice]:
+    """The channel range of each part of a concat of parts of ``sizes`` channels."""
+    starts = list(itertools.accumulate(sizes, initial=0))
+    return [slice(a, b) for a, b in itertools.pairwise(starts)]
+
+
+def split_inputs(weight: Tensor, bias: Tensor | None,
+                 sizes: Sequence[int]) -> list[tuple[Tensor, Tensor | None]]:
+    """``conv(cat(x_i))`` (groups 1) as ``sum_i conv_i(x_i)``: each term's weight and bias
+    (the bias on the first term only)."""
+    return [(weight[:, part], bias if i == 0 else None)
+            for i, part in enumerate(part_slices(sizes))]
+
+
+def split_groups(weight: Tensor, bias: Tensor | None,
+                 groups: int) -> list[tuple[Tensor, Tensor | None]]:
+    """A conv with ``groups`` groups over ``cat`` of ``groups`` equal parts as the concat of
+    one conv per part: each part's weight and bias."""
+    step = weight.shape[0] // groups
+    return [(weight[i * step:(i + 1) * step],
+             None if bias is None else bias[i * step:(i + 1) * step]) for i in range(groups)]
+
+
+def split_per_channel(values: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Per-channel values (PReLU slopes) for each part of a concat; one value shared by
+    all channels is every part's."""
+    if values.numel() == 1:
+        return [values] * len(sizes)
+    return [values[part] for part in part_slices(sizes)]
+
+
+@dataclass(frozen=True)
+class BatchNormStats:
+    """An eval BatchNorm's affine map: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+
+    mean: Tensor
+    var: Tensor
+    eps: float
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    def part(self, channels: slice) -> BatchNormStats:
+        def piece(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[channels]
+
+        return BatchNormStats(self.mean[channels], self.var[channels], self.eps,
+                              piece(self.weight), piece(self.bias))
+
+
+def fold_bn(weight: Tensor, bias: Tensor | None, bn: BatchNormStats,
+            transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """The weight and bias of ``bn(conv(x))`` as one conv (``transpose`` for a transposed
+    conv, whose output channels are the weight's dim 1)."""
+    w, b = fuse_conv_bn_weights(weight, bias, bn.mean, bn.var, bn.eps, bn.weight, bn.bias,
+                                transpose=transpose)
+    return w.detach(), b.detach()
+
+
+def fold_bn_into_parts(convs: Sequence[tuple[Tensor, Tensor | None]],
+                       bn: BatchNormStats) -> list[tuple[Tensor, Tensor]]:
+    """``bn(cat(conv_i(x)))`` as ``cat(conv_i'(x))``: each conv folded with its part of
+    ``bn``, parts in order."""
+    sizes = [w.shape[0] for w, _ in convs]
+    return [fold_bn(w, b, bn.part(part))
+            for (w, b), part in zip(convs, part_slices(sizes), strict=True)]
+
+
+def sum_of_parts_pays_off(concat_elements: int, output_elements: int, parts: int) -> bool:
+    """Whether ``conv(cat(x_i))`` should become ``sum_i conv_i(x_i)``: the adds it costs
+    must move less memory than the concat it removes. A concat reads and writes each
+    element once; each of the ``parts - 1`` adds reads two outputs and writes one. So a
+    squeezing conv after a concat (a LIST's consumer) gains, a widening one does not."""
+    return 3 * output_elements * (parts - 1) < 2 * concat_elements
+
+
+def thin_conv(out_channels: int, kernel: tuple[int, int], padding: tuple[int, int],
+              stride: tuple[int, int], dilation: tuple[int, int], groups: int) -> bool:
+    """Whether a conv is worth computing on pixel phases: a "same", dense, stride-1 conv
+    with a large square kernel and at most a few output channels."""
+    k = kernel[0]
+    return (out_channels <= MAX_OUT_CHANNELS and kernel[1] == k >= MIN_KERNEL
+            and tuple(padding) == (k // 2, k // 2) and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1)
+
+
+def phase_weight(w: Tensor, r: int = PHASES) -> tuple[Tensor, int]:
+    """The weight (and padding d) of the conv on r*r pixel phases that equals the "same"
+    kxk conv ``w`` (padding p = k // 2) between ``pixel_unshuffle(r)`` and ``pixel_shuffle(r)``.
+
+    Output pixel (r i + a, r j + b) reads input pixel (r i + a + u - p, ...), which is phase
+    alpha of phase-grid cell i + di where r di + alpha = a + u - p. So ``w[o, c, u, v]`` goes
+    to ``[o r^2 + a r + b, c r^2 + alpha r + beta, di + d, dj + d]``; other taps are zero.
+    """
+    c_out, c_in, k, _ = w.shape
+    p, d = k // 2, (k // 2 + r - 1) // r  # d: the kernel's reach in phase-grid steps
+    phased = w.new_zeros(c_out * r * r, c_in * r * r, 2 * d + 1, 2 * d + 1)
+    outs, ins = torch.arange(c_out) * r * r, torch.arange(c_in) * r * r
+    steps = range(-d, d + 1)
+    for a, b, alpha, beta, di, dj in itertools.product(range(r), range(r), range(r), range(r),
+                                                       steps, steps):
+        u, v = r * di + alpha - a + p, r * dj + beta - b + p
+        if 0 <= u < k and 0 <= v < k:
+            phased[(outs + a * r + b)[:, None], ins + alpha * r + beta, di + d, dj + d] = \
+                w[:, :, u, v]
+    return phased, d
+
+
+def strided_phase_weight(w: Tensor, r: int = PHASES) -> tuple[Tensor, int]:
+    """``phase_weight`` with the ``pixel_unshuffle`` folded in: the weight (and padding, in
+    input pixels) of one stride-r conv on the input itself that computes all r*r phases.
+    This saves the unshuffle's transpose (a full copy of the input in onnxruntime)."""
+    phased, reach = phase_weight(w, r)
+    c_out, c_in, taps = phased.shape[0], w.shape[1], phased.shape[-1]
+    # phased[o, c r^2 + alpha r + beta, di, dj] -> weight[o, c, r di + alpha, r dj + beta]
+    weight = (phased.view(c_out, c_in, r, r, taps, taps).permute(0, 1, 4, 2, 5, 3)
+              .reshape(c_out, c_in, taps * r, taps * r))
+    return weight, reach * r
+
+
+def phase_bias(bias: Tensor | None, r: int = PHASES) -> Tensor | None:
+    """The phase conv's bias: each output channel's, once per phase."""
+    return None if bias is None else bias.repeat_interleave(r * r)

@@ -1,0 +1,94 @@
+"""Small torch.fx helpers shared by tracing, the rules and deployment.
+
+- ``channel_concat_parts``: is this node a concatenation along channels of 4-D tensors? The
+  one test for it, at both graph levels lwcompile works on: the module-level graph of
+  ``torch.fx`` tracing (``torch.cat``, shapes in ``meta["tensor_meta"]``) and the ATen graph
+  of ``torch.export`` (``aten.cat``, shapes in ``meta["val"]``).
+- ``make_picklable`` / ``picklable``: let ``torch.save`` pickle GraphModules whatever traced
+  them, for good or for the duration of one save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import fx, nn
+
+_CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
+
+
+def node_shape(node: object) -> torch.Size | None:
+    """The shape recorded on a graph node (``tensor_meta`` or ``val``), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        meta = node.meta.get("val")
+    shape = getattr(meta, "shape", None)
+    return torch.Size(shape) if shape is not None else None
+
+
+def channel_concat_parts(node: object) -> list[fx.Node] | None:
+    """The parts of ``node`` if it concatenates 4-D tensors along channels (dim 1 or -3)
+    and every part's shape is recorded; else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in _CATS):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = node_shape(node)
+    if (shape is None or len(shape) != 4 or not isinstance(dim, int) or dim % 4 != 1
+            or not isinstance(parts, (list, tuple))):
+        return None
+    if not all(node_shape(p) is not None for p in parts):
+        return None
+    return list(parts)
+
+
+def strip_string_annotations(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Drop the node annotations that are strings (``from __future__ import annotations``
+    in the traced file): fx cannot pickle them, and they are cosmetic. Returns what was
+    dropped; a GraphModule already made from ``graph`` needs a recompile."""
+    dropped = {n: n.type for n in graph.nodes if isinstance(n.type, str)}
+    for node in dropped:
+        node.type = None
+    return dropped
+
+
+def make_picklable(gm: fx.GraphModule) -> fx.GraphModule:
+    """Let ``torch.save(gm)`` work from now on.
+
+    Unpickling re-traces with the tracer class that made the graph, created with no
+    arguments; lwcompile's tracers take some, so the plain fx tracer is used instead (it
+    treats every submodule as a leaf either way).
+    """
+    strip_string_annotations(gm.graph)
+    gm._tracer_cls = gm.graph._tracer_cls = None
+    gm.recompile()
+    return gm
+
+
+@contextlib.contextmanager
+def picklable(model: nn.Module) -> Iterator[None]:
+    """Every GraphModule in ``model`` picklable for the duration, as ``make_picklable``
+    makes it, and as it was afterwards. The class name is kept (fx pickles it only for
+    torch.package), so a loaded graph is not renamed "GraphModule"."""
+    saved = []
+    for gm in (m for m in model.modules() if isinstance(m, fx.GraphModule)):
+        saved.append((gm, gm.__dict__.get("_tracer_cls"), strip_string_annotations(gm.graph)))
+        gm._tracer_cls = None
+        gm._graphmodule_cls_name = type(gm).__name__
+        if saved[-1][2]:
+            gm.recompile()  # the pickle holds the code as last compiled
+    try:
+        yield
+    finally:
+        for gm, tracer_cls, types in saved:
+            gm._tracer_cls = tracer_cls
+            gm.__dict__.pop("_graphmodule_cls_name", None)
+            for node, annotation in types.items():
+                node.type = annotation
+            if types:
+                gm.recompile()
