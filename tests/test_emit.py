@@ -80,10 +80,11 @@ def test_fused_list_has_lists_parameters_and_output():
     close(run(fused, (x,)), run(lst, (x,)))
 
 
-@pytest.mark.parametrize("kind", [nn.Conv2d, LIST, FusedLIST])
+@pytest.mark.parametrize("kind", [nn.Conv2d, nn.ConvTranspose2d, LIST, FusedLIST])
 def test_fold_bn_into(kind):
     torch.manual_seed(0)
     producer = {nn.Conv2d: lambda: nn.Conv2d(16, 32, 3, padding=1, bias=False),
+                nn.ConvTranspose2d: lambda: nn.ConvTranspose2d(16, 32, 4, stride=2, padding=1),
                 LIST: lambda: LIST(16, 32), FusedLIST: lambda: FusedLIST(LIST(16, 32))}[kind]()
     bn = randomise_batchnorm(nn.BatchNorm2d(32)).eval()
     producer.eval()
@@ -133,6 +134,16 @@ def test_pointwise_moves_before_upsampling():
     order = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert order == ["conv", "up"]
     x = torch.randn(1, 32, 9, 7)
+    close(run(gm, (x,)), run(model, (x,)))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_pointwise_moves_before_an_upsample_module(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(16, 4, 1)).eval()
+    gm = pointwise_before_upsampling(fx.GraphModule(model, _OneLevel().trace(model)))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["1", "0"]
+    x = torch.randn(1, 16, 5, 6)
     close(run(gm, (x,)), run(model, (x,)))
 
 
