@@ -117,9 +117,10 @@ def register_fit(module_type: type[nn.Module], *, part: PartFunction | None = No
     submodules; a submodule is fitted by the fitting of its own type), its input and its
     target, or None to leave the replacement as built; by default the whole replacement,
     where its output has the target's shape. ``channel_order(module, original)`` may return
-    a permutation of the output channels: the module is fitted to the teacher's output in
-    that order, and the order is undone exactly downstream where the output only flows
-    through per-channel modules into one conv (elsewhere the teacher's order is kept).
+    a permutation of the output channels: with ``init_layerwise``'s ``centre_heavy`` on and
+    the whole replacement fitted, it is fitted to the teacher's output in that order, and the
+    order is undone exactly downstream where the output only flows through per-channel
+    modules into one conv (elsewhere the teacher's order is kept).
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise LwCompileError(f"register_fit needs an nn.Module subclass, got {module_type!r}")
