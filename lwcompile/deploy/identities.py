@@ -33,8 +33,8 @@ from torch import Tensor
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 #: a "thin" conv: kernel at least MIN_KERNEL, at most MAX_OUT_CHANNELS outputs, run on
-#: PHASES x PHASES pixel phases. On smaller kernels the phase form did not pay off
-#: (``python -m benchmarks.thin_conv`` shows the forms per runtime).
+#: PHASES x PHASES pixel phases. A 3x3 conv to 3 channels got slower in phase form, hence
+#: the large kernels only (``python -m benchmarks.thin_conv`` shows the forms per runtime).
 PHASES, MIN_KERNEL, MAX_OUT_CHANNELS = 4, 9, 4
 
 #: upsampling modes whose interpolation weights sum to one (they commute with a 1x1 conv)
