@@ -17,16 +17,12 @@ import torch
 from torch import nn
 
 from .compiler.driver import compile_verified, plan_only
-from .errors import CompileFailed, LwCompileError, NotAModuleError, RuleError
+from .errors import CompileFailed, LwCompileError, LwCompileWarning, NotAModuleError, RuleError
 from .measure.inputs import infer_example_inputs
 from .report import Report
 from .rule import Guard, Proposal, Rule, Veto
 
 RuleParams = dict[str, dict[str, Any]]
-
-
-class LwCompileWarning(UserWarning):
-    """Something the user asked for had no effect (e.g. an exclude pattern matching nothing)."""
 
 
 def default_rules(without: Sequence[str] = ()) -> list[Rule]:

@@ -8,6 +8,10 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
+class LwCompileWarning(UserWarning):
+    """Something the user asked for had no effect (e.g. an exclude pattern matching nothing)."""
+
+
 class LwCompileError(Exception):
     """Base class of every error lwcompile raises on purpose."""
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from ..errors import VerificationError, one_line
+from ..errors import LwCompileWarning, VerificationError, one_line
 from ..nn import ChannelsLast
 from .emit import emit_fast
 from .module_rewrites import onnxruntime_forms
@@ -39,8 +39,6 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
         try:
             return emit_fast(model, args, channels_last=False)
         except Exception as exc:
-            from ..api import LwCompileWarning
-
             warnings.warn(f"exporting the plain form: emit_fast failed ({one_line(exc)})",
                           LwCompileWarning, stacklevel=3)
     return copy.deepcopy(model).eval()
