@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
-from lightened import inputs, light
 from torch import nn
 
 from lwcompile.deploy.concat_sinking import sink_concats
 from lwcompile.deploy.emit import emit_fast
 from lwcompile.measure.cost import count_params
+from tests.lightened import inputs, light
 
 
 def cats(gm: fx.GraphModule) -> int:

@@ -154,6 +154,7 @@ def test_progress_falls_back_to_prints_without_tqdm(pair, monkeypatch, capsys):
         distill(copy.deepcopy(light), teacher, steps=1, loss="huber")
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_distill_under_torchrun_with_two_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""

@@ -8,7 +8,6 @@ import io
 import pytest
 import torch
 import torch.fx as fx
-from lightened import NAMES, inputs, light, original, other_inputs, randomise_batchnorm
 from torch import nn
 
 from lwcompile import LIST, Resize
@@ -20,17 +19,10 @@ from lwcompile.deploy.module_rewrites import (
 )
 from lwcompile.measure.cost import count_params, measure
 from lwcompile.nn import ChannelsLast, FusedLIST
+from tests.helpers import close, run
+from tests.lightened import NAMES, inputs, light, original, other_inputs, randomise_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(model: nn.Module, args: tuple) -> torch.Tensor:
-    with torch.no_grad():
-        return model(*args)
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, check_stride=False)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightened import inputs, light, other_inputs
 from torch import nn
 
 from lwcompile import Resize
 from lwcompile.deploy.emit import emit_fast
 from lwcompile.deploy.export import export_onnx, export_program
+from tests.helpers import close, run
+from tests.lightened import inputs, light, other_inputs
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -27,12 +28,7 @@ def run_ort(path, args: tuple) -> torch.Tensor:
 
 
 def reference(name: str, args: tuple) -> torch.Tensor:
-    with torch.no_grad():
-        return light(name)(*args)
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, check_stride=False)
+    return run(light(name), args)
 
 
 @pytest.mark.parametrize(("name", "form"), [

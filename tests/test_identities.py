@@ -12,10 +12,7 @@ from lwcompile import channel_concat_parts
 from lwcompile.deploy import identities
 from lwcompile.files import write_atomic
 from lwcompile.tracing.trace import ShapeRecorder
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+from tests.helpers import close
 
 
 @pytest.mark.parametrize(("k", "padding_mode"), [(1, "zeros"), (3, "zeros"), (3, "reflect")])

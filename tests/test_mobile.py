@@ -16,6 +16,7 @@ from torch import nn
 import lwcompile
 from examples import dncnn, glcic, srresnet, unet
 from lwcompile.deploy.mobile import MobileExport, MobileUnavailableError, export_mobile, load_pte
+from tests.helpers import close
 
 DNCNN_BLOCKS = 6  # LIST blocks: DnCNN-17 has 15 of the same block (its 100% share is in
 # benchmarks/results/mobile.json); 6 keep this file's lowering time within budget
@@ -49,6 +50,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]
     return get
 
 
+@pytest.mark.slow  # lowers to ExecuTorch (the fixture, once per network)
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_pte_runs_in_executorch_and_matches_pytorch(exported, name):
     light, _, export = exported(name)
@@ -62,14 +64,16 @@ def test_pte_runs_in_executorch_and_matches_pytorch(exported, name):
     (got,) = load_pte(export.path)(*inputs)
     with torch.no_grad():
         want = light.eval()(*inputs)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    close(got, want)
 
 
+@pytest.mark.slow
 def test_export_restores_training_mode(exported):
     light, flags_after_export, _ = exported("dncnn")
     assert all(flags_after_export)  # trained-mode model in, trained-mode model out
 
 
+@pytest.mark.slow
 def test_light_dncnn_is_fully_delegated(exported):
     light, _, export = exported("dncnn")
     report = export.report
@@ -91,6 +95,7 @@ def test_light_dncnn_is_fully_delegated(exported):
     assert export.to_dict()["report"]["op_share"] == 1.0
 
 
+@pytest.mark.slow
 def test_light_glcic_resizes_shuffles_and_mask_arithmetic_are_delegated(exported):
     _, _, export = exported("glcic")
     report = export.report
@@ -112,6 +117,7 @@ class ScaledDenoiser(nn.Module):
         return x - self.conv(x) * (sigma / 25.0)
 
 
+@pytest.mark.slow
 def test_non_tensor_argument_is_fixed_to_its_example_value_but_still_passed(exported, tmp_path):
     model = ScaledDenoiser()
     export = export_mobile(model, (torch.rand(1, 1, 8, 8), 50.0), tmp_path / "d.pte")

@@ -10,6 +10,7 @@ from torch import nn
 from lwcompile.deploy.aten_rewrites import xnnpack_forms
 from lwcompile.deploy.identities import phase_weight
 from lwcompile.nn import LIST, Resize
+from tests.helpers import image_and_mask
 
 aten = torch.ops.aten
 
@@ -71,7 +72,7 @@ def test_list_blocks_lose_their_concat_batchnorm_and_outer_relu():
 
 def test_concat_feeding_a_wider_conv_is_kept():
     model = WideAfterCat()
-    image, mask = torch.rand(1, 3, 8, 8), (torch.rand(1, 1, 8, 8) > 0.5).float()
+    image, mask = image_and_mask(8, 8)
     module, forms = rewrite(model, image, mask)
     assert forms == {}  # 64 output channels to add would move more memory than the concat
     assert aten.cat.default in ops(module)

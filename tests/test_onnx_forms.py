@@ -14,12 +14,9 @@ from lwcompile.deploy.export import export_onnx
 from lwcompile.deploy.module_rewrites import on_phases, onnxruntime_forms, thin_convs_on_phases
 from lwcompile.measure.cost import measure
 from lwcompile.nn import ThinConvPhases
+from tests.helpers import close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "k", "bias", "size"), [
