@@ -16,6 +16,7 @@ from .api import (
 )
 from .deploy.emit import emit_fast
 from .deploy.export import export_onnx, export_program
+from .deploy.int8 import CalibrationDataError, Int8Error, Int8QualityError, Int8Report
 from .deploy.mobile import export_mobile
 from .deploy.persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
 from .errors import (
@@ -55,6 +56,7 @@ __all__ = [
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
     "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
     "channel_concat_parts",
+    "CalibrationDataError", "Int8Error", "Int8QualityError", "Int8Report",
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import LwCompileWarning, VerificationError, one_line
+from ..files import write_atomic
 from ..nn import ChannelsLast
+from . import int8
 from .emit import emit_fast
 from .module_rewrites import onnxruntime_forms
 
@@ -86,9 +89,21 @@ def _for_onnx(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     return rewritten
 
 
+class OnnxFile(type(Path())):
+    """The written file's path; ``int8_report`` says how far an int8 export is from float
+    (None for fp32)."""
+
+    int8_report: int8.Int8Report | None = None
+
+
 def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
-                opset: int = 17, dynamo: bool = False, fast: bool = True) -> Path:
+                opset: int = 17, dynamo: bool = False, fast: bool = True, *,
+                precision: str = "fp32", calibration: Any = None,
+                min_psnr: float | None = None,
+                target_psnr: float = int8.DEFAULT_TARGET_PSNR,
+                max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
+                calibration_count: int = 8, evaluation_count: int = 4) -> OnnxFile:
     """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file, in
     ``emit_fast``'s form plus ``onnxruntime_forms`` unless ``fast=False`` (what lwcompile emits is
     fast by default).
@@ -97,9 +112,54 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     ``output``; other arguments are baked in. With ``dynamic_hw`` every 4-D input's height
     and width are symbolic. An ``ExportedProgram`` (from ``export_program``) is converted
     with the new exporter, keeping the shapes it was exported with.
+
+    ``precision="int8"`` quantises with onnxruntime (QDQ, per-channel int8 weights; see
+    ``deploy.int8_onnx``), calibrated on ``calibration_count`` crops of ``calibration``
+    (None, a folder, a tensor or a DataLoader, as ``distill`` takes) and measured against
+    the float model on ``evaluation_count`` held-out crops. Below ``target_psnr`` dB up to
+    ``max_float_layers`` convs, the most sensitive measured, stay float; below ``min_psnr``
+    it raises ``Int8QualityError`` and writes nothing. The returned path's ``int8_report``
+    holds the measurement. The file is written atomically.
     """
+    int8.check_precision(precision)
     args = tuple(example_inputs)
-    path = Path(path)
+    path = OnnxFile(path)
+    if precision == "int8":
+        if isinstance(model, torch.export.ExportedProgram):
+            raise int8.Int8Error("int8 export needs the nn.Module (to measure it against "
+                                 "float), not an ExportedProgram")
+        return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
+                            target_psnr, max_float_layers, calibration_count,
+                            evaluation_count, calibration)
+    _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
+    return path
+
+
+def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,
+                 dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
+                 max_float_layers: int, calibration_count: int, evaluation_count: int,
+                 calibration: Any) -> OnnxFile:
+    """Float export to a temporary file, quantised and measured; written only if accepted."""
+    from .int8_onnx import quantize_onnx
+
+    int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
+                          evaluation_count)
+    with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        _write_onnx(model, args, float_path, dynamic_hw, opset, dynamo, fast)
+        reference = copy.deepcopy(model).eval()
+        data, report = quantize_onnx(
+            float_path, reference, args, _tensor_names(args), calibration, min_psnr=min_psnr,
+            target_psnr=max(target_psnr, min_psnr or target_psnr),
+            max_float_layers=max_float_layers, calibration_count=calibration_count,
+            evaluation_count=evaluation_count)
+    write_atomic(path, lambda f: f.write(data))
+    path.int8_report = report
+    return path
+
+
+def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, path: Path,
+                dynamic_hw: bool, opset: int, dynamo: bool, fast: bool) -> None:
     names = _tensor_names(args)
     if dynamo or isinstance(model, torch.export.ExportedProgram):
         if not isinstance(model, torch.export.ExportedProgram):
@@ -107,14 +167,13 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                     input_names=names, output_names=["output"], verbose=False)
         program.save(str(path), external_data=False)
-        return path
+        return
     axes = {name: {2: "height", 3: "width"} for name, a in zip(
         names, [a for a in args if isinstance(a, torch.Tensor)], strict=True) if a.dim() == 4}
     with _torchscript_exporter():
         torch.onnx.export(_for_onnx(model, args, fast), args, str(path), dynamo=False,
                           opset_version=opset, input_names=names, output_names=["output"],
                           dynamic_axes=axes if dynamic_hw else None)
-    return path
 
 
 def _channel_shuffle(g: Any, x: Any, groups: Any) -> Any:

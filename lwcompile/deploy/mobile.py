@@ -31,6 +31,8 @@ from torch.fx.node import map_arg
 from torch.utils.flop_counter import flop_registry
 
 from ..errors import LwCompileError, one_line
+from ..files import write_atomic
+from . import int8
 from .aten_rewrites import xnnpack_forms
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
@@ -134,11 +136,14 @@ class MobileExport:
     forms: dict[str, int]
     #: max |pte - eager| on the example inputs, or None when not checked
     max_abs_error: float | None = None
+    #: how far the int8 program is from float on held-out crops (None for fp32)
+    int8_report: int8.Int8Report | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "size_bytes": self.size_bytes,
                 "input_shapes": [list(s) for s in self.input_shapes], "forms": dict(self.forms),
-                "max_abs_error": self.max_abs_error, "report": self.report.to_dict()}
+                "max_abs_error": self.max_abs_error, "report": self.report.to_dict(),
+                "int8": None if self.int8_report is None else self.int8_report.to_dict()}
 
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
@@ -146,11 +151,16 @@ class MobileExport:
                    else f", max |pte - eager| = {self.max_abs_error:.2e}")
         forms = ", ".join(f"{k} x{n}" for k, n in self.forms.items()) or "none"
         return (f"{self.path} ({self.size_bytes / 1024:.0f} KiB, inputs {shapes}{checked})\n"
-                f"XNNPACK forms: {forms}\n{self.report}")
+                f"XNNPACK forms: {forms}\n{self.report}"
+                + ("" if self.int8_report is None else f"\n{self.int8_report}"))
 
 
 def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
-                  optimize: bool = True, verify: bool = True) -> MobileExport:
+                  optimize: bool = True, verify: bool = True, precision: str = "fp32",
+                  calibration: Any = None, min_psnr: float | None = None,
+                  target_psnr: float = int8.DEFAULT_TARGET_PSNR,
+                  max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
+                  calibration_count: int = 8, evaluation_count: int = 4) -> MobileExport:
     """Write ``model`` as an XNNPACK-delegated ExecuTorch program to ``path``.
 
     The model is exported in eval mode (BatchNorm with running statistics, as deployed) and
@@ -161,10 +171,22 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     the scalar 1 outside XNNPACK.
     With ``verify``, the written file is run once on ``example_inputs`` by the ExecuTorch
     runtime and compared with the eager model (``max_abs_error``).
+
+    ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
+    symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` as ``export_onnx``
+    is, and measured against the float model on held-out crops (``int8_report``); the same
+    ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
+    nothing written). The file is written atomically.
     """
+    int8.check_precision(precision)
+    int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
+                          evaluation_count)
     exir, XnnpackPartitioner = _executorch()
+    if precision == "int8":
+        from .int8_xnnpack import quantize_pt2e
     example_inputs = tuple(example_inputs)
     path = Path(path)
+    int8_report = None
     try:
         with _eval_mode(model), torch.no_grad():
             exported = torch.export.export(model, example_inputs)
@@ -174,6 +196,13 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                 forms = xnnpack_forms(module)
                 if forms:
                     exported = torch.export.export(module, example_inputs)
+            if precision == "int8":
+                quantized, int8_report = quantize_pt2e(
+                    exported.module(), model, example_inputs, calibration,
+                    min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
+                    max_float_layers=max_float_layers, calibration_count=calibration_count,
+                    evaluation_count=evaluation_count)
+                exported = torch.export.export(quantized, example_inputs)
             lowered = exir.to_edge_transform_and_lower(
                 exported, transform_passes=[_fold_constants_pass()],
                 partitioner=[XnnpackPartitioner()],
@@ -186,14 +215,15 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     except Exception as exc:
         raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(program.buffer)
+    write_atomic(path, lambda f: f.write(program.buffer))
     error = None
     if verify:
         got = load_pte(path)(*example_inputs)
         want = [expected] if isinstance(expected, Tensor) else list(expected)
         error = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
-    return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error)
+    return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
+                        int8_report)
 
 
 def load_pte(path: str | Path) -> Callable[..., list[Tensor]]:

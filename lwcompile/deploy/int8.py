@@ -1,0 +1,284 @@
+"""What int8 deployment shares across runtimes: calibration inputs, the measured error against
+float, and which layers stay float.
+
+Post-training int8 needs a few inputs like those the model will see (calibration) to choose
+activation scales, and it changes the outputs: by how much depends on the model, so the
+export measures it on held-out crops instead of assuming it. When the int8 output is too far
+from float, the layers whose quantisation hurts most are kept float, chosen greedily by
+measurement: each round restores, one at a time, every still-quantised conv and keeps the one
+that raises the PSNR most. ``export_onnx`` (onnxruntime) and ``export_mobile`` (XNNPACK) hand
+this module a function that quantises with a given set of layers left float; everything
+else here is runtime-agnostic.
+
+Calibration ``data`` is what ``distill`` takes (``train.data.batches``): None (scikit-image's
+``TRAIN`` images), a folder, an (N,C,H,W) tensor or a DataLoader. Crops are taken at the
+example input's size; a model's other inputs (a mask, a noise level) keep their example
+values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LwCompileError
+from ..train.data import HELD_OUT, batches, load_images, random_crops, step_generator
+
+PRECISIONS = ("fp32", "int8")
+#: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
+DEFAULT_TARGET_PSNR = 40.0
+DEFAULT_MAX_FLOAT_LAYERS = 3
+
+#: runs the quantised model on one tuple of inputs and returns its (first) output
+Runner = Callable[[tuple], Tensor]
+#: quantises with the named layers left float; returns a runner and what to keep of it
+Quantize = Callable[[frozenset[str]], tuple[Runner, Any]]
+
+
+class Int8Error(LwCompileError):
+    """int8 export was asked for something it cannot do (unknown precision, missing extra)."""
+
+
+class CalibrationDataError(Int8Error, ValueError):
+    """The calibration or evaluation data does not fit the model's example input."""
+
+
+class Int8QualityError(Int8Error):
+    """The int8 output is further from float than ``min_psnr`` allows; nothing was written."""
+
+    def __init__(self, message: str, report: Int8Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Int8Report:
+    """How far the int8 model's output is from float's, measured on held-out crops."""
+
+    psnr_db: float  # int8 vs float output; peak = the float outputs' range
+    max_abs_error: float
+    float_layers: list[str]  # layers kept float because quantising them cost most
+    calibration_count: int  # inputs the activation ranges were calibrated on
+    evaluation_count: int  # held-out inputs the error was measured on
+    #: PSNR reached after each kept-float layer, in order: (layer, psnr_db)
+    restorations: list[tuple[str, float]] = field(default_factory=list)
+    #: gains (dB) of restoring each layer alone, in the last round measured, worst first
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"psnr_db": round(self.psnr_db, 3), "max_abs_error": self.max_abs_error,
+                "float_layers": list(self.float_layers),
+                "calibration_count": self.calibration_count,
+                "evaluation_count": self.evaluation_count,
+                "restorations": [[n, round(p, 3)] for n, p in self.restorations],
+                "sensitivity": {n: round(g, 3) for n, g in self.sensitivity.items()}}
+
+    def __str__(self) -> str:
+        kept = ", ".join(self.float_layers) or "none"
+        return (f"int8 vs float on {self.evaluation_count} held-out inputs: "
+                f"PSNR {self.psnr_db:.2f} dB, max |error| {self.max_abs_error:.3g}; "
+                f"calibrated on {self.calibration_count}; float layers: {kept}")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise Int8Error(f"unknown precision {precision!r}: valid ones are {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _image_argument(example_inputs: Sequence[Any]) -> tuple[int, Tensor]:
+    """The position and value of the image input: the first tensor argument, 4-D."""
+    for i, a in enumerate(example_inputs):
+        if isinstance(a, Tensor):
+            if a.dim() != 4:
+                raise CalibrationDataError(
+                    f"int8 calibration needs a 4-D (N,C,H,W) image as the first tensor input, "
+                    f"got shape {tuple(a.shape)}")
+            return i, a
+    raise CalibrationDataError("int8 calibration needs a tensor input; the example has none")
+
+
+def _fit(batch: Tensor, example: Tensor, source: str) -> Tensor:
+    """``batch`` as inputs shaped like ``example``: channels and rank must match, larger
+    images are cropped at the top left, smaller ones refused."""
+    if batch.dim() != 4:
+        raise CalibrationDataError(
+            f"{source} batches must be (N,C,H,W) like the example input "
+            f"{tuple(example.shape)}, got shape {tuple(batch.shape)}")
+    c, h, w = example.shape[1:]
+    if batch.shape[1] != c:
+        raise CalibrationDataError(
+            f"{source} has {batch.shape[1]} channels but the model reads {c}")
+    if batch.shape[2] < h or batch.shape[3] < w:
+        raise CalibrationDataError(
+            f"{source} images are {batch.shape[2]}x{batch.shape[3]}, smaller than the "
+            f"example input's {h}x{w}")
+    return batch[:, :, :h, :w].to(example.dtype)
+
+
+def _as_inputs(images: Iterable[Tensor], example_inputs: Sequence[Any], position: int,
+               count: int) -> list[tuple]:
+    """``count`` input tuples: each image batch split to the example's batch size, put in
+    the image's place among the example's other arguments."""
+    n = example_inputs[position].shape[0]
+    out: list[tuple] = []
+    for batch in images:
+        for start in range(0, batch.shape[0] - n + 1, n):
+            args = list(example_inputs)
+            args[position] = batch[start:start + n].contiguous()
+            out.append(tuple(args))
+            if len(out) == count:
+                return out
+    return out
+
+
+def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tensor]:
+    channels, size = example.shape[1], max(example.shape[2:])
+    if data is not None and not isinstance(data, (str, Path, Tensor)):  # a DataLoader
+        return (_fit(b, example, source) for b in batches(data, channels=channels))
+    if isinstance(data, Tensor) and data.dim() == 4 and data.shape[1] not in (1, 3, channels):
+        raise CalibrationDataError(
+            f"{source} has {data.shape[1]} channels but the model reads {channels}")
+    try:
+        stream = batches(data, channels=channels, batch_size=example.shape[0], crop=size,
+                         seed=seed)
+        return (_fit(b, example, source) for b in stream)
+    except CalibrationDataError:
+        raise
+    except LwCompileError as exc:
+        raise CalibrationDataError(f"{source}: {exc}") from exc
+
+
+def calibration_inputs(data: Any, example_inputs: Sequence[Any],
+                       count: int) -> list[tuple]:
+    """``count`` model inputs from ``data`` (as ``distill`` takes it) at the example's size."""
+    position, example = _image_argument(example_inputs)
+    try:
+        inputs = _as_inputs(_crops(data, example, 0, "calibration data"), example_inputs,
+                            position, count)
+    except CalibrationDataError:
+        raise
+    except LwCompileError as exc:
+        raise CalibrationDataError(f"calibration data: {exc}") from exc
+    if not inputs:
+        raise CalibrationDataError("the calibration data gave no batch")
+    return inputs
+
+
+def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
+                      skip: int) -> list[tuple]:
+    """``count`` held-out inputs: crops of ``HELD_OUT`` images when ``data`` is None, else
+    crops of ``data`` drawn with another seed (a DataLoader: the batches after the first
+    ``skip``, those the calibration used, when it has more)."""
+    position, example = _image_argument(example_inputs)
+    if data is None:
+        images = load_images(HELD_OUT, example.shape[1])
+        size = max(example.shape[2:])
+        stream = (_fit(random_crops(images, example.shape[0], size,
+                                    step_generator(1, 0, step)), example, "held-out images")
+                  for step in itertools.count())
+        return _as_inputs(stream, example_inputs, position, count)
+    if not isinstance(data, (str, Path, Tensor)):
+        stream = _crops(data, example, 0, "evaluation data")
+        everything = _as_inputs(stream, example_inputs, position, skip + count)
+        held = everything[skip:] or everything
+        return held[:count]
+    return _as_inputs(_crops(data, example, 1, "evaluation data"), example_inputs, position,
+                      count)
+
+
+def first_output(out: Any) -> Tensor:
+    """The model's first tensor output (the image)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise Int8Error(f"int8 measurement needs a tensor output, got {type(out).__name__}")
+
+
+def float_outputs(model: nn.Module, inputs: list[tuple]) -> list[Tensor]:
+    with torch.no_grad():
+        return [first_output(model(*args)).detach().float() for args in inputs]
+
+
+def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
+    """(PSNR in dB, max abs error) of ``got`` against ``reference`` over all outputs; the peak
+    is the reference's range (max - min), so the PSNR means the same whatever the output's
+    scale (an image in [0, 1], a predicted residual)."""
+    ref = torch.cat([r.flatten() for r in reference])
+    out = torch.cat([g.detach().float().flatten() for g in got])
+    mse = float((out - ref).pow(2).mean())
+    peak = float(ref.max() - ref.min()) or 1.0
+    max_error = float((out - ref).abs().max())
+    return (math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)), max_error
+
+
+def _score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:
+    return compare(reference, [first_output(runner(args)) for args in inputs])
+
+
+def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: list[tuple],
+                        reference: list[Tensor], target_psnr: float, max_float_layers: int,
+                        calibration_count: int) -> tuple[Any, Int8Report]:
+    """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr``,
+    restore each remaining candidate alone and, while fewer than ``max_float_layers`` are
+    float, keep the one that helps most (if any helps). The report's ``sensitivity`` is the
+    last round's: the gain of restoring each layer still quantised (so a refusal can name
+    them). Returns what ``quantize`` gave for the chosen set, and the report."""
+    excluded: frozenset[str] = frozenset()
+    runner, kept = quantize(excluded)
+    psnr, max_error = _score(runner, inputs, reference)
+    restorations: list[tuple[str, float]] = []
+    sensitivity: dict[str, float] = {}
+    while psnr < target_psnr:
+        trials = {}
+        for name in candidates:
+            if name in excluded:
+                continue
+            trial_runner, trial_kept = quantize(excluded | {name})
+            trials[name] = (*_score(trial_runner, inputs, reference), trial_runner, trial_kept)
+        if not trials:
+            break
+        sensitivity = dict(sorted(((n, t[0] - psnr) for n, t in trials.items()),
+                                  key=lambda item: -item[1]))
+        best = next(iter(sensitivity))
+        if sensitivity[best] <= 0 or len(excluded) >= max_float_layers:
+            break
+        excluded = excluded | {best}
+        psnr, max_error, runner, kept = trials[best]
+        restorations.append((best, psnr))
+    report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
+                        len(inputs), restorations, sensitivity)
+    return kept, report
+
+
+def refuse_below(report: Int8Report, min_psnr: float | None) -> None:
+    """Raise ``Int8QualityError`` naming the worst layers when PSNR < ``min_psnr``."""
+    if min_psnr is None or report.psnr_db >= min_psnr:
+        return
+    worst = list(report.sensitivity)[:3]
+    named = (f"; the layers whose int8 error is largest: {', '.join(worst)}" if worst
+             else "")
+    floated = f" with {', '.join(report.float_layers)} kept float" if report.float_layers else ""
+    raise Int8QualityError(
+        f"int8 output is {report.psnr_db:.2f} dB PSNR from float{floated}, below "
+        f"min_psnr={min_psnr}{named}; nothing was written (raise max_float_layers, give "
+        "calibration data like the deployment's, or export fp32)", report)
+
+
+def validate_options(min_psnr: float | None, target_psnr: float, max_float_layers: int,
+                     calibration_count: int, evaluation_count: int) -> None:
+    if calibration_count < 1 or evaluation_count < 1:
+        raise Int8Error("calibration_count and evaluation_count must be at least 1")
+    if max_float_layers < 0:
+        raise Int8Error(f"max_float_layers must be >= 0, got {max_float_layers}")
+    for name, value in (("min_psnr", min_psnr), ("target_psnr", target_psnr)):
+        if value is not None and not isinstance(value, (int, float)):
+            raise Int8Error(f"{name} must be a number in dB, got {value!r}")

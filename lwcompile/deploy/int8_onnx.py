@@ -1,0 +1,108 @@
+"""int8 ONNX through onnxruntime's static quantiser: QDQ format, per-channel int8 weights,
+uint8 activations (the pairing onnxruntime recommends for x86), activation ranges from
+calibration inputs (min/max).
+
+Activation ranges are calibrated once and cached (``calibration_cache_path``); the greedy
+search of ``int8.choose_float_layers`` then requantises with convs excluded
+(``nodes_to_exclude``) without running the calibration again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import one_line
+from . import int8
+
+INSTALL_HINT = "pip install lwcompile[export]"
+
+
+def _onnxruntime() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as exc:
+        raise int8.Int8Error(
+            f"int8 ONNX export needs onnx and onnxruntime, which are not installed "
+            f"({one_line(exc)}); install them with `{INSTALL_HINT}`") from exc
+    return onnx, onnxruntime
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of input dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _feeds(inputs: list[tuple], names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    return [dict(zip(names, [a.numpy() for a in args if isinstance(a, Tensor)], strict=True))
+            for args in inputs]
+
+
+def session(path: str | Path, threads: int = 2) -> Any:
+    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads."""
+    _, ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
+                  names: Sequence[str], calibration: Any, *, min_psnr: float | None,
+                  target_psnr: float, max_float_layers: int, calibration_count: int,
+                  evaluation_count: int) -> tuple[bytes, int8.Int8Report]:
+    """The int8 form of the float ONNX file ``float_path`` (exported from ``model``) as bytes,
+    with its measured report; raises ``Int8QualityError`` below ``min_psnr``."""
+    onnx, _ = _onnxruntime()
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    calib = int8.calibration_inputs(calibration, example_inputs, calibration_count)
+    held = int8.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib))
+    reference = int8.float_outputs(model, held)
+    convs = [n.name for n in onnx.load(str(float_path)).graph.node if n.op_type == "Conv"]
+    work = Path(tempfile.mkdtemp(prefix="lwcompile-int8-"))
+    cache = work / "calibration.json"
+    feeds = _feeds(calib, names)
+
+    def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, bytes]:
+        out = work / "model.int8.onnx"
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
+        try:
+            quantize_static(str(float_path), str(out), _Reader(list(feeds)),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=sorted(excluded),
+                            calibration_cache_path=str(cache))
+        finally:
+            logging.disable(previous)
+        sess = session(out)
+
+        def run(args: tuple) -> Tensor:
+            feed = _feeds([args], names)[0]
+            return torch.from_numpy(sess.run(None, feed)[0])
+
+        return run, out.read_bytes()
+
+    try:
+        data, report = int8.choose_float_layers(
+            quantize, convs, held, reference, target_psnr, max_float_layers, len(calib))
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    int8.refuse_below(report, min_psnr)
+    return data, report

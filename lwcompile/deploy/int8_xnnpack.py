@@ -1,0 +1,95 @@
+"""int8 for XNNPACK through PyTorch 2 export quantisation (pt2e): ``XNNPACKQuantizer`` with
+its symmetric per-channel config (int8 weights per output channel, int8 activations from
+histogram observers), calibrated on real inputs, then converted to quantize/dequantize pairs
+that ExecuTorch's XNNPACK partitioner lowers to its int8 kernels.
+
+A conv kept float is left out of the annotation by a filter on the module path each graph
+node records (``nn_module_stack``); its float output is what the next quantised op reads.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import one_line
+from . import int8
+
+INSTALL_HINT = "pip install lwcompile[mobile]"
+
+
+def _pt2e() -> tuple[Any, Any, Any, Any]:
+    try:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise int8.Int8Error(
+            f"int8 mobile export needs ExecuTorch (and torchao), which is not installed "
+            f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
+    return XNNPACKQuantizer, get_symmetric_quantization_config, prepare_pt2e, convert_pt2e
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    """The innermost module path ``node`` was recorded in, without export's ``L['self']``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("L['self']")
+
+
+def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
+    """Module paths of the convs in an exported graph, in execution order."""
+    names: list[str] = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in (
+                torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default,
+                torch.ops.aten.conv_transpose2d.input):
+            name = _module_path(node)
+            if name is not None and name not in names:
+                names.append(name)
+    return names
+
+
+def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
+                  example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
+                  target_psnr: float, max_float_layers: int, calibration_count: int,
+                  evaluation_count: int) -> tuple[torch.fx.GraphModule, int8.Int8Report]:
+    """``graph_module`` (from ``torch.export.export(...).module()`` of ``model`` or of an
+    equivalent form) quantised and converted, with its report measured against ``model``;
+    raises ``Int8QualityError`` below ``min_psnr``."""
+    XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
+    calib = int8.calibration_inputs(calibration, example_inputs, calibration_count)
+    held = int8.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib))
+    reference = int8.float_outputs(model, held)
+    config = config_for(is_per_channel=True)
+    pristine = graph_module
+
+    def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
+        quantizer = XNNPACKQuantizer().set_global(config)
+        if excluded:
+            quantizer.set_filter_function(lambda n: _module_path(n) not in excluded)
+        prepared = prepare_pt2e(copy.deepcopy(pristine), quantizer)
+        with torch.no_grad():
+            for args in calib:
+                prepared(*args)
+        converted = convert_pt2e(prepared)
+
+        def run(args: tuple) -> Tensor:
+            with torch.no_grad():
+                return int8.first_output(converted(*args))
+
+        return run, converted
+
+    converted, report = int8.choose_float_layers(
+        quantize, conv_layers(graph_module), held, reference, target_psnr, max_float_layers,
+        len(calib))
+    int8.refuse_below(report, min_psnr)
+    return converted, report
+
