@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,10 +139,25 @@ def _as_inputs(images: Iterable[Tensor], example_inputs: Sequence[Any], position
     return out
 
 
+class _RankChecked:
+    """A loader whose batches are checked to be 4-D before ``batches`` converts channels."""
+
+    def __init__(self, loader: Iterable, example: Tensor, source: str) -> None:
+        self.loader, self.example, self.source = loader, example, source
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(images, Tensor) and images.dim() != 4:
+                _fit(images, self.example, self.source)  # raises, naming the shapes
+            yield batch
+
+
 def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tensor]:
     channels, size = example.shape[1], max(example.shape[2:])
     if data is not None and not isinstance(data, (str, Path, Tensor)):  # a DataLoader
-        return (_fit(b, example, source) for b in batches(data, channels=channels))
+        return (_fit(b, example, source)
+                for b in batches(_RankChecked(data, example, source), channels=channels))
     if isinstance(data, Tensor) and data.dim() == 4 and data.shape[1] not in (1, 3, channels):
         raise CalibrationDataError(
             f"{source} has {data.shape[1]} channels but the model reads {channels}")

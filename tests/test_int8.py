@@ -1,0 +1,265 @@
+"""int8 deployment: onnxruntime QDQ and XNNPACK pt2e, calibration data, the measured report,
+float fallback of the most sensitive convs, and refusal below ``min_psnr``."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+from lwcompile.deploy import int8
+from lwcompile.deploy.export import export_onnx
+from tests.helpers import image_and_mask
+from tests.lightened import inputs, light, original
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = {"original": lambda: original("dncnn"), "light": lambda: light("dncnn")}
+
+
+def run_ort(path, args: tuple) -> torch.Tensor:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {f"input_{i}": a.numpy() for i, a in enumerate(
+        [a for a in args if isinstance(a, torch.Tensor)])}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def held_out(example: tuple, report: lwcompile.Int8Report, data=None) -> list[tuple]:
+    """The crops the export measured on: drawn deterministically, so they can be redrawn."""
+    return int8.evaluation_inputs(data, example, report.evaluation_count,
+                                  report.calibration_count)
+
+
+def psnr(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    ref = torch.cat([r.flatten() for r in reference])
+    out = torch.cat([g.flatten() for g in got])
+    peak = float(ref.max() - ref.min())
+    return 10 * math.log10(peak ** 2 / float((out - ref).pow(2).mean()))
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def onnx_int8(request, tmp_path_factory):
+    model = MODELS[request.param]()
+    path = export_onnx(model, inputs("dncnn"),
+                       tmp_path_factory.mktemp("int8") / "m.onnx", precision="int8")
+    return model, path
+
+
+def test_onnx_int8_is_qdq_with_per_channel_weight_scales(onnx_int8):
+    _, path = onnx_int8
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        dq = producers[conv.input[1]]  # the weight arrives dequantised
+        assert dq.op_type == "DequantizeLinear"
+        weight, scale = (initializers[dq.input[0]], initializers[dq.input[1]])
+        assert weight.data_type == onnx.TensorProto.INT8
+        out_channels = weight.dims[0]
+        assert list(scale.dims) == [out_channels]  # one scale per output channel
+        if out_channels > 1:
+            scales = onnx.numpy_helper.to_array(scale)
+            assert len(np.unique(scales)) > 1
+
+
+def test_onnx_int8_report_is_the_measured_psnr(onnx_int8):
+    model, path = onnx_int8
+    report = path.int8_report
+    assert isinstance(report, lwcompile.Int8Report)
+    assert report.calibration_count == 8 and report.evaluation_count == 4
+    assert report.float_layers == []  # a tiny net is well within the default target
+    args = held_out(inputs("dncnn"), report)
+    assert args[0][0].shape == inputs("dncnn")[0].shape
+    with torch.no_grad():
+        reference = [model(*a) for a in args]
+    got = [run_ort(path, a) for a in args]
+    assert psnr(reference, got) == pytest.approx(report.psnr_db, abs=1e-3)
+    max_error = max(float((g - r).abs().max()) for g, r in zip(got, reference, strict=True))
+    assert max_error == pytest.approx(report.max_abs_error, rel=1e-4)
+    assert 30 < report.psnr_db < 100  # int8 really changed the output, and not by much
+    # the file runs at another size too (height and width stay symbolic)
+    assert run_ort(path, (torch.rand(1, 1, 24, 40),)).shape == (1, 1, 24, 40)
+
+
+def test_fp32_export_is_unchanged_and_has_no_int8_report(tmp_path):
+    path = export_onnx(light("dncnn"), inputs("dncnn"), tmp_path / "f.onnx")
+    assert path.int8_report is None
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QuantizeLinear" not in ops
+
+
+def test_most_sensitive_conv_stays_float_when_target_is_missed(tmp_path):
+    model = light("dncnn")
+    path = export_onnx(model, inputs("dncnn"), tmp_path / "g.onnx", precision="int8",
+                       target_psnr=500, max_float_layers=1)
+    report = path.int8_report
+    assert len(report.float_layers) == 1
+    (layer,) = report.float_layers
+    name, restored_psnr = report.restorations[0]
+    assert name == layer and restored_psnr == report.psnr_db
+    graph = onnx.load(str(path)).graph
+    conv = next(n for n in graph.node if n.name == layer)
+    initializers = {i.name: i for i in graph.initializer}
+    assert initializers[conv.input[1]].data_type == onnx.TensorProto.FLOAT  # not quantised
+    # every other conv is; and the sensitivity of the last round ranks the ones still int8
+    others = [n for n in graph.node if n.op_type == "Conv" and n.name != layer]
+    assert all(n.input[1] not in initializers for n in others)
+    assert set(report.sensitivity) == {n.name for n in others}
+    args = held_out(inputs("dncnn"), report)
+    with torch.no_grad():
+        reference = [model(*a) for a in args]
+    assert psnr(reference, [run_ort(path, a) for a in args]) == pytest.approx(
+        report.psnr_db, abs=1e-3)
+
+
+def test_min_psnr_refuses_naming_the_worst_layers_and_writes_nothing(tmp_path):
+    target = tmp_path / "r.onnx"
+    with pytest.raises(lwcompile.Int8QualityError, match="min_psnr=500") as info:
+        export_onnx(light("dncnn"), inputs("dncnn"), target, precision="int8", min_psnr=500,
+                    max_float_layers=0)
+    assert isinstance(info.value, lwcompile.LwCompileError)
+    worst = list(info.value.report.sensitivity)[:3]
+    assert len(worst) == 3 and all(name in str(info.value) for name in worst)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_works_on_a_model_with_a_mask_input(tmp_path):
+    """GLCIC reads an image and a mask: the data fills the image, the mask keeps its value."""
+    from examples import glcic
+
+    torch.manual_seed(0)
+    model = glcic.build().eval()
+    example = image_and_mask(32, 32)
+    path = export_onnx(model, example, tmp_path / "g.onnx", precision="int8",
+                       calibration_count=2, evaluation_count=2)
+    args = held_out(example, path.int8_report)
+    assert torch.equal(args[0][1], example[1]) and args[0][0].shape == example[0].shape
+    with torch.no_grad():
+        reference = [model(*a) for a in args]
+    assert psnr(reference, [run_ort(path, a) for a in args]) == pytest.approx(
+        path.int8_report.psnr_db, abs=1e-3)
+
+
+def test_calibration_from_a_tensor_a_loader_and_a_folder(tmp_path):
+    skimage_io = pytest.importorskip("skimage.io")
+    example = (torch.rand(1, 1, 16, 16),)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+    rgb = torch.rand(5, 3, 20, 20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(rgb), batch_size=2)
+    for image in range(3):
+        skimage_io.imsave(tmp_path / f"{image}.png", (rgb[image].permute(1, 2, 0).numpy() * 255
+                                                      ).astype(np.uint8), check_contrast=False)
+    for data in (rgb, loader, tmp_path):
+        calib = int8.calibration_inputs(data, example, 3)
+        assert len(calib) == 3 and all(a[0].shape == (1, 1, 16, 16) for a in calib)
+        path = export_onnx(model, example, tmp_path / "m.onnx", precision="int8",
+                           calibration=data, calibration_count=3, evaluation_count=2)
+        assert path.int8_report.calibration_count == 3
+    # a loader's batches for measurement come after those calibrated on
+    calib = int8.calibration_inputs(loader, example, 2)
+    held = int8.evaluation_inputs(loader, example, 2, 2)
+    assert not any(torch.equal(c[0], h[0]) for c in calib for h in held)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (torch.rand(4, 2, 16, 16), "2 channels"),
+    (torch.rand(16, 16), "must be .N,C,H,W."),
+    (torch.rand(4, 1, 8, 8), "smaller than the example"),
+    ([torch.rand(2, 4, 16, 16)], "4-channel images to 1"),
+    ([torch.rand(2, 16, 16)], "must be .N,C,H,W."),
+    ([], "gave no batch"),
+])
+def test_calibration_data_that_does_not_fit_is_refused(data, message, tmp_path):
+    model = nn.Conv2d(1, 1, 3, padding=1)
+    with pytest.raises(lwcompile.CalibrationDataError, match=message):
+        export_onnx(model, (torch.rand(1, 1, 16, 16),), tmp_path / "m.onnx", precision="int8",
+                    calibration=data)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unknown_precision_lists_the_valid_ones(tmp_path):
+    model, example = nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),)
+    with pytest.raises(lwcompile.Int8Error, match="fp32, int8"):
+        export_onnx(model, example, tmp_path / "m.onnx", precision="fp16")
+    with pytest.raises(lwcompile.Int8Error, match="fp32, int8"):
+        lwcompile.export_mobile(model, example, tmp_path / "m.pte", precision="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_without_onnxruntime_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    with pytest.raises(lwcompile.Int8Error, match=r"pip install lwcompile\[export\]"):
+        export_onnx(nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),), tmp_path / "m.onnx",
+                    precision="int8")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_without_the_pt2e_quantiser_names_the_extra(monkeypatch):
+    from lwcompile.deploy import int8_xnnpack
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantize_pt2e", None)
+    with pytest.raises(lwcompile.Int8Error, match=r"pip install lwcompile\[mobile\]"):
+        int8_xnnpack._pt2e()
+
+
+def test_compare_is_psnr_over_the_reference_range():
+    reference = [torch.tensor([0.0, 2.0])]
+    db, max_error = int8.compare(reference, [torch.tensor([0.1, 2.0])])
+    assert db == pytest.approx(10 * math.log10(4 / 0.005)) and max_error == pytest.approx(0.1)
+    assert int8.compare(reference, reference)[0] == math.inf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", sorted(MODELS))
+def test_mobile_int8_lowers_to_xnnpack_and_is_measured(which, tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    model = MODELS[which]()
+    export = lwcompile.export_mobile(model, inputs("dncnn"), tmp_path / "m.pte",
+                                     precision="int8")
+    report = export.int8_report
+    assert report.float_layers == [] and 30 < report.psnr_db < 100
+    delegated = export.report.delegated
+    assert export.report.fully_delegated
+    assert delegated["quantized_decomposed.dequantize_per_channel"] == delegated[
+        "aten.convolution"]  # every conv's weight is int8, per channel
+    assert export.to_dict()["int8"]["psnr_db"] == round(report.psnr_db, 3)
+    args = held_out(inputs("dncnn"), report)
+    with torch.no_grad():
+        reference = [model(*a) for a in args]
+    got = [load_pte(export.path)(*a)[0] for a in args]
+    # the report measures the converted pt2e model; XNNPACK's kernels round alike
+    assert psnr(reference, got) == pytest.approx(report.psnr_db, abs=1.0)
+
+
+@pytest.mark.slow
+def test_mobile_int8_keeps_the_most_sensitive_conv_float_and_refuses(tmp_path):
+    pytest.importorskip("executorch")
+    model = original("dncnn")
+    export = lwcompile.export_mobile(model, inputs("dncnn"), tmp_path / "m.pte",
+                                     precision="int8", target_psnr=500, max_float_layers=1)
+    (layer,) = export.int8_report.float_layers
+    assert layer in dict(model.named_modules())
+    delegated = export.report.delegated
+    assert delegated["quantized_decomposed.dequantize_per_channel"] == delegated[
+        "aten.convolution"] - 1
+    with pytest.raises(lwcompile.Int8QualityError, match="min_psnr=500"):
+        lwcompile.export_mobile(model, inputs("dncnn"), tmp_path / "r.pte", precision="int8",
+                                min_psnr=500, max_float_layers=0)
+    assert not (tmp_path / "r.pte").exists()
