@@ -365,6 +365,28 @@ def test_export_onnx_keeps_height_and_width_free(capsys, workdir):
     close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]), expected)
 
 
+def test_export_int8_onnx_reports_its_measured_error(capsys, workdir):
+    ort = pytest.importorskip("onnxruntime")
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.onnx", "--input",
+                             "1x3x16x16", "--precision", "int8", "--json")
+    assert code == 0, err
+    result = json.loads(out)["export"]
+    assert result["precision"] == "int8" and result["int8"]["calibration_count"] == 8
+    assert result["int8"]["psnr_db"] > 20
+    session = ort.InferenceSession(str(workdir / "tiny.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    onnx = pytest.importorskip("onnx")
+    ops = {n.op_type for n in onnx.load(str(workdir / "tiny.onnx")).graph.node}
+    assert "QuantizeLinear" in ops
+    assert session.run(None, {"input_0": torch.rand(1, 3, 16, 16).numpy()})[0].shape[1] == 3
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "bad.onnx", "--input",
+                             "1x3x16x16", "--precision", "int8", "--min-psnr", "500")
+    assert code == 1 and "min_psnr=500" in err and not (workdir / "bad.onnx").exists()
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "x.onnx",
+                             "--calibration", "photos")
+    assert code == 2 and "only used with --precision int8" in err
+
+
 def test_export_needs_a_runtime_it_can_tell(capsys, workdir):
     code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
     assert code == 2 and "cannot tell the runtime from 'tiny.bin'" in err and out == ""

@@ -35,6 +35,7 @@ examples:
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
   lwcompile export sr_light.pt -o sr_light.pte --input 1x3x128x128     # phones: ExecuTorch
   lwcompile export sr_light.pt -o sr_light.onnx                        # onnxruntime
+  lwcompile export sr_light.pt -o sr_int8.onnx --precision int8 --calibration photos/
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
 
 exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error
@@ -68,6 +69,9 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Usage errors argparse cannot express: options that only make sense together."""
     if args.run is commands.lighten and args.data is not None and not args.distill:
         parser.error("--data is only used with --distill")
+    if (args.run is commands.export and args.precision != "int8"
+            and (args.calibration is not None or args.min_psnr is not None)):
+        parser.error("--calibration and --min-psnr are only used with --precision int8")
     if (args.run is commands.export and not (args.mobile or args.onnx)
             and args.output.suffix not in (".pte", ".onnx")):
         parser.error(f"cannot tell the runtime from {args.output.name!r}: name it .pte "
@@ -129,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--onnx", action="store_true",
                          help="ONNX for onnxruntime (height and width stay dynamic); needs "
                               "lwcompile[export]")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: quantise (onnxruntime QDQ or XNNPACK pt2e, per-channel "
+                        "weights), measured against float on held-out crops (default fp32)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="folder of images to calibrate int8 on (default: scikit-image's)")
+    p.add_argument("--min-psnr", type=float, metavar="DB",
+                   help="refuse (write nothing) if int8's PSNR against float is below DB")
     command("profile", commands.profile, "parameters and MACs of MODEL, layer by layer")
     p = command("report", commands.report,
                 "describe a saved lightened model, optionally as HTML", model=False)

@@ -62,12 +62,14 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     inputs = _example_inputs(model, args.input) or infer_example_inputs(model)
     where = "ExecuTorch (XNNPACK)" if mobile else "ONNX"
     with stage(f"exporting {type(model).__name__} to {where}", args.quiet):
+        int8 = {"precision": args.precision, "calibration": args.calibration,
+                "min_psnr": args.min_psnr}
         if mobile:
-            written = lwcompile.export_mobile(model, inputs, args.output)
+            written = lwcompile.export_mobile(model, inputs, args.output, **int8)
             return {"model": args.model, "runtime": "executorch-xnnpack",
                     "export": written.to_dict(), "text": str(written)}
         try:
-            path = lwcompile.export_onnx(model, inputs, args.output)
+            path = lwcompile.export_onnx(model, inputs, args.output, **int8)
         except ImportError as exc:
             raise ExportSpecError(f"ONNX export needs the onnx package ({one_line(exc)}); "
                                   "install it with `pip install 'lwcompile[export]'`") from exc
@@ -75,8 +77,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                        if isinstance(a, torch.Tensor))
     text = (f"{path} ({path.stat().st_size / 1024:.0f} KiB, example inputs {shapes}; height "
             "and width dynamic)")
-    return {"model": args.model, "runtime": "onnx", "export": {"path": str(path)},
-            "text": text}
+    written = {"path": str(path), "precision": args.precision}
+    if path.int8_report is not None:
+        text += f"\n{path.int8_report}"
+        written["int8"] = path.int8_report.to_dict()
+    return {"model": args.model, "runtime": "onnx", "export": written, "text": text}
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
