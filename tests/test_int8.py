@@ -263,3 +263,15 @@ def test_mobile_int8_keeps_the_most_sensitive_conv_float_and_refuses(tmp_path):
         lwcompile.export_mobile(model, inputs("dncnn"), tmp_path / "r.pte", precision="int8",
                                 min_psnr=500, max_float_layers=0)
     assert not (tmp_path / "r.pte").exists()
+
+
+def test_degrade_is_applied_to_calibration_and_held_out_crops():
+    example = (torch.rand(1, 1, 16, 16),)
+    clean = int8.evaluation_inputs(None, example, 2, 0)
+    noisy = int8.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
+    noise = torch.cat([n[0] - c[0] for n, c in zip(noisy, clean, strict=True)])
+    assert float(noise.std()) == pytest.approx(25 / 255, rel=0.15)
+    again = int8.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
+    assert all(torch.equal(a[0], n[0]) for a, n in zip(again, noisy, strict=True))
+    calib = int8.calibration_inputs(None, example, 2, degrade=lwcompile.add_noise(25))
+    assert not torch.equal(calib[0][0], noisy[0][0])

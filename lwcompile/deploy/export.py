@@ -100,7 +100,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
                 opset: int = 17, dynamo: bool = False, fast: bool = True, *,
                 precision: str = "fp32", calibration: Any = None,
-                min_psnr: float | None = None,
+                degrade: int8.Degrade | None = None, min_psnr: float | None = None,
                 target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                 max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
                 calibration_count: int = 8, evaluation_count: int = 4) -> OnnxFile:
@@ -115,11 +115,12 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
 
     ``precision="int8"`` quantises with onnxruntime (QDQ, per-channel int8 weights; see
     ``deploy.int8_onnx``), calibrated on ``calibration_count`` crops of ``calibration``
-    (None, a folder, a tensor or a DataLoader, as ``distill`` takes) and measured against
-    the float model on ``evaluation_count`` held-out crops. Below ``target_psnr`` dB up to
-    ``max_float_layers`` convs, the most sensitive measured, stay float; below ``min_psnr``
-    it raises ``Int8QualityError`` and writes nothing. The returned path's ``int8_report``
-    holds the measurement. The file is written atomically.
+    (None, a folder, a tensor or a DataLoader, and ``degrade``, as ``distill`` takes them)
+    and measured against the float model on ``evaluation_count`` held-out crops (of
+    ``HELD_OUT`` images by default, else of ``calibration`` drawn apart). Below
+    ``target_psnr`` dB up to ``max_float_layers`` convs, the most sensitive measured, stay
+    float; below ``min_psnr`` it raises ``Int8QualityError`` and writes nothing. The
+    returned path's ``int8_report`` holds the measurement. The file is written atomically.
     """
     int8.check_precision(precision)
     args = tuple(example_inputs)
@@ -130,7 +131,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                                  "float), not an ExportedProgram")
         return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
                             target_psnr, max_float_layers, calibration_count,
-                            evaluation_count, calibration)
+                            evaluation_count, calibration, degrade)
     _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
     return path
 
@@ -138,7 +139,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
 def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,
                  dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
                  max_float_layers: int, calibration_count: int, evaluation_count: int,
-                 calibration: Any) -> OnnxFile:
+                 calibration: Any, degrade: int8.Degrade | None) -> OnnxFile:
     """Float export to a temporary file, quantised and measured; written only if accepted."""
     from .int8_onnx import quantize_onnx
 
@@ -149,7 +150,8 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
         _write_onnx(model, args, float_path, dynamic_hw, opset, dynamo, fast)
         reference = copy.deepcopy(model).eval()
         data, report = quantize_onnx(
-            float_path, reference, args, _tensor_names(args), calibration, min_psnr=min_psnr,
+            float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
+            min_psnr=min_psnr,
             target_psnr=max(target_psnr, min_psnr or target_psnr),
             max_float_layers=max_float_layers, calibration_count=calibration_count,
             evaluation_count=evaluation_count)

@@ -11,9 +11,9 @@ this module a function that quantises with a given set of layers left float; eve
 else here is runtime-agnostic.
 
 Calibration ``data`` is what ``distill`` takes (``train.data.batches``): None (scikit-image's
-``TRAIN`` images), a folder, an (N,C,H,W) tensor or a DataLoader. Crops are taken at the
-example input's size; a model's other inputs (a mask, a noise level) keep their example
-values.
+``TRAIN`` images), a folder, an (N,C,H,W) tensor or a DataLoader, with distill's ``degrade``
+(noise for a denoiser) applied to the clean crops. Crops are taken at the example input's
+size; a model's other inputs (a mask, a noise level) keep their example values.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LwCompileError
-from ..train.data import HELD_OUT, batches, load_images, random_crops, step_generator
+from ..train.data import HELD_OUT, Degrade, batches, load_images, random_crops, step_generator
 
 PRECISIONS = ("fp32", "int8")
 #: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
@@ -124,12 +124,15 @@ def _fit(batch: Tensor, example: Tensor, source: str) -> Tensor:
 
 
 def _as_inputs(images: Iterable[Tensor], example_inputs: Sequence[Any], position: int,
-               count: int) -> list[tuple]:
-    """``count`` input tuples: each image batch split to the example's batch size, put in
-    the image's place among the example's other arguments."""
+               count: int, degrade: Degrade | None = None, seed: int = 0) -> list[tuple]:
+    """``count`` input tuples: each image batch passed through ``degrade`` (noise seeded by
+    the batch's index), split to the example's batch size, put in the image's place among
+    the example's other arguments."""
     n = example_inputs[position].shape[0]
     out: list[tuple] = []
-    for batch in images:
+    for step, batch in enumerate(images):
+        if degrade is not None:
+            batch = degrade(batch, step_generator(seed + 1, 0, step))
         for start in range(0, batch.shape[0] - n + 1, n):
             args = list(example_inputs)
             args[position] = batch[start:start + n].contiguous()
@@ -171,13 +174,14 @@ def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tenso
         raise CalibrationDataError(f"{source}: {exc}") from exc
 
 
-def calibration_inputs(data: Any, example_inputs: Sequence[Any],
-                       count: int) -> list[tuple]:
-    """``count`` model inputs from ``data`` (as ``distill`` takes it) at the example's size."""
+def calibration_inputs(data: Any, example_inputs: Sequence[Any], count: int,
+                       degrade: Degrade | None = None) -> list[tuple]:
+    """``count`` model inputs from ``data`` (as ``distill`` takes it, with its ``degrade``)
+    at the example's size."""
     position, example = _image_argument(example_inputs)
     try:
         inputs = _as_inputs(_crops(data, example, 0, "calibration data"), example_inputs,
-                            position, count)
+                            position, count, degrade)
     except CalibrationDataError:
         raise
     except LwCompileError as exc:
@@ -188,7 +192,7 @@ def calibration_inputs(data: Any, example_inputs: Sequence[Any],
 
 
 def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
-                      skip: int) -> list[tuple]:
+                      skip: int, degrade: Degrade | None = None) -> list[tuple]:
     """``count`` held-out inputs: crops of ``HELD_OUT`` images when ``data`` is None, else
     crops of ``data`` drawn with another seed (a DataLoader: the batches after the first
     ``skip``, those the calibration used, when it has more)."""
@@ -199,14 +203,15 @@ def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
         stream = (_fit(random_crops(images, example.shape[0], size,
                                     step_generator(1, 0, step)), example, "held-out images")
                   for step in itertools.count())
-        return _as_inputs(stream, example_inputs, position, count)
+        return _as_inputs(stream, example_inputs, position, count, degrade, seed=1)
     if not isinstance(data, (str, Path, Tensor)):
         stream = _crops(data, example, 0, "evaluation data")
-        everything = _as_inputs(stream, example_inputs, position, skip + count)
+        everything = _as_inputs(stream, example_inputs, position, skip + count, degrade,
+                                seed=1)
         held = everything[skip:] or everything
         return held[:count]
     return _as_inputs(_crops(data, example, 1, "evaluation data"), example_inputs, position,
-                      count)
+                      count, degrade, seed=1)
 
 
 def first_output(out: Any) -> Tensor:

@@ -157,7 +157,8 @@ class MobileExport:
 
 def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                   optimize: bool = True, verify: bool = True, precision: str = "fp32",
-                  calibration: Any = None, min_psnr: float | None = None,
+                  calibration: Any = None, degrade: int8.Degrade | None = None,
+                  min_psnr: float | None = None,
                   target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                   max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
                   calibration_count: int = 8, evaluation_count: int = 4) -> MobileExport:
@@ -173,8 +174,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     runtime and compared with the eager model (``max_abs_error``).
 
     ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
-    symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` as ``export_onnx``
-    is, and measured against the float model on held-out crops (``int8_report``); the same
+    symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` (and ``degrade``) as
+    ``export_onnx`` is, and measured against the float model on held-out crops
+    (``int8_report``); the same
     ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
     nothing written). The file is written atomically.
     """
@@ -198,7 +200,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                     exported = torch.export.export(module, example_inputs)
             if precision == "int8":
                 quantized, int8_report = quantize_pt2e(
-                    exported.module(), model, example_inputs, calibration,
+                    exported.module(), model, example_inputs, calibration, degrade=degrade,
                     min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
                     max_float_layers=max_float_layers, calibration_count=calibration_count,
                     evaluation_count=evaluation_count)
