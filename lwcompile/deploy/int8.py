@@ -29,12 +29,23 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LwCompileError
-from ..train.data import HELD_OUT, Degrade, batches, load_images, random_crops, step_generator
+from ..train.data import (
+    HELD_OUT,
+    TRAIN,
+    Degrade,
+    batches,
+    load_images,
+    random_crops,
+    step_generator,
+)
 
 PRECISIONS = ("fp32", "int8")
 #: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
 DEFAULT_TARGET_PSNR = 40.0
 DEFAULT_MAX_FLOAT_LAYERS = 3
+#: a layer stays float only if restoring it raises the PSNR by at least this (dB): a layer
+#: that helps less is not where the error comes from, and float costs it the int8 speed
+MIN_GAIN_DB = 0.1
 
 #: runs the quantised model on one tuple of inputs and returns its (first) output
 Runner = Callable[[tuple], Tensor]
@@ -71,6 +82,8 @@ class Int8Report:
     restorations: list[tuple[str, float]] = field(default_factory=list)
     #: gains (dB) of restoring each layer alone, in the last round measured, worst first
     sensitivity: dict[str, float] = field(default_factory=dict)
+    #: PSNR with every layer quantised, before any was kept float
+    all_int8_psnr_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"psnr_db": round(self.psnr_db, 3), "max_abs_error": self.max_abs_error,
@@ -78,7 +91,9 @@ class Int8Report:
                 "calibration_count": self.calibration_count,
                 "evaluation_count": self.evaluation_count,
                 "restorations": [[n, round(p, 3)] for n, p in self.restorations],
-                "sensitivity": {n: round(g, 3) for n, g in self.sensitivity.items()}}
+                "sensitivity": {n: round(g, 3) for n, g in self.sensitivity.items()},
+                "all_int8_psnr_db": (None if self.all_int8_psnr_db is None
+                                     else round(self.all_int8_psnr_db, 3))}
 
     def __str__(self) -> str:
         kept = ", ".join(self.float_layers) or "none"
@@ -156,9 +171,26 @@ class _RankChecked:
             yield batch
 
 
+def _bundled_crops(names: tuple[str, ...], example: Tensor, seed: int,
+                   source: str) -> Iterator[Tensor]:
+    """Crops of scikit-image's bundled images ``names``, those large enough for the example
+    input's size (``batches`` would refuse a crop larger than any one of them)."""
+    size = max(example.shape[2:])
+    images = [i for i in load_images(names, example.shape[1]) if min(i.shape[-2:]) >= size]
+    if not images:
+        raise CalibrationDataError(
+            f"no {source} image is {size}x{size} or larger: pass calibration data of the "
+            "example input's size")
+    for step in itertools.count():
+        crops = random_crops(images, example.shape[0], size, step_generator(seed, 0, step))
+        yield _fit(crops, example, source)
+
+
 def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tensor]:
     channels, size = example.shape[1], max(example.shape[2:])
-    if data is not None and not isinstance(data, (str, Path, Tensor)):  # a DataLoader
+    if data is None:
+        return _bundled_crops(TRAIN, example, seed, "default calibration")
+    if not isinstance(data, (str, Path, Tensor)):  # a DataLoader
         return (_fit(b, example, source)
                 for b in batches(_RankChecked(data, example, source), channels=channels))
     if isinstance(data, Tensor) and data.dim() == 4 and data.shape[1] not in (1, 3, channels):
@@ -198,11 +230,7 @@ def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
     ``skip``, those the calibration used, when it has more)."""
     position, example = _image_argument(example_inputs)
     if data is None:
-        images = load_images(HELD_OUT, example.shape[1])
-        size = max(example.shape[2:])
-        stream = (_fit(random_crops(images, example.shape[0], size,
-                                    step_generator(1, 0, step)), example, "held-out images")
-                  for step in itertools.count())
+        stream = _bundled_crops(HELD_OUT, example, 1, "held-out")
         return _as_inputs(stream, example_inputs, position, count, degrade, seed=1)
     if not isinstance(data, (str, Path, Tensor)):
         stream = _crops(data, example, 0, "evaluation data")
@@ -249,12 +277,14 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
                         calibration_count: int) -> tuple[Any, Int8Report]:
     """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr``,
     restore each remaining candidate alone and, while fewer than ``max_float_layers`` are
-    float, keep the one that helps most (if any helps). The report's ``sensitivity`` is the
-    last round's: the gain of restoring each layer still quantised (so a refusal can name
-    them). Returns what ``quantize`` gave for the chosen set, and the report."""
+    float, keep the one that helps most if it helps by ``MIN_GAIN_DB`` or more. The
+    report's ``sensitivity`` is the last round's: the gain of restoring each layer still
+    quantised (so a refusal can name them). Returns what ``quantize`` gave for the chosen
+    set, and the report."""
     excluded: frozenset[str] = frozenset()
     runner, kept = quantize(excluded)
     psnr, max_error = _score(runner, inputs, reference)
+    all_int8 = psnr
     restorations: list[tuple[str, float]] = []
     sensitivity: dict[str, float] = {}
     while psnr < target_psnr:
@@ -269,13 +299,13 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
         sensitivity = dict(sorted(((n, t[0] - psnr) for n, t in trials.items()),
                                   key=lambda item: -item[1]))
         best = next(iter(sensitivity))
-        if sensitivity[best] <= 0 or len(excluded) >= max_float_layers:
+        if sensitivity[best] < MIN_GAIN_DB or len(excluded) >= max_float_layers:
             break
         excluded = excluded | {best}
         psnr, max_error, runner, kept = trials[best]
         restorations.append((best, psnr))
     report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
-                        len(inputs), restorations, sensitivity)
+                        len(inputs), restorations, sensitivity, all_int8)
     return kept, report
 
 
