@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lwcompile
-from lwcompile.deploy import int8
+from lwcompile.deploy import int8, int8_inputs
 from lwcompile.deploy.export import export_onnx
 from tests.helpers import image_and_mask
 from tests.lightened import inputs, light, original
@@ -36,7 +36,7 @@ def run_ort(path, args: tuple) -> torch.Tensor:
 
 def held_out(example: tuple, report: lwcompile.Int8Report, data=None) -> list[tuple]:
     """The crops the export measured on: drawn deterministically, so they can be redrawn."""
-    return int8.evaluation_inputs(data, example, report.evaluation_count,
+    return int8_inputs.evaluation_inputs(data, example, report.evaluation_count,
                                   report.calibration_count)
 
 
@@ -165,14 +165,14 @@ def test_calibration_from_a_tensor_a_loader_and_a_folder(tmp_path):
         skimage_io.imsave(tmp_path / f"{image}.png", (rgb[image].permute(1, 2, 0).numpy() * 255
                                                       ).astype(np.uint8), check_contrast=False)
     for data in (rgb, loader, tmp_path):
-        calib = int8.calibration_inputs(data, example, 3)
+        calib = int8_inputs.calibration_inputs(data, example, 3)
         assert len(calib) == 3 and all(a[0].shape == (1, 1, 16, 16) for a in calib)
         path = export_onnx(model, example, tmp_path / "m.onnx", precision="int8",
                            calibration=data, calibration_count=3, evaluation_count=2)
         assert path.int8_report.calibration_count == 3
     # a loader's batches for measurement come after those calibrated on
-    calib = int8.calibration_inputs(loader, example, 2)
-    held = int8.evaluation_inputs(loader, example, 2, 2)
+    calib = int8_inputs.calibration_inputs(loader, example, 2)
+    held = int8_inputs.evaluation_inputs(loader, example, 2, 2)
     assert not any(torch.equal(c[0], h[0]) for c in calib for h in held)
 
 
@@ -267,11 +267,11 @@ def test_mobile_int8_keeps_the_most_sensitive_conv_float_and_refuses(tmp_path):
 
 def test_degrade_is_applied_to_calibration_and_held_out_crops():
     example = (torch.rand(1, 1, 16, 16),)
-    clean = int8.evaluation_inputs(None, example, 2, 0)
-    noisy = int8.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
+    clean = int8_inputs.evaluation_inputs(None, example, 2, 0)
+    noisy = int8_inputs.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
     noise = torch.cat([n[0] - c[0] for n, c in zip(noisy, clean, strict=True)])
     assert float(noise.std()) == pytest.approx(25 / 255, rel=0.15)
-    again = int8.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
+    again = int8_inputs.evaluation_inputs(None, example, 2, 0, degrade=lwcompile.add_noise(25))
     assert all(torch.equal(a[0], n[0]) for a, n in zip(again, noisy, strict=True))
-    calib = int8.calibration_inputs(None, example, 2, degrade=lwcompile.add_noise(25))
+    calib = int8_inputs.calibration_inputs(None, example, 2, degrade=lwcompile.add_noise(25))
     assert not torch.equal(calib[0][0], noisy[0][0])

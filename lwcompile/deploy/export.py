@@ -26,6 +26,7 @@ from torch.export import Dim
 from ..errors import LwCompileWarning, VerificationError, one_line
 from ..files import write_atomic
 from ..nn import ChannelsLast
+from ..train.data import Degrade
 from . import int8
 from .emit import emit_fast
 from .module_rewrites import onnxruntime_forms
@@ -100,7 +101,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
                 opset: int = 17, dynamo: bool = False, fast: bool = True, *,
                 precision: str = "fp32", calibration: Any = None,
-                degrade: int8.Degrade | None = None, min_psnr: float | None = None,
+                degrade: Degrade | None = None, min_psnr: float | None = None,
                 target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                 max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
                 calibration_count: int = 8, evaluation_count: int = 4) -> OnnxFile:
@@ -139,7 +140,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
 def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,
                  dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
                  max_float_layers: int, calibration_count: int, evaluation_count: int,
-                 calibration: Any, degrade: int8.Degrade | None) -> OnnxFile:
+                 calibration: Any, degrade: Degrade | None) -> OnnxFile:
     """Float export to a temporary file, quantised and measured; written only if accepted."""
     from .int8_onnx import quantize_onnx
 

@@ -1,5 +1,5 @@
-"""What int8 deployment shares across runtimes: calibration inputs, the measured error against
-float, and which layers stay float.
+"""What int8 deployment shares across runtimes: the measured error against float, which
+layers stay float, and the report (calibration inputs: ``int8_inputs``).
 
 Post-training int8 needs a few inputs like those the model will see (calibration) to choose
 activation scales, and it changes the outputs: by how much depends on the model, so the
@@ -9,35 +9,19 @@ measurement: each round restores, one at a time, every still-quantised conv and 
 that raises the PSNR most. ``export_onnx`` (onnxruntime) and ``export_mobile`` (XNNPACK) hand
 this module a function that quantises with a given set of layers left float; everything
 else here is runtime-agnostic.
-
-Calibration ``data`` is what ``distill`` takes (``train.data.batches``): None (scikit-image's
-``TRAIN`` images), a folder, an (N,C,H,W) tensor or a DataLoader, with distill's ``degrade``
-(noise for a denoiser) applied to the clean crops. Crops are taken at the example input's
-size; a model's other inputs (a mask, a noise level) keep their example values.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import LwCompileError
-from ..train.data import (
-    HELD_OUT,
-    TRAIN,
-    Degrade,
-    batches,
-    load_images,
-    random_crops,
-    step_generator,
-)
 
 PRECISIONS = ("fp32", "int8")
 #: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
@@ -106,140 +90,6 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise Int8Error(f"unknown precision {precision!r}: valid ones are {', '.join(PRECISIONS)}")
     return precision
-
-
-def _image_argument(example_inputs: Sequence[Any]) -> tuple[int, Tensor]:
-    """The position and value of the image input: the first tensor argument, 4-D."""
-    for i, a in enumerate(example_inputs):
-        if isinstance(a, Tensor):
-            if a.dim() != 4:
-                raise CalibrationDataError(
-                    f"int8 calibration needs a 4-D (N,C,H,W) image as the first tensor input, "
-                    f"got shape {tuple(a.shape)}")
-            return i, a
-    raise CalibrationDataError("int8 calibration needs a tensor input; the example has none")
-
-
-def _fit(batch: Tensor, example: Tensor, source: str) -> Tensor:
-    """``batch`` as inputs shaped like ``example``: channels and rank must match, larger
-    images are cropped at the top left, smaller ones refused."""
-    if batch.dim() != 4:
-        raise CalibrationDataError(
-            f"{source} batches must be (N,C,H,W) like the example input "
-            f"{tuple(example.shape)}, got shape {tuple(batch.shape)}")
-    c, h, w = example.shape[1:]
-    if batch.shape[1] != c:
-        raise CalibrationDataError(
-            f"{source} has {batch.shape[1]} channels but the model reads {c}")
-    if batch.shape[2] < h or batch.shape[3] < w:
-        raise CalibrationDataError(
-            f"{source} images are {batch.shape[2]}x{batch.shape[3]}, smaller than the "
-            f"example input's {h}x{w}")
-    return batch[:, :, :h, :w].to(example.dtype)
-
-
-def _as_inputs(images: Iterable[Tensor], example_inputs: Sequence[Any], position: int,
-               count: int, degrade: Degrade | None = None, seed: int = 0) -> list[tuple]:
-    """``count`` input tuples: each image batch passed through ``degrade`` (noise seeded by
-    the batch's index), split to the example's batch size, put in the image's place among
-    the example's other arguments."""
-    n = example_inputs[position].shape[0]
-    out: list[tuple] = []
-    for step, batch in enumerate(images):
-        if degrade is not None:
-            batch = degrade(batch, step_generator(seed + 1, 0, step))
-        for start in range(0, batch.shape[0] - n + 1, n):
-            args = list(example_inputs)
-            args[position] = batch[start:start + n].contiguous()
-            out.append(tuple(args))
-            if len(out) == count:
-                return out
-    return out
-
-
-class _RankChecked:
-    """A loader whose batches are checked to be 4-D before ``batches`` converts channels."""
-
-    def __init__(self, loader: Iterable, example: Tensor, source: str) -> None:
-        self.loader, self.example, self.source = loader, example, source
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(images, Tensor) and images.dim() != 4:
-                _fit(images, self.example, self.source)  # raises, naming the shapes
-            yield batch
-
-
-def _bundled_crops(names: tuple[str, ...], example: Tensor, seed: int,
-                   source: str) -> Iterator[Tensor]:
-    """Crops of scikit-image's bundled images ``names``, those large enough for the example
-    input's size (``batches`` would refuse a crop larger than any one of them)."""
-    size = max(example.shape[2:])
-    images = [i for i in load_images(names, example.shape[1]) if min(i.shape[-2:]) >= size]
-    if not images:
-        raise CalibrationDataError(
-            f"no {source} image is {size}x{size} or larger: pass calibration data of the "
-            "example input's size")
-    for step in itertools.count():
-        crops = random_crops(images, example.shape[0], size, step_generator(seed, 0, step))
-        yield _fit(crops, example, source)
-
-
-def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tensor]:
-    channels, size = example.shape[1], max(example.shape[2:])
-    if data is None:
-        return _bundled_crops(TRAIN, example, seed, "default calibration")
-    if not isinstance(data, (str, Path, Tensor)):  # a DataLoader
-        return (_fit(b, example, source)
-                for b in batches(_RankChecked(data, example, source), channels=channels))
-    if isinstance(data, Tensor) and data.dim() == 4 and data.shape[1] not in (1, 3, channels):
-        raise CalibrationDataError(
-            f"{source} has {data.shape[1]} channels but the model reads {channels}")
-    try:
-        stream = batches(data, channels=channels, batch_size=example.shape[0], crop=size,
-                         seed=seed)
-        return (_fit(b, example, source) for b in stream)
-    except CalibrationDataError:
-        raise
-    except LwCompileError as exc:
-        raise CalibrationDataError(f"{source}: {exc}") from exc
-
-
-def calibration_inputs(data: Any, example_inputs: Sequence[Any], count: int,
-                       degrade: Degrade | None = None) -> list[tuple]:
-    """``count`` model inputs from ``data`` (as ``distill`` takes it, with its ``degrade``)
-    at the example's size."""
-    position, example = _image_argument(example_inputs)
-    try:
-        inputs = _as_inputs(_crops(data, example, 0, "calibration data"), example_inputs,
-                            position, count, degrade)
-    except CalibrationDataError:
-        raise
-    except LwCompileError as exc:
-        raise CalibrationDataError(f"calibration data: {exc}") from exc
-    if not inputs:
-        raise CalibrationDataError("the calibration data gave no batch")
-    return inputs
-
-
-def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
-                      skip: int, degrade: Degrade | None = None) -> list[tuple]:
-    """``count`` held-out inputs: crops of ``HELD_OUT`` images when ``data`` is None, else
-    crops of ``data`` drawn with another seed (a DataLoader: the batches after the first
-    ``skip``, those the calibration used, when it has more)."""
-    position, example = _image_argument(example_inputs)
-    if data is None:
-        stream = _bundled_crops(HELD_OUT, example, 1, "held-out")
-        return _as_inputs(stream, example_inputs, position, count, degrade, seed=1)
-    if not isinstance(data, (str, Path, Tensor)):
-        stream = _crops(data, example, 0, "evaluation data")
-        everything = _as_inputs(stream, example_inputs, position, skip + count, degrade,
-                                seed=1)
-        held = everything[skip:] or everything
-        return held[:count]
-    return _as_inputs(_crops(data, example, 1, "evaluation data"), example_inputs, position,
-                      count, degrade, seed=1)
 
 
 def first_output(out: Any) -> Tensor:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import one_line
-from . import int8
+from ..train.data import Degrade
+from . import int8, int8_inputs
 
 INSTALL_HINT = "pip install lwcompile[export]"
 
@@ -62,7 +63,7 @@ def session(path: str | Path, threads: int = 2) -> Any:
 
 def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
                   names: Sequence[str], calibration: Any, *, min_psnr: float | None,
-                  degrade: int8.Degrade | None,
+                  degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
                   evaluation_count: int) -> tuple[bytes, int8.Int8Report]:
     """The int8 form of the float ONNX file ``float_path`` (exported from ``model``) as bytes,
@@ -70,8 +71,8 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     onnx, _ = _onnxruntime()
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    calib = int8.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
-    held = int8.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
+    calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
+    held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
     convs = [n.name for n in onnx.load(str(float_path)).graph.node if n.op_type == "Conv"]

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import one_line
-from . import int8
+from ..train.data import Degrade
+from . import int8, int8_inputs
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
 
@@ -59,15 +60,15 @@ def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
 
 def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                   example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
-                  degrade: int8.Degrade | None,
+                  degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
                   evaluation_count: int) -> tuple[torch.fx.GraphModule, int8.Int8Report]:
     """``graph_module`` (from ``torch.export.export(...).module()`` of ``model`` or of an
     equivalent form) quantised and converted, with its report measured against ``model``;
     raises ``Int8QualityError`` below ``min_psnr``."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
-    calib = int8.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
-    held = int8.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
+    calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
+    held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
     config = config_for(is_per_channel=True)

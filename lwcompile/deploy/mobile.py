@@ -32,6 +32,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..errors import LwCompileError, one_line
 from ..files import write_atomic
+from ..train.data import Degrade
 from . import int8
 from .aten_rewrites import xnnpack_forms
 
@@ -157,7 +158,7 @@ class MobileExport:
 
 def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                   optimize: bool = True, verify: bool = True, precision: str = "fp32",
-                  calibration: Any = None, degrade: int8.Degrade | None = None,
+                  calibration: Any = None, degrade: Degrade | None = None,
                   min_psnr: float | None = None,
                   target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                   max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
