@@ -128,6 +128,7 @@ def test_the_report_says_where_compilation_spent_its_time():
                              "result check"]
     # DnCNN's result cost is composed, not run (test_composed.py): its check takes ~0 s
     assert all(s > 0 for phase, s in seconds.items() if phase != "result check")
-    assert sum(seconds.values()) <= wall
+    # each phase is rounded to the millisecond: up to half a millisecond over per phase
+    assert sum(seconds.values()) <= wall + 0.0005 * len(seconds)
     report = lwcompile.plan(model, (torch.rand(1, 1, 24, 24),))
     assert "result check" not in report.notes["seconds"]  # a plan builds no result
