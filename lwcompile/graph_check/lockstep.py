@@ -28,6 +28,9 @@ Sharing storage with eager is safe because neither side can spoil the other unse
 graph's memory count raises before any op of the graph writes into a shared storage
 (``cost.SharedWrite``), and a computed node refuses to read a shared tensor that eager has
 written since the graph took it (its version moved).
+
+One file past ~300 lines on purpose: the pairing is one algorithm whose steps share the
+paused generator, the hooks and the alias guards; split, neither half reads on its own.
 """
 
 from __future__ import annotations
