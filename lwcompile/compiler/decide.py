@@ -137,8 +137,13 @@ def _failed(site: Site, rule: Rule, reason: str) -> Row:
 
 
 def _first_veto(guards: Sequence[Guard], proposal: Proposal) -> tuple[str, str, str] | None:
+    """The first guard's veto as (guard, outcome, reason); a guard that raises rolls the site
+    back with a row naming it and its error, like a rule that raises."""
     for guard in guards:
-        veto = guard.check(proposal)
+        try:
+            veto = guard.check(proposal)
+        except Exception as exc:
+            return guard.name, ROLLED_BACK, f"guard {guard.name} raised {one_line(exc)}"
         if veto is not None:
             return guard.name, KEPT, veto.reason
     return None

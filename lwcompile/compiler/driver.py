@@ -22,11 +22,15 @@ rows. The compiler knows no particular rule or guard: they are handed to it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -44,6 +48,33 @@ from .decide import SiteBroke, decide, kept_row
 from .result_cost import compose_result
 from .sites import find_sites, site_types, watched
 from .workspace import Workspace, copy_model, installed_graphs_run, prepare, uninstall_subregions
+
+_T = TypeVar("_T")
+
+#: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces,
+#: and the flow recording and graph checks hook modules: two compilations at once would see
+#: each other's patches. One compilation runs at a time (reentrant: a rule may call plan).
+_COMPILING = threading.RLock()
+
+
+def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``compile_fn(model, args, kwargs, ...)`` alone in the process, outside inference
+    mode: the compiler's checks read tensor version counters and build autograd-free copies
+    that inference mode forbids. Inference tensors among the inputs are cloned into normal
+    ones (the user's tensors are not touched); the result holds no inference tensor."""
+
+    @functools.wraps(compile_fn)
+    def wrapper(model: nn.Module, args: tuple, kwargs: dict, *rest, **options) -> _T:
+        with _COMPILING, torch.inference_mode(False):
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, _normal_tensor, (args, kwargs))
+            return compile_fn(model, args, kwargs, *rest, **options)
+
+    return wrapper
+
+
+def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_inference() else t
 
 
 @contextlib.contextmanager
@@ -142,6 +173,7 @@ def compile_once(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Ru
     return ws, report
 
 
+@exclusive
 def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
               guards: Sequence[Guard], inferred: bool = False) -> Report:
     """The decisions ``compile_verified`` would make, on a scratch copy that is thrown away.
@@ -162,6 +194,7 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
     return report
 
 
+@exclusive
 def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule],
                      guards: Sequence[Guard], inferred: bool = False) -> tuple[nn.Module, Report]:
     """Compile, check the whole result, and roll back the culprit rewrite until it passes."""
