@@ -140,7 +140,6 @@ class KeywordCall(Body):
         return self.tail(torch.relu(self.conv(input=torch.relu(self.head(x)))))
 
 
-@pytest.mark.xfail(strict=True, reason='issue 20: not fixed yet')
 def test_conv_called_with_keyword_is_rewritten_or_reported() -> None:
     torch.manual_seed(0)
     model, x = KeywordCall().eval(), torch.rand(1, 1, 16, 16)

@@ -173,16 +173,17 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
         n for n, m in modules.items() if not list(m.children())]
     handles = []
     for name in names:
-        def hook(_m, inputs, out, name=name):
+        def hook(_m, inputs, kwargs, out, name=name):
             if flow.paused:
                 return
             flow.calls[name] += 1
-            if name not in flow.shapes:
+            if name not in flow.shapes:  # a keyword input (conv(input=h)) counts as well
                 flow.shapes[name] = (
-                    tuple(a.shape for a in inputs if isinstance(a, torch.Tensor)),
+                    tuple(a.shape for a in (*inputs, *kwargs.values())
+                          if isinstance(a, torch.Tensor)),
                     out.shape if isinstance(out, torch.Tensor) else None)
             _tag(out, _origins(out) | {name})
-        handles.append(modules[name].register_forward_hook(hook))
+        handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
     try:
         with _FlowMode(flow):
             yield flow

@@ -4,6 +4,9 @@
   one test for it, at both graph levels lwcompile works on: the module-level graph of
   ``torch.fx`` tracing (``torch.cat``, shapes in ``meta["tensor_meta"]``) and the ATen graph
   of ``torch.export`` (``aten.cat``, shapes in ``meta["val"]``).
+- ``positional_module_calls``: a submodule called with keyword arguments
+  (``self.conv(input=h)``) gets them as positional ones, so that a replacement whose
+  ``forward`` names its argument differently can take the call's place.
 - ``make_picklable`` / ``picklable``: let ``torch.save`` pickle GraphModules whatever traced
   them, for good or for the duration of one save.
 """
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +32,22 @@ def node_shape(node: object) -> torch.Size | None:
         meta = node.meta.get("val")
     shape = getattr(meta, "shape", None)
     return torch.Size(shape) if shape is not None else None
+
+
+def positional_module_calls(graph: fx.Graph, root: nn.Module) -> None:
+    """Pass the keyword arguments of ``call_module`` nodes positionally where the module's
+    ``forward`` takes them as positional-or-keyword parameters (all of them, in order)."""
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.kwargs:
+            continue
+        try:
+            signature = inspect.signature(root.get_submodule(node.target).forward)
+            bound = signature.bind(*node.args, **node.kwargs)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if all(signature.parameters[n].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+               for n in bound.arguments):
+            node.args, node.kwargs = tuple(bound.arguments.values()), {}
 
 
 def channel_concat_parts(node: object) -> list[fx.Node] | None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
-from .fx_helpers import strip_string_annotations
+from .fx_helpers import positional_module_calls, strip_string_annotations
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,7 @@ def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
             with preserved_state(module):
                 graph = tracer.trace(module, concrete_args=concrete or None)
             strip_string_annotations(graph)  # else the GraphModule cannot be pickled
+            positional_module_calls(graph, module)
             gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             break
         except Exception as exc:  # fx raises anything the user's forward raises
