@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import NothingToLighten, VerificationError
+from ..errors import NothingToLighten, UntraceableError, VerificationError
 from ..graph_check import GraphCheck
 from ..measure.cost import Measured, count_params
 from ..measure.inputs import run_example
@@ -65,12 +65,26 @@ def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
 
     @functools.wraps(compile_fn)
     def wrapper(model: nn.Module, args: tuple, kwargs: dict, *rest, **options) -> _T:
+        _refuse_scripted(model)
         with _COMPILING, torch.inference_mode(False):
             args, kwargs = torch.utils._pytree.tree_map_only(
                 torch.Tensor, _normal_tensor, (args, kwargs))
             return compile_fn(model, args, kwargs, *rest, **options)
 
     return wrapper
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    """TorchScript modules can be neither traced by fx nor hooked nor snapshotted: say so,
+    naming the first one, rather than let the reference run blame the example input."""
+    scripted = next((name for name, m in model.named_modules()
+                     if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        where = f"submodule {scripted!r}" if scripted else "the model itself"
+        raise UntraceableError(
+            f"{type(model).__name__}: {where} is a torch.jit.script/trace module, which "
+            "lwcompile cannot trace, hook or check; lighten the unscripted Python module and "
+            "script the result")
 
 
 def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
