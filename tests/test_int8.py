@@ -275,3 +275,11 @@ def test_degrade_is_applied_to_calibration_and_held_out_crops():
     assert all(torch.equal(a[0], n[0]) for a, n in zip(again, noisy, strict=True))
     calib = int8_inputs.calibration_inputs(None, example, 2, degrade=lwcompile.add_noise(25))
     assert not torch.equal(calib[0][0], noisy[0][0])
+
+
+def test_int8_needs_the_module_not_an_exported_program(tmp_path):
+    model, example = nn.Conv2d(1, 1, 3, padding=1).eval(), (torch.rand(1, 1, 8, 8),)
+    program = torch.export.export(model, example)
+    with pytest.raises(lwcompile.Int8Error, match="needs the nn.Module"):
+        export_onnx(program, example, tmp_path / "m.onnx", precision="int8")
+    assert not (tmp_path / "m.onnx").exists()
