@@ -52,16 +52,13 @@ class AuxInTraining(Body):
         return out
 
 
-@pytest.mark.xfail(strict=True, reason='issue 20: not fixed yet')
-def test_train_mode_branch_is_kept_or_refused() -> None:
+def test_train_mode_branch_is_kept() -> None:
     torch.manual_seed(0)
     model = AuxInTraining().train()
     x = torch.rand(1, 1, 16, 16)
-    try:
-        light = lwcompile.lighten(model, (x,))
-    except LwCompileError as exc:
-        assert "training" in str(exc)
-        return
+    light = lwcompile.lighten(model, (x,))
+    assert any("branches on self.training" in line for line in light.lwcompile_report.log)
+    assert [r.site for r in light.lwcompile_report.applied] == ["conv"]
     assert light.training
     for mode in (True, False):
         model.train(mode)
@@ -70,6 +67,17 @@ def test_train_mode_branch_is_kept_or_refused() -> None:
         assert got.shape == expected.shape
         # the +10 of the training branch must be there in train mode and gone in eval
         assert abs(got.mean() - expected.mean()) < 1.0, f"training={mode}"
+
+
+def test_eval_mode_model_is_traced_as_before() -> None:
+    """Only a model in training mode pays for the second trace: in eval mode the root is
+    traced as one graph, as it always was (the result's eval behaviour is the original's)."""
+    torch.manual_seed(0)
+    model, x = AuxInTraining().eval(), torch.rand(1, 1, 16, 16)
+    light = lwcompile.lighten(model, (x,))
+    assert isinstance(light, torch.fx.GraphModule)
+    assert not any("self.training" in line for line in light.lwcompile_report.log)
+    assert run(light, (x,)).shape == run(model, (x,)).shape
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,8 +131,8 @@ def reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
     with timed(seconds, "reference run"):
         reference = copy_model(model).eval()
     with timed(seconds, "tracing + graph check"):
-        attempt = None if is_leaf(reference) else trace_graph("", reference,
-                                                               Call(args, kwargs, None))
+        attempt = None if is_leaf(reference) else trace_graph(
+            "", reference, Call(args, kwargs, None), both_modes=model.training)
     # a root with opaque leaves would run them (and the hooked convs inside) during eager's
     # forward: its graph is checked afterwards, with recorded conv outputs, like those below
     graph_check = GraphCheck(attempt)

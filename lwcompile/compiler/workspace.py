@@ -60,7 +60,8 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Che
     already traced and checked alongside that run."""
     root = fresh_copy if fresh_copy is not None else copy_model(model)
     root.eval()
-    traced = trace_model(root, args, kwargs, output, check, checked_root)
+    traced = trace_model(root, args, kwargs, output, check, checked_root,
+                         both_modes=model.training)
     installed: dict[str, fx.GraphModule] = {}
     for region in traced.regions:
         if not region.traced or region.specialised:

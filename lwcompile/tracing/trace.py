@@ -183,8 +183,13 @@ class Attempt:
                       timeline=timeline), self.opaque
 
 
-def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
-    """Trace one module, marking failing submodules opaque (leaves) and retrying."""
+def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = False) -> Attempt:
+    """Trace one module, marking failing submodules opaque (leaves) and retrying.
+
+    Tracing bakes in the mode the module is in (the compiler's copies are in eval). With
+    ``both_modes`` (the user's model is in training mode), a module whose graph differs in
+    training mode, because its forward branches on ``self.training``, is not traced: it
+    stays Python code, so the result keeps both behaviours."""
     opaque: set[str] = set()
     try:
         concrete, values = _split_concrete(module, call)
@@ -204,12 +209,33 @@ def trace_graph(name: str, module: nn.Module, call: Call) -> Attempt:
             if not culprit or culprit in opaque:
                 return Attempt(name, module, None, failure=one_line(exc))
             opaque.add(culprit)
+    if both_modes and _code(graph) != _code_in_training(module, opaque, concrete):
+        return Attempt(name, module, None, failure="its forward branches on self.training: "
+                       "a traced graph would keep only its eval behaviour")
     values_for_graph = [
         v for v, p in zip(values, inspect.signature(module.forward).parameters.values(),
                           strict=False)
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
+
+
+def _code(graph: fx.Graph) -> str:
+    return graph.python_code("self").src
+
+
+def _code_in_training(module: nn.Module, opaque: set[str], concrete: dict[str, Any]) -> str:
+    """The module's graph code traced with every submodule in training mode ('' if that
+    trace fails: then too the modes differ)."""
+    try:
+        with preserved_state(module):
+            module.train()
+            graph = _LeafTracer(opaque).trace(module, concrete_args=concrete or None)
+        strip_string_annotations(graph)
+        positional_module_calls(graph, module)
+        return _code(graph)
+    except Exception:  # fx raises anything the user's forward raises
+        return ""
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -223,11 +249,12 @@ Check = Callable[[Attempt, Any], tuple[Region, set[str]]]
 
 
 def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Check,
-                root: tuple[Region, set[str]] | None = None) -> TracedModel:
+                root: tuple[Region, set[str]] | None = None,
+                both_modes: bool = False) -> TracedModel:
     """Trace ``model`` hierarchically, level by level, one eager forward per level below
     the root (``output`` is the root's eager output on ``args``, already known), each
     traced module judged by ``check``. ``root`` is the root's region and opaque leaves
-    when it was already traced and checked."""
+    when it was already traced and checked; ``both_modes`` as in ``trace_graph``."""
     result = TracedModel()
     pending: dict[str, nn.Module] = {"": model}
     calls = {"": Call(args, kwargs, output)}
@@ -250,7 +277,8 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any, check:
                 region, opaque = root
             else:
                 call = calls[name]
-                region, opaque = check(trace_graph(name, module, call), call.output)
+                region, opaque = check(trace_graph(name, module, call, both_modes),
+                                       call.output)
             result.regions.append(region)
             if region.traced:
                 children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}
