@@ -20,12 +20,16 @@ from .deploy.int8 import CalibrationDataError, Int8Error, Int8QualityError, Int8
 from .deploy.mobile import export_mobile
 from .deploy.persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
 from .errors import (
+    ArgumentError,
+    CheckpointError,
     CompileFailed,
+    DestinationError,
     ExampleInputError,
     LwCompileError,
     NotAModuleError,
     NothingToLighten,
     RuleError,
+    TrainingError,
     UntraceableError,
     VerificationError,
 )
@@ -57,6 +61,7 @@ __all__ = [
     "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
     "channel_concat_parts",
     "CalibrationDataError", "Int8Error", "Int8QualityError", "Int8Report",
+    "ArgumentError", "CheckpointError", "DestinationError", "TrainingError",
 ]
 
 

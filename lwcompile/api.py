@@ -13,9 +13,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
+from . import arguments as check
 from .compiler.driver import compile_verified, plan_only
 from .errors import CompileFailed, LwCompileError, LwCompileWarning, NotAModuleError, RuleError
 from .measure.inputs import infer_example_inputs
@@ -39,8 +39,7 @@ def default_rules(without: Sequence[str] = ()) -> list[Rule]:
 
     rules = [SplitConcatPointwiseRule(), SubpixelRule(), GsatRule(), StridedConvRule(),
              TransposedConvRule(), ListRule(), ImageOutputSqueezeRule()]
-    if isinstance(without, str):
-        without = (without,)
+    without = check.strings("default_rules", "without", without)
     unknown = set(without) - {r.name for r in rules}
     if unknown:
         raise RuleError(f"default_rules(without=...): no default rule named "
@@ -129,19 +128,23 @@ def _warn_unused_excludes(model: nn.Module, exclude: Sequence[str]) -> None:
                           f"{type(model).__name__}", LwCompileWarning, stacklevel=3)
 
 
-def _call(model: nn.Module, example_inputs: Sequence[Any] | None,
+def _call(where: str, model: nn.Module, example_inputs: Sequence[Any] | None,
           example_kwargs: dict[str, Any] | None, rules: Sequence[Rule] | None,
           guards: Sequence[Guard] | None, exclude: Sequence[str],
           rule_params: RuleParams | None) -> tuple:
     if not isinstance(model, nn.Module):
         raise NotAModuleError(f"lwcompile needs an nn.Module, got {type(model).__name__}")
+    example_inputs = check.inputs(where, "example_inputs", example_inputs, optional=True)
+    example_kwargs = check.mapping(where, "example_kwargs", example_kwargs)
+    rules = check.sequence(where, "rules", rules)
+    guards = check.sequence(where, "guards", guards)
+    exclude = check.strings(where, "exclude", exclude)
+    rule_params = check.mapping(where, "rule_params", rule_params, values_are_mappings=True)
     checked_rules = _checked_rules(rules, rule_params)
     checked_guards = _checked_guards(guards, exclude)
     _warn_unused_excludes(model, exclude)
     inferred = example_inputs is None
-    if isinstance(example_inputs, torch.Tensor):  # one tensor, not a batch to unpack
-        example_inputs = (example_inputs,)
-    args = infer_example_inputs(model) if inferred else tuple(example_inputs)
+    args = infer_example_inputs(model) if inferred else example_inputs
     return model, args, dict(example_kwargs or {}), checked_rules, checked_guards, inferred
 
 
@@ -163,7 +166,8 @@ def lighten(
     glob (``"upsample.*"``); ``rule_params`` sets rule parameters by rule name
     (``{"list": {"squeeze_ratio": 8}}``). The input model is never modified.
     """
-    call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
+    call = _call("lighten", model, example_inputs, example_kwargs, rules, guards, exclude,
+                 rule_params)
     with _no_raw_errors(model):
         result, report = compile_verified(*call)
     result.lwcompile_report = report
@@ -186,7 +190,8 @@ def plan(
     the summary's after-figures are estimated from the rows, and the whole-model check is
     not run (in the rare case it would roll a rewrite back, lighten's report says so).
     """
-    call = _call(model, example_inputs, example_kwargs, rules, guards, exclude, rule_params)
+    call = _call("plan", model, example_inputs, example_kwargs, rules, guards, exclude,
+                 rule_params)
     with _no_raw_errors(model):
         return plan_only(*call)
 

@@ -20,6 +20,25 @@ class NotAModuleError(LwCompileError, TypeError):
     """The object handed to lwcompile is not an ``nn.Module``."""
 
 
+class ArgumentError(LwCompileError, TypeError):
+    """A public function was called with an argument of the wrong type or value; the message
+    names the argument and what was expected."""
+
+
+class DestinationError(LwCompileError, OSError):
+    """A file cannot be written where asked: its folder does not exist or is not writable,
+    or the disk refused the write."""
+
+
+class TrainingError(LwCompileError):
+    """``init_layerwise`` or ``distill`` cannot train on what it was given (images the
+    teacher cannot read, a teacher whose outputs or modules do not match the student)."""
+
+
+class CheckpointError(TrainingError):
+    """A distill checkpoint to resume from is unreadable, foreign, or another model's."""
+
+
 class ExampleInputError(LwCompileError, ValueError):
     """The model cannot run on the example input (or none could be inferred)."""
 

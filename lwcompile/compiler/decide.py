@@ -22,10 +22,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..errors import one_line
+from ..errors import RuleError, one_line
 from ..measure.cost import count_macs, count_params, measure_on_shapes, random_inputs
 from ..report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Row
-from ..rule import Guard, Match, Proposal, Refuse, Rule, Site
+from ..rule import Guard, Match, Proposal, Refuse, Rule, Site, Veto
 from ..tracing.trace import join
 from .check import check_replacement
 from .workspace import Workspace
@@ -144,6 +144,9 @@ def _first_veto(guards: Sequence[Guard], proposal: Proposal) -> tuple[str, str, 
             veto = guard.check(proposal)
         except Exception as exc:
             return guard.name, ROLLED_BACK, f"guard {guard.name} raised {one_line(exc)}"
+        if veto is not None and not isinstance(veto, Veto):  # a misuse of the API: an error
+            raise RuleError(f"guard {guard.name!r} ({type(guard).__name__}) returned "
+                            f"{type(veto).__name__} {veto!r}; check() must return Veto or None")
         if veto is not None:
             return guard.name, KEPT, veto.reason
     return None
