@@ -122,6 +122,75 @@ def test_threads_compile_at_once_like_serial_runs(entry: str) -> None:
     assert nn.Module.__call__ is original_call
 
 
+def test_emit_fast_and_lighten_at_once() -> None:
+    """emit_fast traces with fx too: it waits for a compilation, not interleaves with it."""
+    original_call = nn.Module.__call__
+    cases = _small_models()
+    light = lwcompile.lighten(*cases[-1]).eval()  # emit_fast's result is in eval mode
+    x = cases[-1][1]
+    expected = run(light, (x,))
+    results: dict[str, object] = {}
+
+    def emit(i: int) -> None:
+        try:
+            results[f"emit{i}"] = run(lwcompile.emit_fast(light, (x,), channels_last=False),
+                                      (x,))
+        except Exception as exc:  # recorded and asserted below
+            results[f"emit{i}"] = exc
+
+    def compile_(i: int) -> None:
+        try:
+            results[f"lighten{i}"] = _rows(lwcompile.lighten(*cases[i]).lwcompile_report)
+        except Exception as exc:  # recorded and asserted below
+            results[f"lighten{i}"] = exc
+
+    threads = [threading.Thread(target=f, args=(i,)) for i in range(3) for f in (emit, compile_)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for i in range(3):
+        assert isinstance(results[f"lighten{i}"], list), results[f"lighten{i}"]
+        assert isinstance(results[f"emit{i}"], torch.Tensor), results[f"emit{i}"]
+        close(results[f"emit{i}"], expected)
+    assert nn.Module.__call__ is original_call
+
+
+def test_a_model_run_in_another_thread_during_lighten_is_plain_eager() -> None:
+    """fx's patches of nn.Module act in the tracing thread only: the application's own
+    forward passes elsewhere neither fail nor change while lighten traces."""
+    cases = _small_models()
+    other, x = cases[0][0].eval(), cases[0][1]
+    expected = run(other, (x,))
+    done = threading.Event()
+    outcomes: list[object] = []
+
+    def application() -> None:
+        while not done.is_set():
+            try:
+                outcomes.append(torch.equal(run(other, (x,)), expected))
+            except Exception as exc:  # recorded and asserted below
+                outcomes.append(exc)
+
+    thread = threading.Thread(target=application)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        thread.start()
+        for model, inputs in cases[1:]:
+            lwcompile.lighten(model, (inputs,))
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert outcomes and all(o is True for o in outcomes), {repr(o) for o in outcomes}
+
+
 def test_a_failing_trace_leaves_module_call_unpatched() -> None:
     class Untraceable(Body):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

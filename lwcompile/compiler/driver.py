@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from ..measure.inputs import run_example
 from ..report import ROLLED_BACK, Report, Summary
 from ..rule import Guard, Rule
 from ..tracing.flow import DataFlow, flow_recording, note_output
+from ..tracing.fx_helpers import one_at_a_time
 from ..tracing.skips import concat_skips
 from ..tracing.trace import Call, Region, is_leaf, trace_graph
 from .check import first_failure, output_shapes
@@ -51,22 +51,19 @@ from .workspace import Workspace, copy_model, installed_graphs_run, prepare, uni
 
 _T = TypeVar("_T")
 
-#: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces,
-#: and the flow recording and graph checks hook modules: two compilations at once would see
-#: each other's patches. One compilation runs at a time (reentrant: a rule may call plan).
-_COMPILING = threading.RLock()
-
 
 def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
-    """Run ``compile_fn(model, args, kwargs, ...)`` alone in the process, outside inference
+    """Run ``compile_fn(model, args, kwargs, ...)`` alone in the process (fx patches
+    ``nn.Module`` process-wide while it traces: ``fx_helpers.one_at_a_time``), outside inference
     mode: the compiler's checks read tensor version counters and build autograd-free copies
     that inference mode forbids. Inference tensors among the inputs are cloned into normal
     ones (the user's tensors are not touched); the result holds no inference tensor."""
 
     @functools.wraps(compile_fn)
+    @one_at_a_time
     def wrapper(model: nn.Module, args: tuple, kwargs: dict, *rest, **options) -> _T:
         _refuse_scripted(model)
-        with _COMPILING, torch.inference_mode(False):
+        with torch.inference_mode(False):
             args, kwargs = torch.utils._pytree.tree_map_only(
                 torch.Tensor, _normal_tensor, (args, kwargs))
             return compile_fn(model, args, kwargs, *rest, **options)

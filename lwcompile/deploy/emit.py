@@ -36,10 +36,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import arguments as check
 from ..errors import VerificationError
 from ..measure.profile import time_interleaved
 from ..nn import GSAT, ChannelsLast, FusedLIST, ThinConvPhases
-from ..tracing.fx_helpers import make_picklable
+from ..tracing.fx_helpers import make_picklable, one_at_a_time
 from .concat_sinking import sink_concats
 from .module_rewrites import (
     fold_batchnorm,
@@ -53,6 +54,7 @@ from .module_rewrites import (
 __all__ = ["ChannelsLast", "FusedLIST", "ThinConvPhases", "emit_fast"]
 
 
+@one_at_a_time  # it traces with fx (module_rewrites), which patches nn.Module process-wide
 def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = True,
               fold_bn: bool = True, sink: bool = True, phases: bool = True,
               channels_last: bool | None = None, rtol: float = 1e-4,
@@ -64,7 +66,8 @@ def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = 
     ``example_inputs`` (``VerificationError`` if it differs beyond ``rtol``/``atol``) and
     keeps ``lwcompile_report`` if ``model`` had one.
     """
-    args = tuple(example_inputs)
+    check.module("emit_fast", "model", model)
+    args = check.inputs("emit_fast", "example_inputs", example_inputs)
     fast = copy.deepcopy(model).eval()
     if merge:
         fast = merge_lists(fast)

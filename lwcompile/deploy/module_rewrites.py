@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import LIST, FusedLIST, Resize, ThinConvPhases
+from ..tracing.fx_helpers import ThreadConfinedTracer
 from . import identities
 
 
@@ -72,7 +73,7 @@ def onnxruntime_forms(model: nn.Module) -> Counter[str]:
     return +Counter({"prelu-as-leaky-relu": leaky})
 
 
-class _OneLevel(fx.Tracer):
+class _OneLevel(ThreadConfinedTracer):
     """Traces a module's own forward only: every submodule call stays one node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

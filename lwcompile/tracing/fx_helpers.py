@@ -7,6 +7,12 @@
 - ``positional_module_calls``: a submodule called with keyword arguments
   (``self.conv(input=h)``) gets them as positional ones, so that a replacement whose
   ``forward`` names its argument differently can take the call's place.
+- ``ThreadConfinedTracer``: the base of lwcompile's fx tracers, whose patches act in the
+  tracing thread only.
+- ``one_at_a_time``: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
+  whole process while it traces, so a model run in another thread meanwhile goes through the
+  tracer. lwcompile's entry points that trace hold one lock for their whole run (traces and
+  eager runs alike); they are safe to call from several threads, one proceeding at a time.
 - ``make_picklable`` / ``picklable``: let ``torch.save`` pickle GraphModules whatever traced
   them, for good or for the duration of one save.
 """
@@ -14,13 +20,57 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 
 _CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
+_T = TypeVar("_T")
+#: held by every entry point that traces with fx (reentrant: an entry point may call another)
+_FX_PATCHES_PROCESS = threading.RLock()
+
+
+class ThreadConfinedTracer(fx.Tracer):
+    """An fx tracer whose process-wide patches of ``nn.Module.__call__`` and ``__getattr__``
+    act in the tracing thread only: a model run meanwhile in another thread runs as plain
+    eager code (fx alone would record its calls into this trace, or fail them)."""
+
+    _thread: int | None = None
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def foreign_thread(self) -> bool:
+        """Is the running code another thread's, reaching this tracer through the patches?"""
+        return self._thread is not None and threading.get_ident() != self._thread
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if self.foreign_thread():
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.foreign_thread():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def one_at_a_time(entry_point: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``entry_point`` while no other lwcompile entry point that traces is running."""
+
+    @functools.wraps(entry_point)
+    def wrapper(*args: object, **kwargs: object) -> _T:
+        with _FX_PATCHES_PROCESS:
+            return entry_point(*args, **kwargs)
+
+    return wrapper
 
 
 def node_shape(node: object) -> torch.Size | None:

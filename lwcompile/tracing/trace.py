@@ -29,7 +29,11 @@ from torch import nn
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
-from .fx_helpers import positional_module_calls, strip_string_annotations
+from .fx_helpers import (
+    ThreadConfinedTracer,
+    positional_module_calls,
+    strip_string_annotations,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class TracedModel:
         return next(r for r in self.regions if r.name == name)
 
 
-class _LeafTracer(fx.Tracer):
+class _LeafTracer(ThreadConfinedTracer):
     """An fx tracer that treats chosen submodules as leaves and remembers where it failed."""
 
     def __init__(self, opaque: frozenset[str] | set[str] = frozenset()) -> None:
@@ -99,6 +103,8 @@ class _LeafTracer(fx.Tracer):
         return qualified_name in self.opaque or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
+        if self.foreign_thread():  # another thread's eager run: not this trace's failure
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -209,7 +215,7 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
             if not culprit or culprit in opaque:
                 return Attempt(name, module, None, failure=one_line(exc))
             opaque.add(culprit)
-    if both_modes and _code(graph) != _code_in_training(module, opaque, concrete):
+    if both_modes and _branches_on_training(module, opaque, concrete, _code(graph)):
         return Attempt(name, module, None, failure="its forward branches on self.training: "
                        "a traced graph would keep only its eval behaviour")
     values_for_graph = [
@@ -224,12 +230,22 @@ def _code(graph: fx.Graph) -> str:
     return graph.python_code("self").src
 
 
-def _code_in_training(module: nn.Module, opaque: set[str], concrete: dict[str, Any]) -> str:
-    """The module's graph code traced with every submodule in training mode ('' if that
-    trace fails: then too the modes differ)."""
+def _branches_on_training(module: nn.Module, opaque: set[str], concrete: dict[str, Any],
+                          eval_code: str) -> bool:
+    """Does tracing in training mode give other code than ``eval_code``, when tracing in
+    eval mode again gives the same? (A forward that bakes in other Python state, such as a
+    call counter, differs on every trace: the graph check rejects it, not this.)"""
+    return (_code_in(module, True, opaque, concrete) != eval_code
+            and _code_in(module, False, opaque, concrete) == eval_code)
+
+
+def _code_in(module: nn.Module, training: bool, opaque: set[str],
+             concrete: dict[str, Any]) -> str:
+    """The module's graph code traced with every submodule in that mode ('' if the trace
+    fails)."""
     try:
         with preserved_state(module):
-            module.train()
+            module.train(training)
             graph = _LeafTracer(opaque).trace(module, concrete_args=concrete or None)
         strip_string_annotations(graph)
         positional_module_calls(graph, module)
