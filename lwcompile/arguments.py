@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArgumentError, NotAModuleError
+from .errors import ArgumentError, DestinationError, NotAModuleError
 
 
 def _got(value: Any) -> str:
@@ -90,8 +90,31 @@ def path(where: str, name: str, value: Any) -> Path:
     return Path(value)
 
 
-def integer(where: str, name: str, value: Any, *, minimum: int | None = None) -> int:
-    """A whole number (not a bool), at least ``minimum``."""
+def destination(where: str, name: str, value: Any) -> Path:
+    """A file path to write, whose folder exists: checked before any long work, by the
+    policy of ``files.write_atomic`` (a missing folder is refused, never created)."""
+    target = path(where, name, value)
+    if not target.parent.is_dir():
+        raise DestinationError(f"{where}: cannot write {target}: folder {target.parent} "
+                               "does not exist (create it first)")
+    return target
+
+
+def function(where: str, name: str, value: Any, *, optional: bool = True) -> Any:
+    """Something callable (a degradation, a schedule, a stop test), or None."""
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise ArgumentError(f"{where}: {name} must be a function{' (or None)' if optional else ''}"
+                            f", got {_got(value)}")
+    return value
+
+
+def integer(where: str, name: str, value: Any, *, minimum: int | None = None,
+            optional: bool = False) -> int | None:
+    """A whole number (not a bool), at least ``minimum``; None too if ``optional``."""
+    if value is None and optional:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentError(f"{where}: {name} must be an int, got {_got(value)}")
     if minimum is not None and value < minimum:

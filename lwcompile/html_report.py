@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from . import arguments as check
+from .files import write_atomic
 from .report import APPLIED, KEPT, REFUSED, short_number
 
 Crops = Mapping[str, bytes] | Sequence[tuple[str, bytes]]
@@ -64,10 +66,11 @@ _BEFORE, _AFTER = "#b8bfcc", "#2f6fe4"
 def write_html(report_dict: Mapping[str, Any], path: str | os.PathLike[str],
                crops: Crops | None = None, *, title: str = "model",
                meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``render_html(...)`` to ``path`` (UTF-8) and return the path."""
-    path = Path(path)
-    path.write_text(render_html(report_dict, crops, title=title, meta=meta), encoding="utf-8")
-    return path
+    """Write ``render_html(...)`` to ``path`` (UTF-8, atomically) and return the path."""
+    check.mapping("write_html", "report_dict", report_dict, optional=False)
+    path = check.path("write_html", "path", path)
+    page = render_html(report_dict, crops, title=title, meta=meta).encode("utf-8")
+    return write_atomic(path, lambda f: f.write(page))
 
 
 def render_html(report_dict: Mapping[str, Any], crops: Crops | None = None, *,

@@ -2,8 +2,10 @@
 
 Results go to stdout (a table, or JSON with ``--json``); progress and library chatter go to
 stderr, so ``--json`` output can be piped. Exit codes: 0 ok, 1 lwcompile refused (an
-``LwCompileError``: the message says why), 2 usage error. What each subcommand does is in
-``commands``; this module only parses, dispatches and reports.
+``LwCompileError``: the message says why), 2 usage error, 3 unexpected error (any other
+exception: a bug, told apart from a refusal; one line, the traceback with ``--debug``).
+What each subcommand does is in ``commands``; this module only parses, dispatches and
+reports.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import LwCompileError
+from ..errors import LwCompileError, one_line
 from . import commands
 
-EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130  # argparse itself exits 2 on misuse
+EXIT_OK, EXIT_REFUSED, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 3, 130  # argparse: 2 on misuse
 
 EPILOG = """\
 MODEL is a factory `package.module:callable` returning an nn.Module (the current folder is
@@ -38,7 +41,8 @@ examples:
   lwcompile export sr_light.pt -o sr_int8.onnx --precision int8 --calibration photos/
   lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
 
-exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error
+exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error,
+  3 unexpected error (a bug: rerun with --debug for the traceback)
 """
 
 
@@ -60,6 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lwcompile: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # not a refusal: a bug, told apart by its exit code
+        if args.debug:
+            traceback.print_exc()
+        print(f"lwcompile: unexpected error: {one_line(exc)} (a bug; rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
+                                        "unexpected": True}}))
+        return EXIT_CRASHED
     text = result.pop("text")  # each command returns its data and the human-readable form
     print(json.dumps(result, indent=2, default=str) if args.json else text)
     return EXIT_OK
@@ -84,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lwcompile", formatter_class=formatter, epilog=EPILOG,
         description="Turn a PyTorch image-restoration network into a lightweight variant.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an unexpected error, print the full traceback")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], dict], help: str,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from .. import arguments as check
 from ..errors import LwCompileWarning, VerificationError, one_line
 from ..files import write_atomic
 from ..nn import ChannelsLast
@@ -60,7 +61,8 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     With ``dynamic_hw`` the height and width of every 4-D tensor argument are symbolic and
     export infers their relations (an image and its mask of one size; multiples of 8).
     """
-    args = tuple(example_inputs)
+    check.module("export_program", "model", model)
+    args = check.inputs("export_program", "example_inputs", example_inputs)
     return _export(_for_export(model, args, fast), args, dynamic_hw)
 
 
@@ -123,9 +125,11 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     float; below ``min_psnr`` it raises ``Int8QualityError`` and writes nothing. The
     returned path's ``int8_report`` holds the measurement. The file is written atomically.
     """
+    if not isinstance(model, torch.export.ExportedProgram):
+        check.module("export_onnx", "model", model)
+    args = check.inputs("export_onnx", "example_inputs", example_inputs)
+    path = OnnxFile(check.destination("export_onnx", "path", path))
     int8.check_precision(precision)
-    args = tuple(example_inputs)
-    path = OnnxFile(path)
     if precision == "int8":
         if isinstance(model, torch.export.ExportedProgram):
             raise int8.Int8Error("int8 export needs the nn.Module (to measure it against "

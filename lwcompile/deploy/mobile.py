@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.fx.node import map_arg
 from torch.utils.flop_counter import flop_registry
 
+from .. import arguments as check
 from ..errors import LwCompileError, one_line
 from ..files import write_atomic
 from ..train.data import Degrade
@@ -181,6 +182,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
     nothing written). The file is written atomically.
     """
+    check.module("export_mobile", "model", model)
+    example_inputs = check.inputs("export_mobile", "example_inputs", example_inputs)
+    path = check.destination("export_mobile", "path", path)
     int8.check_precision(precision)
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
@@ -217,7 +221,6 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
         raise
     except Exception as exc:
         raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: f.write(program.buffer))
     error = None
     if verify:

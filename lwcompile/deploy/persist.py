@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LwCompileError, NotAModuleError, one_line
+from .. import arguments as check
+from ..errors import ArgumentError, LwCompileError, NotAModuleError, one_line
 from ..files import write_atomic
 from ..report import Report, Row, Summary
 from ..tracing.fx_helpers import picklable
@@ -65,7 +66,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *,
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(f"lwcompile.save needs an nn.Module, got {type(model).__name__}")
-    path = Path(path)
+    path = check.path("lwcompile.save", "path", path)
+    if report is not None and not isinstance(report, Report):
+        raise ArgumentError(f"lwcompile.save: report must be a Report (or None), got "
+                                  f"a {type(report).__name__}")
     report = report if report is not None else getattr(model, "lwcompile_report", None)
     buffer = io.BytesIO()
     try:
@@ -95,7 +99,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *,
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of a save file, after checking that the file is complete and intact."""
-    return _read(Path(path))[0]
+    return _read(check.path("lwcompile.info", "path", path))[0]
 
 
 def load(path: str | os.PathLike[str], *,
@@ -107,7 +111,10 @@ def load(path: str | os.PathLike[str], *,
     module of the same architecture (class name, parameter count and parameter shapes), or
     a mapping with any of ``class_name``, ``params``, ``architecture``.
     """
-    path = Path(path)
+    path = check.path("lwcompile.load", "path", path)
+    if map_location is not None and not isinstance(map_location, (str, torch.device)):
+        raise ArgumentError(f"lwcompile.load: map_location must be a device name or "
+                                  f"torch.device (or None), got a {type(map_location).__name__}")
     header, payload = _read(path)
     if expected is not None:
         _check_expected(path, header, expected)

@@ -22,10 +22,13 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import conv_flop_count, flop_registry
 
+from .. import arguments as check
 from .snapshot import preserved_state
 
 
 def count_params(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``."""
+    check.module("count_params", "module", module)
     return sum(p.numel() for p in module.parameters())
 
 
@@ -245,6 +248,7 @@ def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measu
 
 def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:
     """MACs of one forward of ``module`` on these inputs."""
+    check.module("count_macs", "module", module)
     return measure(module, args, kwargs).macs
 
 

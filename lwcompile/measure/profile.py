@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import arguments as check
 from ..report import short_number
 from .cost import count_params, measure
 from .snapshot import preserved_state
@@ -166,7 +167,10 @@ def profile(model: nn.Module, example_inputs: Sequence[Any], runs: int = 7,
     Totals are measured without hooks; per-layer times come from a second series of runs
     with forward hooks on every leaf module. Leaves that never run are left out.
     """
-    args = tuple(example_inputs)
+    check.module("profile", "model", model)
+    args = check.inputs("profile", "example_inputs", example_inputs)
+    check.integer("profile", "runs", runs, minimum=1)
+    check.integer("profile", "warmup", warmup, minimum=0)
     measured = measure(model, args)
     with torch.no_grad():
         runs_s = time_runs(lambda: model(*args), runs, warmup)

@@ -20,8 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LwCompileError
+from .. import arguments as check
+from ..errors import ArgumentError, CheckpointError, DestinationError, one_line
 from ..files import write_atomic
+from .checks import run_on_batch, same_output_shape, training_arguments
 from .data import Degrade, model_inputs
 
 
@@ -68,8 +70,14 @@ def distill(
     checkpoints.
     """
     losses = {"l1": F.l1_loss, "mse": F.mse_loss}
-    if loss not in losses:
-        raise LwCompileError(f"loss must be one of {sorted(losses)}, got {loss!r}")
+    if not isinstance(loss, str) or loss not in losses:
+        raise ArgumentError(f"distill: loss must be one of {sorted(losses)}, got {loss!r}")
+    training_arguments("distill", student, teacher, steps=steps, lr=lr, batch_size=batch_size,
+                       crop=crop, channels=channels, degrade=degrade, seed=seed)
+    path = None if checkpoint is None else check.path("distill", "checkpoint", checkpoint)
+    check.integer("distill", "checkpoint_every", checkpoint_every, minimum=1)
+    check.function("distill", "lr_schedule", lr_schedule)
+    check.function("distill", "stop_when", stop_when)
     criterion = losses[loss]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     own_group = world > 1 and not dist.is_initialized()
@@ -81,15 +89,11 @@ def distill(
     random.seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     start = 0
-    path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and resume and path.exists():
-        state = torch.load(path, weights_only=True)
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]),
-                         state["python_rng"][2]))
-        start = int(state["step"])
+        start = _resume(path, student, opt)
+    if path is not None and not path.parent.is_dir():  # refused now, not after training
+        raise DestinationError(f"distill: cannot write the checkpoint {path}: folder "
+                               f"{path.parent} does not exist (create it first)")
 
     def save(step: int) -> None:
         if path is not None and rank == 0:
@@ -120,8 +124,10 @@ def distill(
                 for group in opt.param_groups:
                     group["lr"] = lr * lr_schedule(step)
             with torch.no_grad():
-                target = teacher(x)
-            value = criterion(model(x), target)
+                target = run_on_batch("distill", "teacher", teacher, x)
+            output = run_on_batch("distill", "student", model, x)
+            same_output_shape("distill", output, target)
+            value = criterion(output, target)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -139,6 +145,44 @@ def distill(
             del model  # DDP's reducer must go before its process group, or exit can hang
             dist.destroy_process_group()
     return student
+
+
+_CHECKPOINT_KEYS = ("student", "optimizer", "torch_rng", "python_rng", "step")
+
+
+def _resume(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load a checkpoint written by ``distill`` into ``student`` and ``opt``; its step.
+    Anything else (unreadable, foreign, another model's) is a CheckpointError, left as is."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"distill: {path} is not a distill checkpoint (cannot read it: "
+                              f"{one_line(exc)}); delete it or pass another checkpoint=") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"distill: {path} is not a distill checkpoint (it holds a "
+                              f"{type(state).__name__})")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"distill: {path} is not a distill checkpoint: it has no "
+                              f"{missing[0]!r} (keys: {sorted(map(str, state))[:6]})")
+    own = {key: tuple(value.shape) for key, value in student.state_dict().items()}
+    saved = state["student"]
+    theirs = {key: tuple(getattr(value, "shape", ())) for key, value in saved.items()} \
+        if isinstance(saved, dict) else {}
+    if own != theirs:  # checked before loading: a failed load would leave half the weights
+        diff = sorted(set(own) ^ set(theirs)) or [k for k in own if own[k] != theirs[k]]
+        raise CheckpointError(f"distill: {path} is the checkpoint of another model (first "
+                              f"difference: {diff[0]!r}); pass this student's checkpoint")
+    student.load_state_dict(saved)
+    try:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]),
+                         state["python_rng"][2]))
+        return int(state["step"])
+    except Exception as exc:
+        raise CheckpointError(f"distill: {path} is a corrupt distill checkpoint: "
+                              f"{one_line(exc)}") from exc
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .. import arguments as check
 from ..errors import LwCompileError
 from ..nn import LIST
 from ..report import APPLIED
+from .checks import run_on_batch, teacher_has_sites, training_arguments
 from .data import Degrade, model_inputs
 from .fitting import PER_CHANNEL, FitTask, fitting_for
 
@@ -172,9 +174,17 @@ def init_layerwise(
     that consumes the output. Where the output goes anywhere else (a skip, a concat, several
     users) no exact undo is that simple, and the site is fitted in the teacher's order.
     """
+    training_arguments("init_layerwise", student, teacher, steps=steps, lr=lr,
+                       batch_size=batch_size, crop=crop, channels=channels, degrade=degrade,
+                       seed=seed)
+    check.integer("init_layerwise", "calib_batches", calib_batches, minimum=1)
     sites = _applied_sites(student, teacher)
+    teacher_has_sites("init_layerwise", teacher, sites)
     stream = model_inputs(data, teacher, channels, degrade, batch_size, crop, seed)
     inputs = [x for _, (_, x) in zip(range(calib_batches), stream, strict=False)]
+    for x in inputs[:1]:
+        with torch.no_grad():
+            run_on_batch("init_layerwise", "teacher", teacher, x)
     recorded = _record(teacher, list(sites), inputs)
     errors = FitErrors()
     pending: list[tuple[list[nn.Module], nn.Module, Tensor]] = []
