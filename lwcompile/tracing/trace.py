@@ -192,10 +192,9 @@ class Attempt:
 def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = False) -> Attempt:
     """Trace one module, marking failing submodules opaque (leaves) and retrying.
 
-    Tracing bakes in the mode the module is in (the compiler's copies are in eval). With
-    ``both_modes`` (the user's model is in training mode), a module whose graph differs in
-    training mode, because its forward branches on ``self.training``, is not traced: it
-    stays Python code, so the result keeps both behaviours."""
+    Tracing bakes in the module's mode (the compiler's copies are in eval). With
+    ``both_modes`` (the user's model is in training mode), a forward that branches on
+    ``self.training`` is not traced: it stays Python code and keeps both behaviours."""
     opaque: set[str] = set()
     try:
         concrete, values = _split_concrete(module, call)
@@ -215,7 +214,8 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
             if not culprit or culprit in opaque:
                 return Attempt(name, module, None, failure=one_line(exc))
             opaque.add(culprit)
-    if both_modes and _branches_on_training(module, opaque, concrete, _code(graph)):
+    if both_modes and _branches_on_training(module, opaque, concrete,
+                                                 graph.python_code("self").src):
         return Attempt(name, module, None, failure="its forward branches on self.training: "
                        "a traced graph would keep only its eval behaviour")
     values_for_graph = [
@@ -224,10 +224,6 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
-
-
-def _code(graph: fx.Graph) -> str:
-    return graph.python_code("self").src
 
 
 def _branches_on_training(module: nn.Module, opaque: set[str], concrete: dict[str, Any],
@@ -241,15 +237,14 @@ def _branches_on_training(module: nn.Module, opaque: set[str], concrete: dict[st
 
 def _code_in(module: nn.Module, training: bool, opaque: set[str],
              concrete: dict[str, Any]) -> str:
-    """The module's graph code traced with every submodule in that mode ('' if the trace
-    fails)."""
+    """The module's graph code traced in that mode ('' if the trace fails)."""
     try:
         with preserved_state(module):
             module.train(training)
             graph = _LeafTracer(opaque).trace(module, concrete_args=concrete or None)
         strip_string_annotations(graph)
         positional_module_calls(graph, module)
-        return _code(graph)
+        return graph.python_code("self").src
     except Exception:  # fx raises anything the user's forward raises
         return ""
 
