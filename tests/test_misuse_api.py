@@ -453,3 +453,23 @@ def test_cli_file_problems_are_refusals_not_crashes(argv, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert code == cli_app.EXIT_REFUSED, err
     assert err.startswith("lwcompile: error: ") and "Traceback" not in err
+
+
+WRONG_CHANNELS = (torch.rand(1, 1, 16, 16),)
+
+
+@pytest.mark.parametrize("entry", ["emit_fast", "export_program", "export_onnx", "profile",
+                                   "count_macs"])
+def test_example_inputs_of_the_wrong_channel_count(entry, light, tmp_path):
+    before = {k: v.clone() for k, v in light.state_dict().items()}
+    with pytest.raises(lwcompile.ExampleInputError,
+                       match=rf"{entry}: .* rejects the example input \(1x1x16x16\).*channels"):
+        if entry == "export_onnx":
+            pytest.importorskip("onnx")
+            lwcompile.export_onnx(light, WRONG_CHANNELS, tmp_path / "a.onnx")
+        elif entry == "count_macs":
+            lwcompile.count_macs(light, *WRONG_CHANNELS)
+        else:
+            getattr(lwcompile, entry)(light, WRONG_CHANNELS)
+    assert all(torch.equal(before[k], v) for k, v in light.state_dict().items())
+    assert not (tmp_path / "a.onnx").exists()

@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import arguments as check
 from ..errors import VerificationError
+from ..measure.inputs import blamed_on_inputs
 from ..measure.profile import time_interleaved
 from ..nn import GSAT, ChannelsLast, FusedLIST, ThinConvPhases
 from ..tracing.fx_helpers import make_picklable, one_at_a_time
@@ -68,6 +69,13 @@ def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = 
     """
     check.module("emit_fast", "model", model)
     args = check.inputs("emit_fast", "example_inputs", example_inputs)
+    with blamed_on_inputs("emit_fast", model, args):
+        return _emit_fast(model, args, merge, fold_bn, sink, phases, channels_last, rtol, atol)
+
+
+def _emit_fast(model: nn.Module, args: tuple, merge: bool, fold_bn: bool, sink: bool,
+               phases: bool, channels_last: bool | None, rtol: float,
+               atol: float) -> nn.Module:
     fast = copy.deepcopy(model).eval()
     if merge:
         fast = merge_lists(fast)

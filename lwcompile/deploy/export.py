@@ -26,6 +26,7 @@ from torch.export import Dim
 from .. import arguments as check
 from ..errors import LwCompileWarning, VerificationError, one_line
 from ..files import write_atomic
+from ..measure.inputs import blamed_on_inputs
 from ..nn import ChannelsLast
 from ..train.data import Degrade
 from . import int8
@@ -63,7 +64,8 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     """
     check.module("export_program", "model", model)
     args = check.inputs("export_program", "example_inputs", example_inputs)
-    return _export(_for_export(model, args, fast), args, dynamic_hw)
+    with blamed_on_inputs("export_program", model, args):
+        return _export(_for_export(model, args, fast), args, dynamic_hw)
 
 
 def _export(model: nn.Module, args: tuple, dynamic_hw: bool) -> torch.export.ExportedProgram:
@@ -137,7 +139,11 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
                             target_psnr, max_float_layers, calibration_count,
                             evaluation_count, calibration, degrade)
-    _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
+    if isinstance(model, torch.export.ExportedProgram):
+        _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
+    else:
+        with blamed_on_inputs("export_onnx", model, args):
+            _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
     return path
 
 

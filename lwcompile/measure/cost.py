@@ -249,7 +249,10 @@ def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measu
 def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:
     """MACs of one forward of ``module`` on these inputs."""
     check.module("count_macs", "module", module)
-    return measure(module, args, kwargs).macs
+    from .inputs import blamed_on_inputs  # inputs builds on this module
+
+    with blamed_on_inputs("count_macs", module, args):
+        return measure(module, args, kwargs).macs
 
 
 def measure_on_shapes(module: nn.Module, shapes: tuple[torch.Size, ...],

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ExampleInputError
+from ..errors import ExampleInputError, LwCompileError
 from .cost import Measured, measure
 
 DEFAULT_SIZE = 64
@@ -56,6 +59,27 @@ def run_example(model: nn.Module, args: tuple, kwargs: dict[str, Any],
             f"{type(model).__name__} rejects the example input "
             f"({_shapes(args)}): {type(exc).__name__}: {exc}; {hint}"
         ) from None
+
+
+@contextlib.contextmanager
+def blamed_on_inputs(where: str, model: nn.Module, args: tuple) -> Iterator[None]:
+    """Run the body; if it fails with a raw error and ``model`` itself cannot run on ``args``
+    (an image of the wrong channel count, say), raise an ExampleInputError saying so instead.
+    The model is tried on an eval copy, only after a failure: nothing of it changes."""
+    try:
+        yield
+    except LwCompileError:
+        raise
+    except Exception as exc:
+        try:
+            with torch.no_grad():
+                copy.deepcopy(model).eval()(*args)
+        except Exception as own:
+            raise ExampleInputError(
+                f"{where}: {type(model).__name__} rejects the example input ({_shapes(args)}): "
+                f"{type(own).__name__}: {str(own).strip().splitlines()[0] if str(own) else ''}"
+            ) from exc
+        raise
 
 
 def _shapes(args: tuple) -> str:

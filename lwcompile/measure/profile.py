@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import arguments as check
 from ..report import short_number
 from .cost import count_params, measure
+from .inputs import blamed_on_inputs
 from .snapshot import preserved_state
 
 
@@ -171,7 +172,8 @@ def profile(model: nn.Module, example_inputs: Sequence[Any], runs: int = 7,
     args = check.inputs("profile", "example_inputs", example_inputs)
     check.integer("profile", "runs", runs, minimum=1)
     check.integer("profile", "warmup", warmup, minimum=0)
-    measured = measure(model, args)
+    with blamed_on_inputs("profile", model, args):
+        measured = measure(model, args)
     with torch.no_grad():
         runs_s = time_runs(lambda: model(*args), runs, warmup)
     macs = _macs_per_module(model, args)
