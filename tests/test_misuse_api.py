@@ -473,3 +473,33 @@ def test_example_inputs_of_the_wrong_channel_count(entry, light, tmp_path):
             getattr(lwcompile, entry)(light, WRONG_CHANNELS)
     assert all(torch.equal(before[k], v) for k, v in light.state_dict().items())
     assert not (tmp_path / "a.onnx").exists()
+
+
+@pytest.mark.parametrize("folder", ["no/such/folder", "a_file.png"])
+def test_an_image_folder_that_is_missing_or_a_file(folder, tmp_path, light):
+    (tmp_path / "a_file.png").write_bytes(b"not an image")
+    where = tmp_path / folder
+    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
+        lwcompile.load_folder(where)
+    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
+        lwcompile.distill(light, tiny(), str(where), 1, progress=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["report", "light.pt", "--html", "r.html", "--data", "no_such_folder"],
+    ["lighten", "lwc_tiny_misuse:build", "-o", "o.pt", "--input", "1x3x16x16", "--distill",
+     "1", "--data", "no_such_folder"],
+])
+def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsys, light):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "lwc_tiny_misuse.py").write_text(
+        "from torch import nn\n\n\ndef build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+    lwcompile.save(light, tmp_path / "light.pt")
+    code = main([*argv, "-q"])
+    err = capsys.readouterr().err
+    assert code == cli_app.EXIT_REFUSED, err
+    assert "no_such_folder is not a folder" in err

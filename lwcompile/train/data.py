@@ -85,6 +85,9 @@ def load_images(names: tuple[str, ...] = TRAIN, channels: int = 1) -> tuple[Tens
 
 def load_folder(folder: str | Path, channels: int = 1) -> tuple[Tensor, ...]:
     """Every image file in ``folder`` (sorted by name), via scikit-image or else PIL."""
+    if not Path(folder).is_dir():
+        raise LwCompileError(f"{folder} is not a folder: pass a folder of images "
+                             f"({'/'.join(IMAGE_SUFFIXES)})")
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise LwCompileError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
