@@ -503,3 +503,41 @@ def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == cli_app.EXIT_REFUSED, err
     assert "no_such_folder is not a folder" in err
+
+
+def rewritten_header(path: Path, **changes) -> Path:
+    """``path`` (a save file) with header fields replaced and the payload kept intact."""
+    import json
+
+    from lwcompile.deploy import persist
+
+    header, payload = persist._read(path)
+    header.update(changes)
+    text = json.dumps(header).encode()
+    path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + payload)
+    return path
+
+
+GARBAGE_HEADERS = [
+    ({"report": "garbage"}, "report"), ({"report": [1, 2]}, "report"),
+    ({"report": {"rows": 5}}, "report"), ({"report": {"rows": [{"x": 1}]}}, "report"),
+    ({"class_name": 5}, "class_name"), ({"params": "many"}, "params"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field"), GARBAGE_HEADERS)
+@pytest.mark.parametrize("entry", ["info", "load", "cli report", "cli report --html"])
+def test_a_header_that_parses_but_holds_garbage(entry, changes, field, tmp_path, light,
+                                                capsys):
+    path = rewritten_header(lwcompile.save(light, tmp_path / "a.pt"), **changes)
+    message = f"{path} is corrupt: the header's {field} is unreadable"
+    if entry.startswith("cli"):
+        argv = ["report", str(path), "-q"]
+        if entry.endswith("--html"):
+            argv += ["--html", str(tmp_path / "r.html"), "--no-crops"]
+        assert main(argv) == cli_app.EXIT_REFUSED
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r.html").exists()
+    else:
+        with pytest.raises(lwcompile.SaveFileError, match=message):
+            getattr(lwcompile, entry)(path)

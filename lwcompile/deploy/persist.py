@@ -201,6 +201,7 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
     if fmt > FORMAT:
         raise SaveFileError(f"{path} was written by a newer lwcompile "
                             f"({header.get('lwcompile_version')}, file format {fmt}): upgrade")
+    _check_fields(path, header)
     payload = data[start + length:]
     if len(payload) != payload_bytes:
         raise SaveFileError(f"{path} is truncated or corrupt: the model data is "
@@ -208,6 +209,24 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
     if hashlib.sha256(payload).hexdigest() != sha:
         raise SaveFileError(f"{path} is corrupt: the model data fails its sha256 check")
     return header, payload
+
+
+def _check_fields(path: Path, header: dict[str, Any]) -> None:
+    """The fields others read from a header have their types, and the report rebuilds: a
+    header that parses but holds garbage is refused here, not by a raw error in a caller."""
+    wanted = {"class_name": str, "params": int, "lwcompile_version": str, "torch_version": str}
+    for key, kind in wanted.items():
+        if not isinstance(header[key], kind) or isinstance(header[key], bool):
+            raise SaveFileError(f"{path} is corrupt: the header's {key} is unreadable "
+                                f"(expected a {kind.__name__}, got {header[key]!r:.60})")
+    if header["report"] is not None:
+        try:
+            if not isinstance(header["report"], Mapping):
+                raise TypeError(f"a {type(header['report']).__name__}, not a mapping")
+            report_from_dict(header["report"]).to_dict()
+        except Exception as exc:
+            raise SaveFileError(f"{path} is corrupt: the header's report is unreadable "
+                                f"({one_line(exc)})") from exc
 
 
 def _what_it_is(data: bytes) -> str:
