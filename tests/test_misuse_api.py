@@ -459,14 +459,19 @@ WRONG_CHANNELS = (torch.rand(1, 1, 16, 16),)
 
 
 @pytest.mark.parametrize("entry", ["emit_fast", "export_program", "export_onnx", "profile",
-                                   "count_macs"])
+                                   "count_macs", "export_onnx_int8"])
 def test_example_inputs_of_the_wrong_channel_count(entry, light, tmp_path):
     before = {k: v.clone() for k, v in light.state_dict().items()}
+    name = entry.removesuffix("_int8")
     with pytest.raises(lwcompile.ExampleInputError,
-                       match=rf"{entry}: .* rejects the example input \(1x1x16x16\).*channels"):
-        if entry == "export_onnx":
+                       match=rf"{name}: .* rejects the example input \(1x1x16x16\).*channels"):
+        if entry.startswith("export_onnx"):
             pytest.importorskip("onnx")
-            lwcompile.export_onnx(light, WRONG_CHANNELS, tmp_path / "a.onnx")
+            precision = "int8" if entry.endswith("int8") else "fp32"
+            if precision == "int8":
+                pytest.importorskip("onnxruntime")
+            lwcompile.export_onnx(light, WRONG_CHANNELS, tmp_path / "a.onnx",
+                                  precision=precision)
         elif entry == "count_macs":
             lwcompile.count_macs(light, *WRONG_CHANNELS)
         else:

@@ -136,9 +136,10 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         if isinstance(model, torch.export.ExportedProgram):
             raise int8.Int8Error("int8 export needs the nn.Module (to measure it against "
                                  "float), not an ExportedProgram")
-        return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
-                            target_psnr, max_float_layers, calibration_count,
-                            evaluation_count, calibration, degrade)
+        with blamed_on_inputs("export_onnx", model, args):
+            return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
+                                target_psnr, max_float_layers, calibration_count,
+                                evaluation_count, calibration, degrade)
     if isinstance(model, torch.export.ExportedProgram):
         _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
     else:
