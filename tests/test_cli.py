@@ -262,7 +262,7 @@ def test_profile_counts_each_layer(capsys, workdir):
 def test_profile_on_an_input_the_model_rejects_exits_1(capsys, workdir):
     code, out, err = run_cli(capsys, "profile", "lwc_tiny:build", "--input", "1x4x16x16")
     assert code == 1 and out == ""
-    assert "lwcompile: error: Sequential cannot be profiled on the example input" in err
+    assert "lwcompile: error: profile: Sequential rejects the example input (1x4x16x16)" in err
 
 
 def test_lighten_then_report_as_text_and_html(capsys, workdir):
