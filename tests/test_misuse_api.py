@@ -376,6 +376,79 @@ def test_save_file_holding_something_else_than_a_module(tmp_path, light):
         lwcompile.load(path)
 
 
+WRONG_CHANNELS = (torch.rand(1, 1, 16, 16),)
+
+
+@pytest.mark.parametrize("entry", ["emit_fast", "export_program", "export_onnx", "profile",
+                                   "count_macs", "export_onnx_int8"])
+def test_example_inputs_of_the_wrong_channel_count(entry, light, tmp_path):
+    before = {k: v.clone() for k, v in light.state_dict().items()}
+    name = entry.removesuffix("_int8")
+    with pytest.raises(lwcompile.ExampleInputError,
+                       match=rf"{name}: .* rejects the example input \(1x1x16x16\).*channels"):
+        if entry.startswith("export_onnx"):
+            pytest.importorskip("onnx")
+            precision = "int8" if entry.endswith("int8") else "fp32"
+            if precision == "int8":
+                pytest.importorskip("onnxruntime")
+            lwcompile.export_onnx(light, WRONG_CHANNELS, tmp_path / "a.onnx",
+                                  precision=precision)
+        elif entry == "count_macs":
+            lwcompile.count_macs(light, *WRONG_CHANNELS)
+        else:
+            getattr(lwcompile, entry)(light, WRONG_CHANNELS)
+    assert all(torch.equal(before[k], v) for k, v in light.state_dict().items())
+    assert not (tmp_path / "a.onnx").exists()
+
+
+@pytest.mark.parametrize("folder", ["no/such/folder", "a_file.png"])
+def test_an_image_folder_that_is_missing_or_a_file(folder, tmp_path, light):
+    (tmp_path / "a_file.png").write_bytes(b"not an image")
+    where = tmp_path / folder
+    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
+        lwcompile.load_folder(where)
+    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
+        lwcompile.distill(light, tiny(), str(where), 1, progress=False)
+
+
+def rewritten_header(path: Path, **changes) -> Path:
+    """``path`` (a save file) with header fields replaced and the payload kept intact."""
+    import json
+
+    from lwcompile.deploy import persist
+
+    header, payload = persist._read(path)
+    header.update(changes)
+    text = json.dumps(header).encode()
+    path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + payload)
+    return path
+
+
+GARBAGE_HEADERS = [
+    ({"report": "garbage"}, "report"), ({"report": [1, 2]}, "report"),
+    ({"report": {"rows": 5}}, "report"), ({"report": {"rows": [{"x": 1}]}}, "report"),
+    ({"class_name": 5}, "class_name"), ({"params": "many"}, "params"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field"), GARBAGE_HEADERS)
+@pytest.mark.parametrize("entry", ["info", "load", "cli report", "cli report --html"])
+def test_a_header_that_parses_but_holds_garbage(entry, changes, field, tmp_path, light,
+                                                capsys):
+    path = rewritten_header(lwcompile.save(light, tmp_path / "a.pt"), **changes)
+    message = f"{path} is corrupt: the header's {field} is unreadable"
+    if entry.startswith("cli"):
+        argv = ["report", str(path), "-q"]
+        if entry.endswith("--html"):
+            argv += ["--html", str(tmp_path / "r.html"), "--no-crops"]
+        assert main(argv) == cli_app.EXIT_REFUSED
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r.html").exists()
+    else:
+        with pytest.raises(lwcompile.SaveFileError, match=message):
+            getattr(lwcompile, entry)(path)
+
+
 # --- Class 6: the command line ----------------------------------------------------------------
 
 
@@ -455,41 +528,6 @@ def test_cli_file_problems_are_refusals_not_crashes(argv, tmp_path, monkeypatch,
     assert err.startswith("lwcompile: error: ") and "Traceback" not in err
 
 
-WRONG_CHANNELS = (torch.rand(1, 1, 16, 16),)
-
-
-@pytest.mark.parametrize("entry", ["emit_fast", "export_program", "export_onnx", "profile",
-                                   "count_macs", "export_onnx_int8"])
-def test_example_inputs_of_the_wrong_channel_count(entry, light, tmp_path):
-    before = {k: v.clone() for k, v in light.state_dict().items()}
-    name = entry.removesuffix("_int8")
-    with pytest.raises(lwcompile.ExampleInputError,
-                       match=rf"{name}: .* rejects the example input \(1x1x16x16\).*channels"):
-        if entry.startswith("export_onnx"):
-            pytest.importorskip("onnx")
-            precision = "int8" if entry.endswith("int8") else "fp32"
-            if precision == "int8":
-                pytest.importorskip("onnxruntime")
-            lwcompile.export_onnx(light, WRONG_CHANNELS, tmp_path / "a.onnx",
-                                  precision=precision)
-        elif entry == "count_macs":
-            lwcompile.count_macs(light, *WRONG_CHANNELS)
-        else:
-            getattr(lwcompile, entry)(light, WRONG_CHANNELS)
-    assert all(torch.equal(before[k], v) for k, v in light.state_dict().items())
-    assert not (tmp_path / "a.onnx").exists()
-
-
-@pytest.mark.parametrize("folder", ["no/such/folder", "a_file.png"])
-def test_an_image_folder_that_is_missing_or_a_file(folder, tmp_path, light):
-    (tmp_path / "a_file.png").write_bytes(b"not an image")
-    where = tmp_path / folder
-    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
-        lwcompile.load_folder(where)
-    with pytest.raises(lwcompile.LwCompileError, match=f"{where} is not a folder"):
-        lwcompile.distill(light, tiny(), str(where), 1, progress=False)
-
-
 @pytest.mark.parametrize("argv", [
     ["report", "light.pt", "--html", "r.html", "--data", "no_such_folder"],
     ["lighten", "lwc_tiny_misuse:build", "-o", "o.pt", "--input", "1x3x16x16", "--distill",
@@ -508,41 +546,3 @@ def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == cli_app.EXIT_REFUSED, err
     assert "no_such_folder is not a folder" in err
-
-
-def rewritten_header(path: Path, **changes) -> Path:
-    """``path`` (a save file) with header fields replaced and the payload kept intact."""
-    import json
-
-    from lwcompile.deploy import persist
-
-    header, payload = persist._read(path)
-    header.update(changes)
-    text = json.dumps(header).encode()
-    path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + payload)
-    return path
-
-
-GARBAGE_HEADERS = [
-    ({"report": "garbage"}, "report"), ({"report": [1, 2]}, "report"),
-    ({"report": {"rows": 5}}, "report"), ({"report": {"rows": [{"x": 1}]}}, "report"),
-    ({"class_name": 5}, "class_name"), ({"params": "many"}, "params"),
-]
-
-
-@pytest.mark.parametrize(("changes", "field"), GARBAGE_HEADERS)
-@pytest.mark.parametrize("entry", ["info", "load", "cli report", "cli report --html"])
-def test_a_header_that_parses_but_holds_garbage(entry, changes, field, tmp_path, light,
-                                                capsys):
-    path = rewritten_header(lwcompile.save(light, tmp_path / "a.pt"), **changes)
-    message = f"{path} is corrupt: the header's {field} is unreadable"
-    if entry.startswith("cli"):
-        argv = ["report", str(path), "-q"]
-        if entry.endswith("--html"):
-            argv += ["--html", str(tmp_path / "r.html"), "--no-crops"]
-        assert main(argv) == cli_app.EXIT_REFUSED
-        assert message in capsys.readouterr().err
-        assert not (tmp_path / "r.html").exists()
-    else:
-        with pytest.raises(lwcompile.SaveFileError, match=message):
-            getattr(lwcompile, entry)(path)
