@@ -506,19 +506,24 @@ def test_cli_help_documents_every_exit_code(capsys):
     assert "--debug" in docs.read_text() and "3 unexpected error" in docs.read_text()
 
 
+def _tiny_factory_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work in ``folder``, where ``lwc_tiny_misuse:build`` is a small three-conv factory."""
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    (folder / "lwc_tiny_misuse.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+
+
 @pytest.mark.parametrize("argv", [
     ["report", "{missing}/a.pt"],
     ["report", "{garbage}"],
     ["lighten", "lwc_tiny_misuse:build", "-o", "{missing}/light.pt", "--input", "1x3x16x16"],
 ])
 def test_cli_file_problems_are_refusals_not_crashes(argv, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "lwc_tiny_misuse.py").write_text(
-        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+    _tiny_factory_in(tmp_path, monkeypatch)
     (tmp_path / "garbage.pt").write_bytes(b"LWCOMPILE\x00SAVE\n" + b"\xff" * 40)
     argv = [a.format(missing=tmp_path / "no" / "such", garbage=tmp_path / "garbage.pt")
             for a in argv]
@@ -534,13 +539,7 @@ def test_cli_file_problems_are_refusals_not_crashes(argv, tmp_path, monkeypatch,
      "1", "--data", "no_such_folder"],
 ])
 def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsys, light):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "lwc_tiny_misuse.py").write_text(
-        "from torch import nn\n\n\ndef build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+    _tiny_factory_in(tmp_path, monkeypatch)
     lwcompile.save(light, tmp_path / "light.pt")
     code = main([*argv, "-q"])
     err = capsys.readouterr().err

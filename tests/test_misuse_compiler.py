@@ -4,8 +4,10 @@ or blamed the wrong thing for. Each case failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -84,6 +86,25 @@ def test_eval_mode_model_is_traced_as_before() -> None:
 # Class 2: concurrency — torch.fx patches nn.Module.__call__ process-wide while tracing
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _threads_switching_often() -> Iterator[None]:
+    """Switch threads every microsecond inside, so that concurrent traces really overlap."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _start_and_join(threads: list[threading.Thread]) -> None:
+    with _threads_switching_often():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
 def _small_models() -> list[tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     return [(dncnn.DnCNN(features=32, depth=d), torch.rand(1, 1, 12, 12)) for d in (3, 4, 5, 6)]
@@ -109,15 +130,7 @@ def test_threads_compile_at_once_like_serial_runs(entry: str) -> None:
             results[i] = exc
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so that the traces overlap
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _start_and_join(threads)
     assert [results[i] for i in range(len(cases))] == serial
     assert nn.Module.__call__ is original_call
 
@@ -145,15 +158,7 @@ def test_emit_fast_and_lighten_at_once() -> None:
             results[f"lighten{i}"] = exc
 
     threads = [threading.Thread(target=f, args=(i,)) for i in range(3) for f in (emit, compile_)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _start_and_join(threads)
     for i in range(3):
         assert isinstance(results[f"lighten{i}"], list), results[f"lighten{i}"]
         assert isinstance(results[f"emit{i}"], torch.Tensor), results[f"emit{i}"]
@@ -178,16 +183,14 @@ def test_a_model_run_in_another_thread_during_lighten_is_plain_eager() -> None:
                 outcomes.append(exc)
 
     thread = threading.Thread(target=application)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with _threads_switching_often():
         thread.start()
-        for model, inputs in cases[1:]:
-            lwcompile.lighten(model, (inputs,))
-    finally:
-        done.set()
-        thread.join()
-        sys.setswitchinterval(interval)
+        try:
+            for model, inputs in cases[1:]:
+                lwcompile.lighten(model, (inputs,))
+        finally:
+            done.set()
+            thread.join()
     assert outcomes and all(o is True for o in outcomes), {repr(o) for o in outcomes}
 
 
