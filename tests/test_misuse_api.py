@@ -545,3 +545,99 @@ def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == cli_app.EXIT_REFUSED, err
     assert "no_such_folder is not a folder" in err
+
+
+# --- Class 7: smaller things users still expect (files) --------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_mode_of_the_umask(umask, tmp_path, light):
+    old = os.umask(umask)
+    try:
+        saved = [lwcompile.save(light, tmp_path / "a.pt"),
+                 lwcompile.write_html(light.lwcompile_report.to_dict(), tmp_path / "a.html")]
+    finally:
+        os.umask(old)
+    for path in saved:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_overwriting_keeps_the_files_own_mode(tmp_path, light):
+    path = lwcompile.save(light, tmp_path / "a.pt")
+    path.chmod(0o640)
+    lwcompile.save(light, path)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def _leftover(folder: Path, name: str, owner: str) -> Path:
+    from lwcompile import files
+
+    host = files._host() if owner != "foreign" else "some-other-host"
+    pid = {"dead": 2**22 + 12345, "alive": os.getppid(), "foreign": 7}[owner]
+    temp = folder / f".{name}.{host}.{pid}.0badc0de{files.TEMP_SUFFIX}"
+    temp.write_bytes(b"half a save")
+    return temp
+
+
+@pytest.mark.parametrize("writer", ["save", "write_html", "write_atomic"])
+def test_a_killed_save_leaves_no_temp_file_for_ever(writer, tmp_path, light):
+    """A save killed by SIGKILL cannot clean up; the next save of the same file does."""
+    from lwcompile.files import write_atomic
+
+    name = {"save": "a.pt", "write_html": "a.html", "write_atomic": "a.bin"}[writer]
+    stale = _leftover(tmp_path, name, "dead")
+    foreign_old = _leftover(tmp_path, name, "foreign")
+    os.utime(foreign_old, (0, 0))
+    foreign_recent = tmp_path / f".{name}.some-other-host.8.0badc0de.lwtmp"
+    foreign_recent.write_bytes(b"maybe still being written")
+    live = _leftover(tmp_path, name, "alive")  # a save in progress in a live process
+    of_another_file = _leftover(tmp_path, "other.pt", "dead")
+    if writer == "save":
+        lwcompile.save(light, tmp_path / name)
+    elif writer == "write_html":
+        lwcompile.write_html(light.lwcompile_report.to_dict(), tmp_path / name)
+    else:
+        write_atomic(tmp_path / name, lambda f: f.write(b"x"))
+    assert not stale.exists() and not foreign_old.exists()
+    assert live.exists() and foreign_recent.exists() and of_another_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [name]
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path):
+    from lwcompile.files import write_atomic
+
+    def fail(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "a.bin", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_process_really_leaves_a_temp_file_that_the_next_save_removes(tmp_path):
+    """The real thing: a child process SIGKILLed in the middle of write_atomic."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nfrom lwcompile.files import write_atomic\n"
+            "def slow(f):\n    f.write(b'part'); f.flush(); print('writing', flush=True)\n"
+            "    time.sleep(60)\n"
+            f"write_atomic({str(tmp_path / 'a.bin')!r}, slow)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout.readline().strip() == b"writing"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    time.sleep(0.05)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".lwtmp")]
+    assert len(leftovers) == 1 and not (tmp_path / "a.bin").exists()
+    from lwcompile.files import write_atomic
+
+    write_atomic(tmp_path / "a.bin", lambda f: f.write(b"whole"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    assert (tmp_path / "a.bin").read_bytes() == b"whole"
