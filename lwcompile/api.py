@@ -17,6 +17,7 @@ from torch import nn
 
 from . import arguments as check
 from .compiler.driver import compile_verified, plan_only
+from .deploy.light_plan import record as record_plan
 from .errors import CompileFailed, LwCompileError, LwCompileWarning, NotAModuleError, RuleError
 from .measure.inputs import infer_example_inputs
 from .report import Report
@@ -171,6 +172,8 @@ def lighten(
     with _no_raw_errors(model):
         result, report = compile_verified(*call)
     result.lwcompile_report = report
+    # what save writes so that load can rebuild the result from data (deploy/light_plan.py)
+    result.lwcompile_plan = record_plan(*call[:5], result, report)
     return result
 
 
