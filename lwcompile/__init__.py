@@ -14,8 +14,17 @@ from .api import (
     lighten,
     plan,
 )
+from .deploy.convert import convert
 from .deploy.emit import emit_fast
 from .deploy.export import export_onnx, export_program
+from .deploy.file_errors import (
+    NotSavableError,
+    OriginalNeededError,
+    ReplayError,
+    UnknownRuleError,
+    UntrustedFileError,
+    WeightMismatchError,
+)
 from .deploy.int8 import CalibrationDataError, Int8Error, Int8QualityError, Int8Report
 from .deploy.mobile import export_mobile
 from .deploy.persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
@@ -58,6 +67,8 @@ __all__ = [
     "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
     "FitTask", "register_fit",
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
+    "convert", "NotSavableError", "OriginalNeededError", "ReplayError", "UnknownRuleError",
+    "UntrustedFileError", "WeightMismatchError",
     "write_html", "emit_fast", "export_onnx", "export_program", "export_mobile", "profile",
     "channel_concat_parts",
     "CalibrationDataError", "Int8Error", "Int8QualityError", "Int8Report",

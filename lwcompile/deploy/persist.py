@@ -1,30 +1,26 @@
-"""Save a lightened model (architecture and weights) and load it back without re-running lighten.
+"""Save a lightened model and load it back: files that hold data only, never code.
 
-The file is a short checked header followed by a ``torch.save`` pickle of the whole module::
+``save`` writes a ``.safetensors`` file (``weights_file``): the weights, plus the report and
+the plan lighten recorded (``light_plan``) as JSON in its metadata. ``load`` rebuilds the
+architecture from the original the caller hands in (code the caller already trusts) by
+replaying the plan with lwcompile's own rules (``rebuild``), checks it against the file, and
+only then loads the weights, strictly: nothing in the file is ever imported or unpickled.
 
-    b"LWCOMPILE\\0SAVE\\n" | header length (8 bytes, big-endian) | header (JSON) | payload
-
-The header (lwcompile and torch versions, class name, parameter count, an architecture
-fingerprint, the report, the payload's size and sha256) is read and checked *before* anything
-is unpickled, so a truncated, corrupt or foreign file, or one holding another architecture,
-is refused with a clear error instead of a pickle traceback. Files are written atomically
-(``lwcompile.files.write_atomic``): an interrupted save leaves the previous file as it was.
-GraphModules in the model are made picklable for the save (``tracing.fx_helpers.picklable``).
-
-Loading unpickles Python objects: only load files you trust. The classes of the model's
-modules (yours included) must be importable where the file is loaded.
+The first format (a pickle of the whole module, ``pickle_file``) is still read and written,
+only on request: ``load(..., trust=True)`` and ``save(..., format="pickle")``, for models
+that cannot be replayed (edited by hand after lighten); ``convert`` turns such a file into
+the data-only one. Files are told apart by their content, not their names: a data-only
+file named ``.pt`` is still data only. Writes are atomic (``files.write_atomic``).
+Over ~300 lines: the one public entry point of both formats (which file is which, and the
+header checks they share).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
-import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,106 +28,227 @@ import torch
 from torch import nn
 
 from .. import arguments as check
-from ..errors import ArgumentError, LwCompileError, NotAModuleError, one_line
-from ..files import write_atomic
+from ..errors import ArgumentError, NotAModuleError, one_line
 from ..report import Report, Row, Summary
-from ..tracing.fx_helpers import picklable
+from ..rule import Rule
+from . import light_plan, pickle_file, rebuild, weights_file
+from .file_errors import (
+    NotSavableError,
+    OriginalNeededError,
+    PersistError,
+    ReplayError,
+    SaveFileError,
+    UntrustedFileError,
+    WeightMismatchError,
+    WrongArchitectureError,
+)
 
-MAGIC = b"LWCOMPILE\x00SAVE\n"
-FORMAT = 1
-_LENGTH = struct.Struct(">Q")
-_MAX_HEADER = 64 * 2**20  # a report is kilobytes; anything larger is not our header
+__all__ = ["save", "load", "info", "architecture", "report_from_dict", "file_kind",
+           "PersistError", "SaveFileError", "WrongArchitectureError", "UntrustedFileError",
+           "OriginalNeededError", "ReplayError", "WeightMismatchError", "NotSavableError"]
+
+MAGIC = pickle_file.MAGIC
+FORMATS = ("safetensors", "pickle")
 _EXPECTED_KEYS = {"class_name", "params", "architecture"}
-_HEADER_KEYS = ("format", "lwcompile_version", "torch_version", "class_name", "params",
-                "architecture", "report", "payload_bytes", "payload_sha256")
+_HOW_TO_TRUST = ("if you trust whoever wrote it, load it with lwcompile.load(path, trust=True), "
+                 "or convert it once into a data-only file: lwcompile convert OLD --original "
+                 "MODEL --trust-pickle -o NEW.safetensors")
 
 
-class PersistError(LwCompileError):
-    """Saving or loading a model failed (base class of the two errors below)."""
+def save(model: nn.Module, path: str | os.PathLike[str], *, report: Report | None = None,
+         format: str = "safetensors", source: str | None = None) -> Path:
+    """Write ``model`` and its report to ``path`` atomically; returns the path.
 
-
-class SaveFileError(PersistError):
-    """The file is missing, not an lwcompile save, truncated, corrupt, or cannot be written."""
-
-
-class WrongArchitectureError(PersistError):
-    """The file holds another architecture than the caller expected."""
-
-
-def save(model: nn.Module, path: str | os.PathLike[str], *,
-         report: Report | None = None) -> Path:
-    """Write ``model`` (whole module, weights included) and its report to ``path`` atomically.
-
-    ``report`` defaults to ``model.lwcompile_report`` (set by ``lighten``). Returns the path.
+    The default format holds data only: the weights and the plan ``lighten`` recorded on
+    ``model``, replayed by ``load`` on the original. ``source`` records how the original was
+    named (a ``module:factory`` spec or a checkpoint path), for the reader's information.
+    ``format="pickle"`` writes the whole module as a pickle instead, for a model edited
+    after lighten (loading it then needs ``trust=True``). ``report`` defaults to
+    ``model.lwcompile_report``.
     """
     if not isinstance(model, nn.Module):
         raise NotAModuleError(f"lwcompile.save needs an nn.Module, got {type(model).__name__}")
     path = check.path("lwcompile.save", "path", path)
     if report is not None and not isinstance(report, Report):
         raise ArgumentError(f"lwcompile.save: report must be a Report (or None), got "
-                                  f"a {type(report).__name__}")
+                            f"a {type(report).__name__}")
+    if format not in FORMATS:
+        raise ArgumentError(f"lwcompile.save: format must be one of {FORMATS}, got {format!r}")
+    if source is not None and not isinstance(source, str):
+        raise ArgumentError(f"lwcompile.save: source must be a str (or None), got a "
+                            f"{type(source).__name__}")
     report = report if report is not None else getattr(model, "lwcompile_report", None)
-    buffer = io.BytesIO()
-    try:
-        with picklable(model):
-            torch.save(model, buffer)
-    except Exception as exc:
-        raise SaveFileError(
-            f"cannot save {type(model).__name__}: {one_line(exc)} (every module class must be "
-            "defined at module level so that it can be pickled and imported again)"
-        ) from exc
-    payload = buffer.getvalue()
-    header = {
-        "format": FORMAT,
-        "lwcompile_version": _version(),
-        "torch_version": torch.__version__,
-        "class_name": type(model).__name__,
-        "params": _params(model),
-        "architecture": architecture(model),
-        "report": report.to_dict() if isinstance(report, Report) else None,
-        "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-    }
-    head = json.dumps(header, default=str).encode()
-    _write(path, [MAGIC, _LENGTH.pack(len(head)), head, payload])
+    header = {"lwcompile_version": light_plan.lwcompile_version(),
+              "torch_version": torch.__version__, "class_name": type(model).__name__,
+              "params": _params(model), "architecture": architecture(model),
+              "report": report.to_dict() if isinstance(report, Report) else None}
+    if format == "pickle":
+        pickle_file.write(path, model, header)
+        return path
+    plan = _savable_plan(model)
+    if source is not None:
+        plan["original"] = {**plan["original"], "source": source}
+    tensors, aliases = _unshared(model.state_dict())
+    weights_file.write(path, tensors, {"format": weights_file.FORMAT, "format_version": 1,
+                                       **header, "plan": plan, "aliases": aliases})
     return path
 
 
+def _savable_plan(model: nn.Module) -> dict[str, Any]:
+    """The model's plan, refreshed with its training flags, after checking that the model is
+    still what lighten made (the replay would otherwise rebuild something else)."""
+    plan = getattr(model, "lwcompile_plan", None)
+    pickle_hint = ("save(..., format='pickle') writes the whole module instead (a pickle: "
+                   "loading it needs trust=True)")
+    if not isinstance(plan, dict):
+        raise NotSavableError(f"{type(model).__name__} has no lighten plan (lwcompile.lighten "
+                              f"records one on its result), so it cannot be saved as data: "
+                              f"{pickle_hint}")
+    if plan.get("replayable", True) is not True:
+        raise NotSavableError(f"the lighten that made {type(model).__name__} cannot be "
+                              f"replayed from data ({plan['replayable']}): {pickle_hint}")
+    if light_plan.shapes_digest(model) != plan["result"]["architecture"]:
+        raise NotSavableError(f"{type(model).__name__} was changed after lighten (its tensor "
+                              f"names or shapes differ from lighten's result): {pickle_hint}")
+    for site in plan["sites"]:
+        try:
+            module = model.get_submodule(site["result_name"])
+        except AttributeError:
+            module = None
+        if module is None or light_plan.structure_digest(module) != site["structure"]:
+            raise NotSavableError(f"{type(model).__name__} was changed after lighten (the "
+                                  f"replacement at {site['site']!r} differs): {pickle_hint}")
+    return {**plan, "result": light_plan.result_entry(model)}
+
+
+def _unshared(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                          dict[str, str]]:
+    """CPU copies of the state's tensors, each entry that is the same tensor as an earlier
+    one (tied weights) recorded as an alias of it instead."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def file_kind(path: str | os.PathLike[str]) -> str | None:
+    """``"safetensors"`` (data only), ``"pickle"`` (the first format) or None (not lwcompile's:
+    a checkpoint, say), judged from the first bytes and, for safetensors, its metadata."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            start = f.read(len(MAGIC))
+    except OSError:
+        return None
+    if start == MAGIC:
+        return "pickle"
+    if weights_file.looks_like_safetensors(start):
+        try:
+            weights_file.read(path, path.read_bytes())
+        except SaveFileError as exc:
+            return "safetensors" if "not one lwcompile wrote" not in str(exc) else None
+        return "safetensors"
+    return None
+
+
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The header of a save file, after checking that the file is complete and intact."""
-    return _read(check.path("lwcompile.info", "path", path))[0]
+    """The header of a model file of either format, after checking that the file is complete
+    and intact; nothing is unpickled or imported."""
+    path = check.path("lwcompile.info", "path", path)
+    return _read(path)[0]
 
 
-def load(path: str | os.PathLike[str], *,
-         expected: str | nn.Module | Mapping[str, Any] | None = None,
+def load(path: str | os.PathLike[str], original: nn.Module | None = None, *,
+         rules: Sequence[Rule] = (), example_inputs: Sequence[Any] | None = None,
+         trust: bool = False, expected: str | nn.Module | Mapping[str, Any] | None = None,
          map_location: str | torch.device | None = "cpu") -> nn.Module:
     """Load a model written by ``save``; its report is at ``model.lwcompile_report``.
 
-    ``expected`` checks the architecture before anything is unpickled: a class name, a
-    module of the same architecture (class name, parameter count and parameter shapes), or
-    a mapping with any of ``class_name``, ``params``, ``architecture``.
+    A data-only file is rebuilt from ``original`` (the model it was lightened from: its
+    weights do not matter) by replaying the file's plan; a rule of your own that made it is
+    used only when passed in ``rules``; ``example_inputs`` replace the recorded ones where
+    the file could not hold them. A file in the first (pickle) format loads only with
+    ``trust=True``: unpickling runs code chosen by whoever wrote the file. ``expected``
+    checks the saved architecture first: a class name, a module of the same architecture,
+    or a mapping with any of ``class_name``, ``params``, ``architecture``.
     """
     path = check.path("lwcompile.load", "path", path)
     if map_location is not None and not isinstance(map_location, (str, torch.device)):
         raise ArgumentError(f"lwcompile.load: map_location must be a device name or "
-                                  f"torch.device (or None), got a {type(map_location).__name__}")
-    header, payload = _read(path)
+                            f"torch.device (or None), got a {type(map_location).__name__}")
+    if original is not None and not isinstance(original, nn.Module):
+        raise NotAModuleError(f"lwcompile.load: original must be an nn.Module (the model the "
+                              f"file was lightened from), got a {type(original).__name__}")
+    rules = list(check.sequence("lwcompile.load", "rules", rules) or ())
+    if any(not isinstance(r, Rule) for r in rules):
+        raise ArgumentError("lwcompile.load: rules must be lwcompile.Rule instances")
+    inputs = check.inputs("lwcompile.load", "example_inputs", example_inputs, optional=True)
+    header, kind, data = _read(path)
     if expected is not None:
         _check_expected(path, header, expected)
-    try:
-        model = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise SaveFileError(
-            f"{path}: the model cannot be rebuilt here: {one_line(exc)} (saved with torch "
-            f"{header['torch_version']}, lwcompile {header['lwcompile_version']}; this is "
-            f"torch {torch.__version__}; the model's classes must be importable)"
-        ) from exc
-    if not isinstance(model, nn.Module) or _params(model) != header["params"] \
-            or type(model).__name__ != header["class_name"]:
-        raise SaveFileError(f"{path}: the payload does not match its header (corrupt file)")
+    if kind == "pickle":
+        if trust is not True:
+            raise UntrustedFileError(
+                f"{path} is a pickle (lwcompile's model file format before data-only files): "
+                f"loading it runs code chosen by whoever wrote it; {_HOW_TO_TRUST}")
+        model = pickle_file.unpickle(path, header, data, map_location)
+    else:
+        model = _rebuilt(path, header, data, original, rules, inputs)
+        if map_location is not None:
+            model.to(map_location)
     if getattr(model, "lwcompile_report", None) is None and header["report"] is not None:
         model.lwcompile_report = report_from_dict(header["report"])
     return model
+
+
+def _rebuilt(path: Path, header: dict[str, Any], data: bytes, original: nn.Module | None,
+             rules: list[Rule], inputs: tuple | None) -> nn.Module:
+    plan, aliases = header["plan"], header["aliases"]
+    if original is None:
+        made = plan["original"]
+        source = f" (its author says: {made['source']!r})" if made.get("source") else ""
+        raise OriginalNeededError(
+            f"{path} holds weights and a plan, not code: it is rebuilt from the model it was "
+            f"lightened from, a {made['class_name']}{source}: pass it, lwcompile.load(path, "
+            "original=model) (on the command line: --original MODEL)")
+    shapes = weights_file.read(path, data)[1]
+    table = {name: shapes[aliases.get(name, name)] for name in [*shapes, *aliases]}
+    model = rebuild.rebuild(original, plan, table, rules=rules,
+                            inputs=None if inputs is None else (inputs, {}))
+    state = weights_file.tensors(path, data)
+    state.update({name: state[target] for name, target in aliases.items()})
+    _match_dtypes(model, state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightMismatchError(f"{path}: the weights do not load into the rebuilt model: "
+                                  f"{one_line(exc)}") from exc
+    model.lwcompile_plan = plan
+    model.lwcompile_report = None  # the file's report, not the replay's
+    return model
+
+
+def _match_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give the rebuilt model the file's floating dtype (a model saved in half precision
+    loads in half precision), when the file has one; mixed files must match as rebuilt."""
+    own = model.state_dict()
+    wanted = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(wanted) == 1 and any(t.is_floating_point() and t.dtype not in wanted
+                                for t in own.values()):
+        model.to(wanted.pop())
+        own = model.state_dict()
+    wrong = next((n for n, t in state.items() if own[n].dtype != t.dtype), None)
+    if wrong is not None:
+        raise WeightMismatchError(f"tensor {wrong!r} is {state[wrong].dtype} in the file, "
+                                  f"{own[wrong].dtype} in the rebuilt model")
 
 
 def architecture(model: nn.Module) -> str:
@@ -158,81 +275,44 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _version() -> str:
-    try:
-        return metadata.version("lwcompile")
-    except metadata.PackageNotFoundError:  # run from a source tree
-        return "unknown"
-
-
-def _write(path: Path, chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically, as a SaveFileError where that fails."""
-    if not path.parent.is_dir():
-        raise SaveFileError(f"cannot save to {path}: folder {path.parent} does not exist")
-    try:
-        write_atomic(path, lambda f: f.writelines(chunks))
-    except OSError as exc:
-        raise SaveFileError(f"cannot save to {path}: {one_line(exc)}") from exc
-
-
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
-    """Header and payload of a save file, refusing anything incomplete or foreign."""
+def _read(path: Path) -> tuple[dict[str, Any], str, bytes]:
+    """Header, kind and data of a model file (the pickle payload, or the whole safetensors
+    file), refusing anything incomplete or foreign before anything is made from it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise SaveFileError(f"cannot read {path}: {one_line(exc)}") from exc
-    if not data.startswith(MAGIC):
-        raise SaveFileError(f"{path} is not an lwcompile save file{_what_it_is(data)}")
-    start = len(MAGIC) + _LENGTH.size
-    if len(data) < start:
-        raise SaveFileError(f"{path} is truncated: the header is incomplete")
-    (length,) = _LENGTH.unpack_from(data, len(MAGIC))
-    if length > _MAX_HEADER or len(data) < start + length:
-        raise SaveFileError(f"{path} is truncated or corrupt: the header is incomplete")
+    if data.startswith(MAGIC):
+        header, payload = pickle_file.read(path, data, _check_report)
+        return header, "pickle", payload
+    if not weights_file.looks_like_safetensors(data[:16]):
+        raise SaveFileError(f"{path} is not an lwcompile model file{_what_it_is(data)}")
+    header = weights_file.read(path, data)[0]
     try:
-        header = json.loads(data[start:start + length])
-        missing = [key for key in _HEADER_KEYS if key not in header]
-        if not isinstance(header, dict) or missing:
-            raise KeyError(f"no {missing[0] if missing else 'fields'}")
-        payload_bytes, sha = int(header["payload_bytes"]), str(header["payload_sha256"])
-        fmt = int(header["format"])
+        light_plan.validate(header)
     except (ValueError, KeyError, TypeError) as exc:
-        raise SaveFileError(f"{path} is corrupt: unreadable header ({one_line(exc)})") from exc
-    if fmt > FORMAT:
-        raise SaveFileError(f"{path} was written by a newer lwcompile "
-                            f"({header.get('lwcompile_version')}, file format {fmt}): upgrade")
-    _check_fields(path, header)
-    payload = data[start + length:]
-    if len(payload) != payload_bytes:
-        raise SaveFileError(f"{path} is truncated or corrupt: the model data is "
-                            f"{len(payload):,} bytes, the header says {payload_bytes:,}")
-    if hashlib.sha256(payload).hexdigest() != sha:
-        raise SaveFileError(f"{path} is corrupt: the model data fails its sha256 check")
-    return header, payload
-
-
-def _check_fields(path: Path, header: dict[str, Any]) -> None:
-    """The fields others read from a header have their types, and the report rebuilds: a
-    header that parses but holds garbage is refused here, not by a raw error in a caller."""
-    wanted = {"class_name": str, "params": int, "lwcompile_version": str, "torch_version": str}
-    for key, kind in wanted.items():
-        if not isinstance(header[key], kind) or isinstance(header[key], bool):
-            raise SaveFileError(f"{path} is corrupt: the header's {key} is unreadable "
-                                f"(expected a {kind.__name__}, got {header[key]!r:.60})")
+        raise SaveFileError(f"{path} is corrupt: its lwcompile header is unreadable "
+                            f"({one_line(exc)})") from exc
     if header["report"] is not None:
-        try:
-            if not isinstance(header["report"], Mapping):
-                raise TypeError(f"a {type(header['report']).__name__}, not a mapping")
-            report_from_dict(header["report"]).to_dict()
-        except Exception as exc:
-            raise SaveFileError(f"{path} is corrupt: the header's report is unreadable "
-                                f"({one_line(exc)})") from exc
+        _check_report(path, header["report"])
+    return header, "safetensors", data
+
+
+def _check_report(path: Path, report: Any) -> None:
+    try:
+        if not isinstance(report, Mapping):
+            raise TypeError(f"a {type(report).__name__}, not a mapping")
+        report_from_dict(report).to_dict()
+    except Exception as exc:
+        raise SaveFileError(f"{path} is corrupt: the header's report is unreadable "
+                            f"({one_line(exc)})") from exc
 
 
 def _what_it_is(data: bytes) -> str:
     if data.startswith(b"PK\x03\x04") or data.startswith(b"\x80"):
         return (" (it is a plain torch.save file, e.g. a state_dict: load that with "
-                "torch.load and load_state_dict, or lighten the model it belongs to)")
+                "torch.load(..., weights_only=True) and load_state_dict, or lighten the model "
+                "it belongs to)")
     if not data:
         return " (it is empty)"
     return ""
@@ -240,7 +320,8 @@ def _what_it_is(data: bytes) -> str:
 
 def _check_expected(path: Path, header: dict[str, Any],
                     expected: str | nn.Module | Mapping[str, Any]) -> None:
-    """Compare the header's architecture with what the caller expects; before unpickling."""
+    """Compare the header's architecture with what the caller expects, before anything is
+    built or unpickled."""
     if isinstance(expected, str):
         want: dict[str, Any] = {"class_name": expected}
     elif isinstance(expected, nn.Module):
