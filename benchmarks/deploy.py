@@ -1,0 +1,231 @@
+"""Original against light, each in the best form it can be deployed in: the deployment table.
+
+    python -m benchmarks.deploy                              # all three networks, all forms
+    python -m benchmarks.deploy --only DnCNN-17 --runs 9
+    python -m benchmarks.deploy --skip xnnpack-int8 --quality-seconds 0
+
+Part 1, latency. For each network (DnCNN-17 with the committed trained weights, SRResNet x4,
+GLCIC; ``benchmarks.speed.CASES`` at benchmark size) the original and ``lighten`` of it are
+each run in every form a deployment engineer would try: eager PyTorch, channels_last,
+``emit_fast``, onnxruntime fp32 and int8 (``export_onnx``), ExecuTorch/XNNPACK fp32 and int8
+(``export_mobile``). All forms of one network run interleaved round-robin in one process
+(2 threads everywhere, onnxruntime without spin-waiting), medians of ``--runs``. The table
+gives each model's best form and three ratios: fp32 best vs best, best vs best with int8
+allowed on both sides, and XNNPACK alone (best of its fp32 and int8).
+
+Part 2, what int8 costs in quality. The committed trained teachers (DnCNN-17 sigma 25,
+SRResNet x2) and their light students (``lighten`` + ``init_layerwise`` + ``distill`` for
+``--quality-seconds`` CPU seconds) are exported fp32 and int8 to both runtimes and scored
+against the clean held-out images (``benchmarks.common.score``); the int8 cost is each
+model's int8 PSNR below its own fp32 PSNR.
+
+Writes benchmarks/results/deploy.json with the machine (CPU model, ISA flags, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import lwcompile
+from benchmarks.common import DENOISE, SR2, Task, held_out, load_teacher, score
+from benchmarks.speed import CASES, THREADS, machine, medians_ms, table, write_json
+from lwcompile.deploy.emit import emit_fast
+from lwcompile.deploy.export import export_onnx
+from lwcompile.deploy.mobile import export_mobile, load_pte
+from lwcompile.measure.profile import time_interleaved
+from lwcompile.nn import ChannelsLast
+
+FORMS = ("eager", "channels_last", "emitted", "ort-fp32", "ort-int8", "xnnpack-fp32",
+         "xnnpack-int8")
+NETWORKS = ("DnCNN-17", "SRResNet x4", "GLCIC")
+#: what each network's int8 export calibrates on: DnCNN-17 sees noisy images
+DEGRADE = {"DnCNN-17": DENOISE.degrade}
+
+Runner = Callable[..., Any]
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(path: Path) -> Runner:
+    session = _ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args: Tensor) -> Tensor:
+        feed = dict(zip(names, (a.numpy() for a in args), strict=True))
+        return torch.from_numpy(session.run(None, feed)[0])
+    return run
+
+
+def _pte_runner(path: Path) -> Runner:
+    method = load_pte(path)
+    return lambda *args: method(*args)[0]
+
+
+def build_form(form: str, model: nn.Module, inputs: tuple, folder: Path, name: str,
+               degrade: Any = None) -> Runner:
+    """A callable running ``model`` on tensors as ``form`` deploys it (exports go to
+    ``folder``)."""
+    if form == "eager":
+        return lambda *args: model(*args)
+    if form == "channels_last":
+        wrapped = ChannelsLast(copy.deepcopy(model).eval())
+        return lambda *args: wrapped(*args)
+    if form == "emitted":
+        fast = emit_fast(model, inputs)
+        return lambda *args: fast(*args)
+    runtime, precision = form.split("-")
+    if runtime == "ort":
+        path = export_onnx(model, inputs, folder / f"{name}-{precision}.onnx",
+                           precision=precision, degrade=degrade)
+        return _ort_runner(path)
+    exported = export_mobile(model, inputs, folder / f"{name}-{precision}.pte",
+                             precision=precision, degrade=degrade, verify=False)
+    return _pte_runner(exported.path)
+
+
+def set_threads(threads: int) -> None:
+    """The same thread count for torch and ExecuTorch's XNNPACK threadpool."""
+    torch.set_num_threads(threads)
+    try:
+        from executorch.extension.pybindings import portable_lib
+    except ImportError:
+        return
+    portable_lib._unsafe_reset_threadpool(threads)
+
+
+def latency(name: str, forms: list[str], runs: int, folder: Path) -> dict:
+    case = CASES[name]
+    original = case.build()
+    if name == "DnCNN-17":  # the trained weights: int8 calibrates on a real network
+        original = load_teacher(DENOISE)
+    light = case.lighten(original).eval()
+    inputs = case.bench_inputs()
+    fns, export_s = {}, {}
+    for model_name, model in (("original", original), ("light", light)):
+        for form in forms:
+            start = time.perf_counter()
+            run = build_form(form, model, inputs, folder, f"{name}-{model_name}",
+                             DEGRADE.get(name))
+            export_s[f"{model_name} {form}"] = round(time.perf_counter() - start, 1)
+            fns[f"{model_name} {form}"] = lambda run=run: run(*inputs)
+    set_threads(THREADS)
+    with torch.no_grad():
+        ms = {k: round(v, 1) for k, v in medians_ms(time_interleaved(fns, runs=runs)).items()}
+    return {"network": name, "input": [list(a.shape) for a in inputs], "median_ms": ms,
+            "prepare_seconds": export_s, **ratios(ms, forms)}
+
+
+def ratios(ms: dict[str, float], forms: list[str]) -> dict[str, Any]:
+    """Each model's best form in three scopes and the original-over-light ratio of each."""
+    scopes = {"fp32": [f for f in forms if "int8" not in f], "int8 allowed": forms,
+              "xnnpack": [f for f in forms if f.startswith("xnnpack")]}
+    out: dict[str, Any] = {"best": {}, "ratio": {}}
+    for scope, allowed in scopes.items():
+        if not allowed:
+            continue
+        best = {m: min(allowed, key=lambda f, m=m: ms[f"{m} {f}"]) for m in ("original", "light")}
+        out["best"][scope] = best
+        out["ratio"][scope] = round(ms[f"original {best['original']}"]
+                                    / ms[f"light {best['light']}"], 2)
+    return out
+
+
+def _student(task: Task, teacher: nn.Module, seconds: float, example: tuple) -> nn.Module:
+    """``lighten`` + ``init_layerwise`` + ``distill`` until ``seconds`` CPU seconds are spent."""
+    torch.manual_seed(0)
+    light = lwcompile.lighten(teacher, example)
+    if seconds <= 0:
+        return light.eval()
+    deadline = time.process_time() + seconds
+    lwcompile.init_layerwise(light, teacher, channels=task.channels, degrade=task.degrade,
+                             crop=task.crop, batch_size=task.batch_size, seed=0)
+    lwcompile.distill(light, teacher, steps=10**9, channels=task.channels,
+                      degrade=task.degrade, crop=task.crop, batch_size=task.batch_size,
+                      loss="mse", progress=False, seed=0,
+                      stop_when=lambda: time.process_time() >= deadline)
+    return light.eval()
+
+
+def quality(task: Task, forms: list[str], seconds: float, folder: Path) -> dict:
+    """PSNR of fp32 and int8 deployments of the trained teacher and its light student on
+    the held-out images, and each int8 form's cost against its own fp32."""
+    teacher = load_teacher(task)
+    side = task.crop // 2 if task.channels == 3 else task.crop
+    student = _student(task, teacher, seconds, (torch.rand(1, task.channels, side, side),))
+    pairs = held_out(task)
+    inputs = (pairs[0][0],)
+    assert all(x.shape == inputs[0].shape for x, _ in pairs), "held-out crops differ in size"
+    rows: dict[str, dict[str, float]] = {}
+    for model_name, model in (("teacher", teacher), ("light", student)):
+        psnr = {}
+        for form in [f for f in forms if f[:3] in ("ort", "xnn")]:
+            run = build_form(form, model, inputs, folder, f"{task.name}-{model_name}",
+                             task.degrade)
+            psnr[form] = round(score(run, task, pairs)["psnr"], 3)
+        psnr["eager"] = round(score(model, task, pairs)["psnr"], 3)
+        for form in [f for f in psnr if f.endswith("int8")]:
+            psnr[f"{form} cost dB"] = round(psnr[form.replace("int8", "fp32")] - psnr[form], 3)
+        rows[model_name] = psnr
+    return {"task": task.name, "student_cpu_seconds": seconds, "psnr": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=NETWORKS, action="append")
+    parser.add_argument("--skip", choices=FORMS, action="append", default=[])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--quality-seconds", type=float, default=120.0,
+                        help="CPU seconds of init + distillation per light student; 0 skips "
+                             "the quality part")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    set_threads(THREADS)
+    info = machine()
+    forms = [f for f in FORMS if f not in args.skip]
+    results: dict[str, Any] = {"machine": info, "runs": args.runs, "forms": forms,
+                               "networks": [], "quality": []}
+    label = (f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads, onnxruntime "
+             f"{info.get('onnxruntime')}, executorch {info.get('executorch')}; medians of "
+             f"{args.runs} interleaved rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or NETWORKS:
+            row = latency(name, forms, args.runs, Path(tmp))
+            results["networks"].append(row)
+            print(f"\n{name} {row['input']} -- {label}")
+            print(table([[f, row["median_ms"][f"original {f}"], row["median_ms"][f"light {f}"]]
+                         for f in forms], ["form", "original ms", "light ms"]))
+            for scope, ratio in row["ratio"].items():
+                best = row["best"][scope]
+                print(f"best vs best, {scope}: {ratio}x (original {best['original']}, "
+                      f"light {best['light']})")
+        if args.quality_seconds > 0:
+            for task in (DENOISE, SR2):
+                q = quality(task, forms, args.quality_seconds, Path(tmp))
+                results["quality"].append(q)
+                print(f"\n{task.name}: PSNR on held-out images (dB)")
+                keys = sorted({k for r in q["psnr"].values() for k in r})
+                print(table([[k, *(q["psnr"][m].get(k, "-") for m in ("teacher", "light"))]
+                             for k in keys], ["form", "teacher", "light"]))
+    print(f"\nwrote {write_json('deploy', results)}")
+
+
+if __name__ == "__main__":
+    main()
