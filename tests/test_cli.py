@@ -108,7 +108,8 @@ def test_lighten_an_esrgan_checkpoint_end_to_end(tmp_path):
     summary = result["report"]["summary"]
     assert summary["params_before"] == params == 291_667
     assert summary["params_after"] < params / 6
-    light = persist.load(tmp_path / "out.pt", expected="RRDBNet")
+    light = persist.load(tmp_path / "out.pt", expected="RRDBNet",
+                         original=load_model(str(tmp_path / "esrgan.pth")))
     assert lwcompile.count_params(light) == summary["params_after"]
     with torch.no_grad():
         assert light(torch.rand(1, 3, 12, 20)).shape == (1, 3, 24, 40)
@@ -184,8 +185,8 @@ def test_checkpoint_that_is_not_a_model_exits_1(capsys, workdir):
 def test_corrupt_saved_file_exits_1(capsys, workdir):
     (workdir / "noise.pt").write_bytes(bytes(range(256)) * 8)
     code, _, err = run_cli(capsys, "report", "noise.pt")
-    assert code == 1 and "noise.pt is not an lwcompile save file" in err
-    persist.save(torch.nn.Conv2d(1, 1, 3), workdir / "cut.pt")
+    assert code == 1 and "noise.pt is not an lwcompile model file" in err
+    persist.save(torch.nn.Conv2d(1, 1, 3), workdir / "cut.pt", format="pickle")
     (workdir / "cut.pt").write_bytes((workdir / "cut.pt").read_bytes()[:-10])
     code, _, err = run_cli(capsys, "report", "cut.pt", "--html", "r.html")
     assert code == 1 and "cut.pt is truncated or corrupt" in err
@@ -215,7 +216,10 @@ def test_rule_option_adds_a_user_rule_and_the_result_loads(capsys, workdir):
                              "--rule", rule, "-o", "light.pt", "--json")
     assert code == 0, err
     assert outcomes(out)[1] == ("2", "applied", "5x5-to-2x3x3")
-    light = persist.load(workdir / "light.pt")
+    from examples.custom_rules import FiveByFiveToTwoThreeByThree
+
+    light = persist.load(workdir / "light.pt", original=load_model("lwc_tiny:big_tail"),
+                         rules=[FiveByFiveToTwoThreeByThree()])
     assert light(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
 
 
@@ -270,7 +274,7 @@ def test_lighten_then_report_as_text_and_html(capsys, workdir):
                              "--input", "1x3x16x16")
     assert code == 0, err
     assert "saved to light.pt" in out and "lightening Sequential: done" in err
-    light = persist.load(workdir / "light.pt")
+    light = persist.load(workdir / "light.pt", original=load_model("lwc_tiny:build"))
     assert [r.site for r in light.lwcompile_report.applied] == ["2", "4"]
 
     code, out, _ = run_cli(capsys, "report", "light.pt")
@@ -290,7 +294,7 @@ def test_lighten_then_report_as_text_and_html(capsys, workdir):
     image = workdir / "patch.png"
     image.write_bytes(to_png(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))))
     code, out, err = run_cli(capsys, "report", "light.pt", "--html", "r2.html", "--image",
-                             "patch.png", "--json")
+                             "patch.png", "--original", "lwc_tiny:build", "--json")
     assert code == 0, err
     assert json.loads(out)["crops"] == 2  # input and student: no teacher given
     code, out, _ = run_cli(capsys, "report", "light.pt", "--html", "r3.html", "--no-crops",
@@ -315,7 +319,8 @@ def test_distill_option_calls_lwcompile_distill(capsys, workdir, monkeypatch):
     assert code == 0, err
     assert calls == [("Sequential", "photos", 3)]
     assert json.loads(out)["distill_steps"] == 3 and "distill progress" in err
-    assert torch.all(persist.load(workdir / "light.pt").get_submodule("6").bias == 0.5)
+    light = persist.load(workdir / "light.pt", original=load_model("lwc_tiny:build"))
+    assert torch.all(light.get_submodule("6").bias == 0.5)
 
 
 def test_distill_for_real(capsys, workdir):
@@ -327,8 +332,9 @@ def test_distill_for_real(capsys, workdir):
                                       "photos"]):
         code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16", *argv)
         assert code == 0, err
-    plain = persist.load(workdir / "plain.pt").state_dict()
-    distilled = persist.load(workdir / "distilled.pt").state_dict()
+    original = load_model("lwc_tiny:build")
+    plain = persist.load(workdir / "plain.pt", original=original).state_dict()
+    distilled = persist.load(workdir / "distilled.pt", original=original).state_dict()
     assert plain.keys() == distilled.keys()
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
 
@@ -340,8 +346,8 @@ def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
     code, out, err = run_cli(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
                              "-o", "light.pt")
     assert code == 0, err
-    code, out, err = run_cli(capsys, "export", "light.pt", "-o", "light.pte", "--input",
-                             "1x3x16x16", "--json")
+    code, out, err = run_cli(capsys, "export", "light.pt", "--original", "lwc_tiny:build",
+                             "-o", "light.pte", "--input", "1x3x16x16", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["runtime"] == "executorch-xnnpack"
@@ -349,7 +355,7 @@ def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
     x = torch.rand(1, 3, 16, 16)
     (got,) = mobile.load_pte(workdir / "light.pte")(x)
     with torch.no_grad():
-        close(got, persist.load(workdir / "light.pt")(x))
+        close(got, persist.load(workdir / "light.pt", original=load_model("lwc_tiny:build"))(x))
 
 
 def test_export_onnx_keeps_height_and_width_free(capsys, workdir):

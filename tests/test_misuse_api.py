@@ -340,11 +340,11 @@ def test_every_writer_refuses_a_missing_or_read_only_folder(writer, folder, tmp_
 
 
 def test_save_file_whose_header_parses_but_payload_is_garbage(tmp_path, light):
-    from lwcompile.deploy import persist
+    from lwcompile.deploy import pickle_file as persist  # the pickle format, behind trust
 
-    path = lwcompile.save(light, tmp_path / "a.pt")
+    path = lwcompile.save(light, tmp_path / "a.pt", format="pickle")
     data = path.read_bytes()
-    header, payload = persist._read(path)
+    header, payload = persist.read(path, data)
     garbage = b"\x80\x04garbage, not a pickle" + b"\0" * 10
     import hashlib
     import json
@@ -354,14 +354,14 @@ def test_save_file_whose_header_parses_but_payload_is_garbage(tmp_path, light):
     path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + garbage)
     assert data != path.read_bytes()
     with pytest.raises(lwcompile.SaveFileError, match="the model cannot be rebuilt here"):
-        lwcompile.load(path)
+        lwcompile.load(path, trust=True)
 
 
 def test_save_file_holding_something_else_than_a_module(tmp_path, light):
-    from lwcompile.deploy import persist
+    from lwcompile.deploy import pickle_file as persist  # the pickle format, behind trust
 
-    path = lwcompile.save(light, tmp_path / "a.pt")
-    header, _ = persist._read(path)
+    path = lwcompile.save(light, tmp_path / "a.pt", format="pickle")
+    header, _ = persist.read(path, path.read_bytes())
     import hashlib
     import io
     import json
@@ -373,7 +373,7 @@ def test_save_file_holding_something_else_than_a_module(tmp_path, light):
     text = json.dumps(header).encode()
     path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + payload)
     with pytest.raises(lwcompile.SaveFileError, match="the payload does not match its header"):
-        lwcompile.load(path)
+        lwcompile.load(path, trust=True)
 
 
 WRONG_CHANNELS = (torch.rand(1, 1, 16, 16),)
@@ -412,12 +412,12 @@ def test_an_image_folder_that_is_missing_or_a_file(folder, tmp_path, light):
 
 
 def rewritten_header(path: Path, **changes) -> Path:
-    """``path`` (a save file) with header fields replaced and the payload kept intact."""
+    """``path`` (a pickle save file) with header fields replaced, the payload kept intact."""
     import json
 
-    from lwcompile.deploy import persist
+    from lwcompile.deploy import pickle_file as persist
 
-    header, payload = persist._read(path)
+    header, payload = persist.read(path, path.read_bytes())
     header.update(changes)
     text = json.dumps(header).encode()
     path.write_bytes(persist.MAGIC + persist._LENGTH.pack(len(text)) + text + payload)
@@ -435,7 +435,8 @@ GARBAGE_HEADERS = [
 @pytest.mark.parametrize("entry", ["info", "load", "cli report", "cli report --html"])
 def test_a_header_that_parses_but_holds_garbage(entry, changes, field, tmp_path, light,
                                                 capsys):
-    path = rewritten_header(lwcompile.save(light, tmp_path / "a.pt"), **changes)
+    path = rewritten_header(lwcompile.save(light, tmp_path / "a.pt", format="pickle"),
+                            **changes)
     message = f"{path} is corrupt: the header's {field} is unreadable"
     if entry.startswith("cli"):
         argv = ["report", str(path), "-q"]
@@ -534,13 +535,13 @@ def test_cli_file_problems_are_refusals_not_crashes(argv, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("argv", [
-    ["report", "light.pt", "--html", "r.html", "--data", "no_such_folder"],
+    ["report", "light.pt", "--html", "r.html", "--data", "no_such_folder", "--trust-pickle"],
     ["lighten", "lwc_tiny_misuse:build", "-o", "o.pt", "--input", "1x3x16x16", "--distill",
      "1", "--data", "no_such_folder"],
 ])
 def test_cli_missing_data_folder_is_a_refusal(argv, tmp_path, monkeypatch, capsys, light):
     _tiny_factory_in(tmp_path, monkeypatch)
-    lwcompile.save(light, tmp_path / "light.pt")
+    lwcompile.save(light, tmp_path / "light.pt", format="pickle")
     code = main([*argv, "-q"])
     err = capsys.readouterr().err
     assert code == cli_app.EXIT_REFUSED, err

@@ -25,21 +25,27 @@ EXIT_OK, EXIT_REFUSED, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 3, 130  # argparse
 EPILOG = """\
 MODEL is a factory `package.module:callable` returning an nn.Module (the current folder is
 importable), a checkpoint file whose architecture spandrel identifies (.pth, .pt, .ckpt,
-.safetensors), or a file written by `lwcompile lighten`.
+.safetensors), or a file written by `lwcompile lighten` (weights and plan, no code: it is
+rebuilt from --original MODEL, the model it was lightened from).
 
 examples:
-  lwcompile lighten examples.dncnn:build -o dncnn_light.pt
-  lwcompile lighten 4x_esrgan.pth -o esrgan_light.pt --input 1x3x64x64 --json
-  lwcompile lighten examples.dncnn:build -o light.pt --distill 2000 --data photos/
+  lwcompile lighten examples.dncnn:build -o dncnn_light.safetensors
+  lwcompile lighten 4x_esrgan.pth -o esrgan_light.safetensors --input 1x3x64x64 --json
+  lwcompile lighten examples.dncnn:build -o light.safetensors --distill 2000 --data photos/
   lwcompile plan examples.srresnet:build
-  lwcompile lighten examples.srresnet:build -o sr_light.pt --without image-output-squeeze
-  lwcompile lighten examples.unet:build -o unet_light.pt --exclude 'up*.up' \
+  lwcompile lighten examples.srresnet:build -o sr.safetensors --without image-output-squeeze
+  lwcompile lighten examples.unet:build -o unet_light.safetensors --exclude 'up*.up' \
       --rule mypackage.rules:MyRule
   lwcompile profile 4x_esrgan.pth --input 1x3x32x32
-  lwcompile export sr_light.pt -o sr_light.pte --input 1x3x128x128     # phones: ExecuTorch
-  lwcompile export sr_light.pt -o sr_light.onnx                        # onnxruntime
-  lwcompile export sr_light.pt -o sr_int8.onnx --precision int8 --calibration photos/
-  lwcompile report dncnn_light.pt --html report.html --teacher examples.dncnn:build
+  lwcompile export sr.safetensors --original examples.srresnet:build -o sr.pte \
+      --input 1x3x128x128                                              # phones: ExecuTorch
+  lwcompile export esrgan_light.safetensors --original 4x_esrgan.pth -o esrgan.onnx
+  lwcompile export sr.safetensors --original examples.srresnet:build -o sr_int8.onnx \
+      --precision int8 --calibration photos/
+  lwcompile report dncnn_light.safetensors
+  lwcompile report dncnn_light.safetensors --html report.html --teacher examples.dncnn:build
+  lwcompile convert old_light.pt --original examples.dncnn:build --trust-pickle \
+      -o light.safetensors
 
 exit codes: 0 ok, 1 lwcompile refused (the message says why), 2 usage error,
   3 unexpected error (a bug: rerun with --debug for the traceback)
@@ -110,10 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", action="append", type=_shape, metavar="SHAPE",
                            help="example input shape, e.g. 1x3x64x64; repeat for several "
                                 "inputs (default: a 1xCx64x64 image, C from the first conv)")
+        if model:
+            file_options(p)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
         p.set_defaults(run=run)
         return p
+
+    def file_options(p: argparse.ArgumentParser, rule: bool = False) -> None:
+        p.add_argument("--original", metavar="MODEL",
+                       help="for a model file written by lighten: the model it was lightened "
+                            "from (factory or checkpoint), which the file's plan is replayed on")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="load a model file of lwcompile's first format, a pickle: this "
+                            "runs code chosen by whoever wrote the file")
+        if rule:
+            p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                           help="a rule of your own that the model file's plan names "
+                                "(never imported from the file itself); repeatable")
 
     def rule_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
@@ -129,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lighten", commands.lighten,
                 "lighten MODEL and save the result (architecture + weights)")
     rule_options(p)
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.pt",
-                   help="where to save the lightened model (lwcompile.load reads it)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.safetensors",
+                   help="where to save the lightened model: its weights and the plan that "
+                        "made it, data only (lwcompile.load reads it with the original)")
     p.add_argument("--distill", type=_positive, metavar="STEPS",
                    help="then train the result for STEPS steps to reproduce MODEL's outputs")
     p.add_argument("--data", metavar="DIR",
@@ -155,10 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images to calibrate int8 on (default: scikit-image's)")
     p.add_argument("--min-psnr", type=float, metavar="DB",
                    help="refuse (write nothing) if int8's PSNR against float is below DB")
-    command("profile", commands.profile, "parameters and MACs of MODEL, layer by layer")
+    p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                   help="a rule of your own that MODEL's plan names (never imported from "
+                        "the file itself); repeatable")
+    p = command("profile", commands.profile, "parameters and MACs of MODEL, layer by layer")
+    p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                   help="a rule of your own that MODEL's plan names; repeatable")
     p = command("report", commands.report,
                 "describe a saved lightened model, optionally as HTML", model=False)
-    p.add_argument("saved", metavar="OUT.pt", type=Path, help="a file written by lighten")
+    p.add_argument("saved", metavar="OUT.safetensors", type=Path,
+                   help="a file written by lighten")
+    file_options(p, rule=True)
     p.add_argument("--html", type=Path, metavar="REPORT.html",
                    help="write a self-contained HTML report (default: print the table)")
     p.add_argument("--teacher", metavar="MODEL", help="the original model, to show its output "
@@ -169,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--no-crops", action="store_true", help="no output crops")
     p.add_argument("--crop", type=_positive, default=64, metavar="PX",
                    help="size of the centre crop fed to the models (default 64)")
+    p = command("convert", commands.convert, "rewrite a model file of lwcompile's first "
+                "format (a pickle) as a data-only one, checked by replaying it", model=False)
+    p.add_argument("old", metavar="OLD.pt", type=Path, help="a pickle file written by lighten")
+    p.add_argument("--original", required=True, metavar="MODEL",
+                   help="the model OLD was lightened from (factory or checkpoint)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="required: OLD is unpickled once, which runs code chosen by whoever "
+                        "wrote it")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="NEW.safetensors")
+    p.add_argument("--input", action="append", type=_shape, metavar="SHAPE",
+                   help="the example input shape lighten ran on, if it was given then")
+    p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
+                   help="a rule of your own that made OLD; repeatable")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""One function per subcommand: lighten, plan, export, profile, report.
+"""One function per subcommand: lighten, plan, export, profile, report, convert.
 
 Each takes the parsed arguments and returns its result as a dict for ``--json`` plus the
 human-readable form under ``"text"``; ``app.main`` prints one or the other. The commands go
@@ -21,6 +21,7 @@ from ..errors import ExampleInputError, LwCompileError, RuleError, one_line
 from ..html_report import write_html
 from ..measure.inputs import infer_example_inputs
 from ..report import Report
+from ..rule import Rule
 from .crops import output_crops
 from .loading import RuleSpecError, load_model, load_rule
 from .progress import stage
@@ -32,7 +33,7 @@ class ExportSpecError(LwCompileError):
 
 def lighten(args: argparse.Namespace) -> dict[str, Any]:
     """Lighten MODEL, distil it if asked, and save it with its report."""
-    model = load_model(args.model)
+    model = _model(args)
     inputs = _example_inputs(model, args.input)
     with stage(f"lightening {type(model).__name__}", args.quiet):
         light = lwcompile.lighten(model, inputs, **_rule_choice(args))
@@ -40,15 +41,16 @@ def lighten(args: argparse.Namespace) -> dict[str, Any]:
         with stage(f"distilling {args.distill} steps", args.quiet):
             lwcompile.distill(light, model, args.data, steps=args.distill)
     report: Report = light.lwcompile_report
-    persist.save(light, args.output, report=report)
-    text = f"{report}\n\nsaved to {args.output}"
+    persist.save(light, args.output, report=report, source=args.model)
+    text = (f"{report}\n\nsaved to {args.output} (weights and plan; load it with "
+            f"--original {args.model})")
     return {"model": args.model, "output": str(args.output), "class_name": type(light).__name__,
             "distill_steps": args.distill or 0, "report": report.to_dict(), "text": text}
 
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """What lighten would do to MODEL, without building the result."""
-    model = load_model(args.model)
+    model = _model(args)
     inputs = _example_inputs(model, args.input)
     with stage(f"planning {type(model).__name__}", args.quiet):
         report = lwcompile.plan(model, inputs, **_rule_choice(args))
@@ -58,7 +60,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """export_mobile or export_onnx of MODEL (a saved lightened model, or any other)."""
     mobile = args.mobile or (not args.onnx and args.output.suffix == ".pte")
-    model = load_model(args.model)
+    model = _model(args)
     inputs = _example_inputs(model, args.input) or infer_example_inputs(model)
     where = "ExecuTorch (XNNPACK)" if mobile else "ONNX"
     with stage(f"exporting {type(model).__name__} to {where}", args.quiet):
@@ -86,7 +88,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     """``lwcompile.profile`` of MODEL: parameters, MACs and time per leaf layer."""
-    model = load_model(args.model)
+    model = _model(args)
     inputs = _example_inputs(model, args.input) or infer_example_inputs(model)
     with stage(f"profiling {type(model).__name__}", args.quiet):
         try:
@@ -106,16 +108,47 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     if args.html is None:
         text = str(persist.report_from_dict(saved_report))
         return {"saved": str(args.saved), "report": saved_report, "text": text}
-    student = persist.load(args.saved)
-    teacher = load_model(args.teacher) if args.teacher else None
-    crops = None if args.no_crops else output_crops(student, teacher, image=args.image,
-                                                    data=args.data, size=args.crop)
+    crops = None
+    if not args.no_crops:
+        student = load_model(str(args.saved), original=args.original or args.teacher,
+                             trust_pickle=args.trust_pickle, rules=_replay_rules(args))
+        teacher = load_model(args.teacher) if args.teacher else None
+        crops = output_crops(student, teacher, image=args.image, data=args.data,
+                             size=args.crop)
     meta = {"file": args.saved.name, "parameters": f"{header['params']:,}",
             "lwcompile": header["lwcompile_version"], "torch": header["torch_version"]}
     meta = {k: v for k, v in meta.items() if v != "unknown"}  # version of a source tree
     write_html(saved_report, args.html, crops, title=header["class_name"], meta=meta)
     return {"saved": str(args.saved), "html": str(args.html), "crops": len(crops or []),
             "text": f"wrote {args.html}" + (f" with {len(crops)} output crops" if crops else "")}
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """A pickle model file (lwcompile's first format) rewritten as a data-only one."""
+    original = load_model(args.original)
+    inputs = _example_inputs(original, args.input)
+    with stage(f"converting {args.old.name}", args.quiet):
+        path = lwcompile.convert(args.old, args.output, original, trust=args.trust_pickle,
+                                 rules=_replay_rules(args), example_inputs=inputs,
+                                 source=args.original)
+    header = persist.info(path)
+    return {"old": str(args.old), "output": str(path), "class_name": header["class_name"],
+            "sites": len(header["plan"]["sites"]),
+            "text": f"wrote {path}: {header['class_name']}, {len(header['plan']['sites'])} "
+                    f"rewritten sites replayed and checked (load it with --original "
+                    f"{args.original})"}
+
+
+def _model(args: argparse.Namespace) -> nn.Module:
+    """MODEL, where it is an lwcompile model file rebuilt from --original (with --rule's
+    rules) or, for a pickle file, loaded only with --trust-pickle."""
+    return load_model(args.model, original=getattr(args, "original", None),
+                      trust_pickle=getattr(args, "trust_pickle", False),
+                      rules=_replay_rules(args))
+
+
+def _replay_rules(args: argparse.Namespace) -> list[Rule]:
+    return [load_rule(spec) for spec in getattr(args, "rule", None) or ()]
 
 
 def _example_inputs(model: nn.Module, shapes: list[tuple[int, ...]] | None) -> tuple | None:
