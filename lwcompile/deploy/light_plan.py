@@ -66,8 +66,10 @@ def shapes_digest(model: nn.Module) -> str:
 
 def structure_digest(module: nn.Module) -> str:
     """A digest of ``structure_key(module)`` without dtypes (a model saved in half precision
-    is rebuilt in the original's), stable across processes (addresses removed)."""
-    key = [(name, cls, extra, plain, tuple((n, shape) for n, shape, _dtype in tensors), code)
+    is rebuilt in the original's) or training flags (the plan keeps those apart), stable
+    across processes (addresses removed)."""
+    key = [(name, cls, extra, tuple(kv for kv in plain if kv[0] != "training"),
+            tuple((n, shape) for n, shape, _dtype in tensors), code)
            for name, cls, extra, plain, tensors, code in structure_key(module)]
     text = _ADDRESS.sub("", repr(key))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
