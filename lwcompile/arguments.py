@@ -94,6 +94,9 @@ def destination(where: str, name: str, value: Any) -> Path:
     """A file path to write, whose folder exists: checked before any long work, by the
     policy of ``files.write_atomic`` (a missing folder is refused, never created)."""
     target = path(where, name, value)
+    if target.is_dir():
+        raise DestinationError(f"{where}: cannot write {target}: it is a folder (give a file "
+                               "name inside it)")
     if not target.parent.is_dir():
         raise DestinationError(f"{where}: cannot write {target}: folder {target.parent} "
                                "does not exist (create it first)")
@@ -134,8 +137,19 @@ def number(where: str, name: str, value: Any, *, positive: bool = False,
     return float(value)
 
 
-def flag(where: str, name: str, value: Any) -> bool:
-    """A bool."""
+def flag(where: str, name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """A bool (or None, meaning "decide for me", if ``optional``)."""
+    if value is None and optional:
+        return None
     if not isinstance(value, bool):
-        raise ArgumentError(f"{where}: {name} must be True or False, got {_got(value)}")
+        raise ArgumentError(f"{where}: {name} must be True or False"
+                            f"{' (or None)' if optional else ''}, got {_got(value)}")
+    return value
+
+
+def tolerance(where: str, name: str, value: Any) -> float:
+    """A comparison tolerance: a real number >= 0 (not NaN)."""
+    value = number(where, name, value)
+    if not value >= 0:
+        raise ArgumentError(f"{where}: {name} must be >= 0, got {value}")
     return value

@@ -3,6 +3,12 @@
 Plain ``nn.Module`` classes: they know nothing of the compiler, so users can also build
 light networks by hand with them. Below them, their deployed forms (and a thin conv's),
 which compute the same function in the shape that runs fastest.
+
+Like ``nn.Conv2d``, every block accepts an unbatched CxHxW input as well as NxCxHxW: LIST
+concatenates on dim -3 (channels in both), and blocks whose torch ops need a batch (BatchNorm,
+ChannelShuffle, interpolate) add one in eager runs (``_unbatched``). A graph traced through
+them (fx, export) is for the batched inputs it was traced with; ``accept_unbatched`` lets
+such a graph take unbatched inputs too.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+
+from .deploy import identities  # the deployed forms' arithmetic, written once
 
 
 class LIST(nn.Module):
@@ -51,7 +59,8 @@ class LIST(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)
-        return torch.cat([self.pointwise_branch(squeezed), self.spatial_branch(squeezed)], dim=1)
+        return torch.cat([self.pointwise_branch(squeezed), self.spatial_branch(squeezed)],
+                         dim=-3)
 
 
 class GSAT(nn.Module):
@@ -76,6 +85,8 @@ class GSAT(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _unbatched(x):  # BatchNorm2d and ChannelShuffle need the batch dimension
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         y = self.grouped_pointwise(self.shuffle(self.grouped_dilated(x)))
         return self.act(self.norm(y) + x)
 
@@ -111,6 +122,8 @@ class Resize(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _unbatched(x):  # interpolate reads dims 2.. as spatial
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         size = self.output_size((x.shape[-2], x.shape[-1]))
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -145,6 +158,51 @@ class PointwiseOverParts(nn.Module):
         return out
 
 
+def _unbatched(x: Any) -> bool:
+    """An eager CxHxW tensor (never an fx Proxy: a traced graph is for its batched input)."""
+    return isinstance(x, torch.Tensor) and not isinstance(x, fx.Proxy) and x.dim() == 3
+
+
+class _AddBatch:
+    """Forward pre-hook: a tensor argument one dimension short of what the module was made
+    for gets a batch dimension of 1 (marked, so ``_DropBatch`` removes it afterwards)."""
+
+    def __init__(self, ranks: tuple[int | None, ...]) -> None:
+        self.ranks = ranks
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not any(isinstance(a, torch.Tensor) and r is not None and a.dim() == r - 1
+                   for a, r in zip(args, self.ranks, strict=False)):
+            return None
+        batched = []
+        for a, r in zip(args, self.ranks + (None,) * len(args), strict=False):
+            if isinstance(a, torch.Tensor) and r is not None and a.dim() == r - 1:
+                a = a.unsqueeze(0)
+                a._lwcompile_added_batch = True
+            batched.append(a)
+        return tuple(batched)
+
+
+def _drop_batch(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: remove the batch dimension ``_AddBatch`` added."""
+    if not any(getattr(a, "_lwcompile_added_batch", False) for a in args):
+        return None
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.squeeze(0), output)
+
+
+def accept_unbatched(module: nn.Module, example_args: tuple) -> nn.Module:
+    """Let ``module`` (a graph made for the batched ``example_args``) take unbatched tensors
+    as ``nn.Conv2d`` does: a 4-D example's argument given as CxHxW runs as 1xCxHxW and the
+    outputs lose that batch dimension again. Hooks, so the module keeps its type; they run
+    as Python when the module is exported and leave no op in the graph."""
+    ranks = tuple(a.dim() if isinstance(a, torch.Tensor) and a.dim() == 4 else None
+                  for a in example_args)
+    if any(r is not None for r in ranks):
+        module.register_forward_pre_hook(_AddBatch(ranks))
+        module.register_forward_hook(_drop_batch)
+    return module
+
+
 # Deployed forms: the same functions as the blocks above (or as a plain conv), in the shape
 # that runs fastest. ``lwcompile.emit_fast`` puts them in place.
 
@@ -171,7 +229,37 @@ class FusedLIST(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)
-        return self.pointwise(torch.cat([squeezed, self.depthwise(squeezed)], dim=1))
+        return self.pointwise(torch.cat([squeezed, self.depthwise(squeezed)], dim=-3))
+
+
+class DenseLIST(nn.Module):
+    """LIST as its squeeze and one dense kxk conv on the squeezed channels.
+
+    The 1x1 branch is the dense conv's centre tap and the depthwise kxk + 1x1 branch its
+    other outputs (``identities.depthwise_then_pointwise``): the same function, with more
+    MACs but two passes over memory instead of four. Which form runs faster depends on the
+    runtime and precision; ``lwcompile.tune`` measures it.
+    """
+
+    def __init__(self, lst: LIST) -> None:
+        super().__init__()
+        depthwise, spatial_pointwise = lst.spatial_branch[0], lst.spatial_branch[1]
+        k = depthwise.kernel_size[0]
+        parts = [identities.pointwise_as_kernel(
+                     (lst.pointwise_branch.weight, lst.pointwise_branch.bias), k),
+                 identities.depthwise_then_pointwise(
+                     (depthwise.weight, depthwise.bias),
+                     (spatial_pointwise.weight, spatial_pointwise.bias))]
+        self.squeeze = copy.deepcopy(lst.squeeze)
+        self.conv = nn.Conv2d(lst.squeeze.out_channels, sum(w.shape[0] for w, _ in parts), k,
+                              padding=k // 2, padding_mode=depthwise.padding_mode)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.cat([w for w, _ in parts]))
+            self.conv.bias.copy_(torch.cat([b for _, b in parts]))
+        self.train(lst.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.squeeze(x))
 
 
 class ThinConvPhases(nn.Module):

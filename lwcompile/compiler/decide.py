@@ -26,6 +26,7 @@ from ..errors import RuleError, one_line
 from ..measure.cost import count_macs, count_params, measure_on_shapes, random_inputs
 from ..report import APPLIED, KEPT, REFUSED, ROLLED_BACK, Row
 from ..rule import Guard, Match, Proposal, Refuse, Rule, Site, Veto
+from ..tracing.like_original import has_hooks
 from ..tracing.trace import join
 from .check import check_replacement
 from .workspace import Workspace
@@ -58,6 +59,9 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
     ``erased`` holds the graph nodes earlier rewrites removed (a match touching one is
     skipped); why no rule matched goes to ``log``.
     """
+    held = _held_by_the_compiler(ws, site)
+    if held:
+        return kept_row(site, *held)
     misses: list[str] = []
     refusal: Row | None = None
     for rule in rules:
@@ -83,6 +87,11 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
                            "traced as an editable graph")
         if any(n in erased for n in match.nodes):
             misses.append(f"{rule.name}: part of the match was already rewritten")
+            continue
+        calls = _calls(ws, site.name)
+        if match.nodes and calls > 1:
+            misses.append(f"{rule.name}: the module is called {calls} times and this rewrite "
+                          "of one call would untie it from the others")
             continue
         original = _original_of(ws, match)
         try:
@@ -111,10 +120,54 @@ def decide(ws: Workspace, site: Site, rules: Sequence[Rule], guards: Sequence[Gu
         except Exception as exc:  # the workspace may be half-edited: start over without it
             raise SiteBroke(site.name, f"applying it broke the graph: {one_line(exc)}") from exc
         ws.rewritten[site.name] = checked
+        if calls > 1:
+            log.append(f"{site.name}: called {calls} times; its one replacement serves every "
+                       "call, so the calls still share weights")
         return row
     if refusal is None and misses:
         log.append(f"{site.name}: no rule matched ({'; '.join(misses)})")
     return refusal
+
+
+def _held_by_the_compiler(ws: Workspace, site: Site) -> tuple[str, str, str] | None:
+    """Sites no rule may rewrite, whatever the guards: a replacement would untie weights
+    the model shares, or drop hooks the application put on the module."""
+    shared = _sharing(ws.root, site.name)
+    if shared:
+        return ("tied-weights", KEPT, f"shares {shared}: a replacement would untie them "
+                "(the model would stop sharing these weights)")
+    if has_hooks(site.module):
+        kinds = [k for k in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                             "_backward_pre_hooks") if getattr(site.module, k, None)]
+        return ("hooks", KEPT, f"has {', '.join(k.strip('_').replace('_', ' ') for k in kinds)}"
+                ": a replacement is another module and would drop them (remove the hooks to "
+                "lighten it)")
+    return None
+
+
+def _calls(ws: Workspace, name: str) -> int:
+    """How many calls of the module ``name`` the installed graphs make."""
+    return sum(1 for region, gm in ws.installed.items() for node in gm.graph.nodes
+               if node.op == "call_module" and join(region, node.target) == name)
+
+
+def _sharing(root: nn.Module, name: str) -> str:
+    """What the module ``name`` shares with other places of ``root`` ('' if nothing): the
+    module itself registered under another name, or a parameter another module holds."""
+    module = root.get_submodule(name)
+    others = [n for n, m in root.named_modules(remove_duplicate=False) if m is module
+              and n != name]
+    if others:
+        return f"the module itself with {others[0]!r}"
+    mine = {id(p): p_name for p_name, p in module.named_parameters(remove_duplicate=False)}
+    for other_name, other in root.named_modules(remove_duplicate=False):
+        if other is module or other_name.startswith(f"{name}.") or \
+                name.startswith(f"{other_name}.") or other_name == "":
+            continue
+        for p_name, p in other.named_parameters(recurse=False):
+            if id(p) in mine:
+                return f"its {mine[id(p)]} with {other_name!r} ({p_name})"
+    return ""
 
 
 def kept_row(site: Site, decided_by: str, outcome: str, reason: str,

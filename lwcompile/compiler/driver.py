@@ -56,8 +56,9 @@ def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
     """Run ``compile_fn(model, args, kwargs, ...)`` alone in the process (fx patches
     ``nn.Module`` process-wide while it traces: ``fx_helpers.one_at_a_time``), outside inference
     mode: the compiler's checks read tensor version counters and build autograd-free copies
-    that inference mode forbids. Inference tensors among the inputs are cloned into normal
-    ones (the user's tensors are not touched); the result holds no inference tensor."""
+    that inference mode forbids. The example tensors are cloned (normal tensors, even from
+    inference ones), so a forward that writes into its input never writes into the user's;
+    the result holds no inference tensor."""
 
     @functools.wraps(compile_fn)
     @one_at_a_time
@@ -65,7 +66,7 @@ def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
         _refuse_scripted(model)
         with torch.inference_mode(False):
             args, kwargs = torch.utils._pytree.tree_map_only(
-                torch.Tensor, _normal_tensor, (args, kwargs))
+                torch.Tensor, _own_copy, (args, kwargs))
             return compile_fn(model, args, kwargs, *rest, **options)
 
     return wrapper
@@ -84,8 +85,8 @@ def _refuse_scripted(model: nn.Module) -> None:
             "script the result")
 
 
-def _normal_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.is_inference() else t
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,10 @@ Algorithm:
 2. Trace the copy hierarchically (``tracing.trace_model``), each traced graph judged by the
    graph check handed in.
 3. Install each traced region's GraphModule in the copy in place of its module (the root's
-   graph becomes the root); only installed graphs may be edited as graphs. A region traced
-   with some arguments fixed (``specialised``) is for analysis only and is not installed.
+   graph becomes the root), with the module's plain attributes, methods, class constants
+   and hooks (``tracing.like_original``); only installed graphs may be edited as graphs.
+   A region traced with some arguments fixed (``specialised``) is for analysis only and
+   is not installed.
 4. If the parent code of an installed sub-region needs more than its GraphModule offers
    (methods, properties), the original modules go back (``uninstall_subregions``) and
    rewriting inside them happens module by module.
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..errors import LwCompileError, UntraceableError, one_line
 from ..measure.snapshot import preserved_state
+from ..tracing.like_original import like_original
 from ..tracing.trace import Check, Region, TracedModel, trace_model
 from .check import Checked
 
@@ -66,11 +69,11 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Che
     for region in traced.regions:
         if not region.traced or region.specialised:
             continue
-        gm = region.graph_module
+        gm = like_original(region.graph_module, region.module,
+                           {k: v for k, v in region.frozen.items() if "." not in k})
         if region.name == "":
             root = gm
         else:
-            _keep_plain_attributes(region.module, gm)
             root.set_submodule(region.name, gm)
         installed[region.name] = gm
     if not installed and not traced.opaque_leaves and not any(
@@ -81,14 +84,6 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Che
             + "; ".join(traced.log or ["the model has no submodules to visit"])
         )
     return Workspace(root, traced, installed)
-
-
-def _keep_plain_attributes(module: nn.Module, gm: fx.GraphModule) -> None:
-    """Parent code may read plain attributes of a submodule (``self.net.dim_in``): keep them."""
-    for key, value in module.__dict__.items():
-        if not key.startswith("_") and key not in gm.__dict__ and not isinstance(
-                value, (nn.Module, torch.Tensor)):
-            gm.__dict__[key] = value
 
 
 def installed_graphs_run(ws: Workspace, args: tuple, kwargs: dict) -> str:

@@ -40,8 +40,9 @@ from .. import arguments as check
 from ..errors import VerificationError
 from ..measure.inputs import blamed_on_inputs
 from ..measure.profile import time_interleaved
-from ..nn import GSAT, ChannelsLast, FusedLIST, ThinConvPhases
+from ..nn import GSAT, ChannelsLast, FusedLIST, ThinConvPhases, accept_unbatched
 from ..tracing.fx_helpers import make_picklable, one_at_a_time
+from ..tracing.like_original import like_original
 from .concat_sinking import sink_concats
 from .module_rewrites import (
     fold_batchnorm,
@@ -69,6 +70,12 @@ def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = 
     """
     check.module("emit_fast", "model", model)
     args = check.inputs("emit_fast", "example_inputs", example_inputs)
+    for name, value in (("merge", merge), ("fold_bn", fold_bn), ("sink", sink),
+                        ("phases", phases)):
+        check.flag("emit_fast", name, value)
+    check.flag("emit_fast", "channels_last", channels_last, optional=True)
+    rtol, atol = check.tolerance("emit_fast", "rtol", rtol), check.tolerance("emit_fast",
+                                                                              "atol", atol)
     with blamed_on_inputs("emit_fast", model, args):
         return _emit_fast(model, args, merge, fold_bn, sink, phases, channels_last, rtol, atol)
 
@@ -97,6 +104,9 @@ def _emit_fast(model: nn.Module, args: tuple, merge: bool, fold_bn: bool, sink: 
     if channels_last:
         fast = ChannelsLast(fast)
     _check_same(model, fast, args, rtol, atol)
+    accept_unbatched(fast, args)  # the graph's inlined ops (channel shuffle) need the batch
+    if isinstance(fast, fx.GraphModule):  # fx's copy and pickle would drop those hooks
+        like_original(fast, None)
     if hasattr(model, "lwcompile_report"):
         fast.lwcompile_report = model.lwcompile_report
     return fast

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,10 +25,11 @@ from torch import nn
 from torch.export import Dim
 
 from .. import arguments as check
-from ..errors import LwCompileWarning, VerificationError, one_line
+from ..errors import ArgumentError, LwCompileWarning, VerificationError, one_line
 from ..files import write_atomic
 from ..measure.inputs import blamed_on_inputs
 from ..nn import ChannelsLast
+from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
 from .emit import emit_fast
@@ -54,6 +56,7 @@ def _tensor_names(args: tuple) -> list[str]:
     return [f"input_{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
 
 
+@one_at_a_time  # torch.export patches process-wide state while it traces
 def export_program(model: nn.Module, example_inputs: Sequence[Any],
                    dynamic_hw: bool = True, fast: bool = True) -> torch.export.ExportedProgram:
     """``torch.export`` of an eval copy of ``model`` (in ``emit_fast``'s form unless
@@ -64,6 +67,8 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     """
     check.module("export_program", "model", model)
     args = check.inputs("export_program", "example_inputs", example_inputs)
+    check.flag("export_program", "dynamic_hw", dynamic_hw)
+    check.flag("export_program", "fast", fast)
     with blamed_on_inputs("export_program", model, args):
         return _export(_for_export(model, args, fast), args, dynamic_hw)
 
@@ -101,6 +106,7 @@ class OnnxFile(type(Path())):
     int8_report: int8.Int8Report | None = None
 
 
+@one_at_a_time  # the exporters register symbolics and trace with process-wide state
 def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
                 opset: int = 17, dynamo: bool = False, fast: bool = True, *,
@@ -131,6 +137,9 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         check.module("export_onnx", "model", model)
     args = check.inputs("export_onnx", "example_inputs", example_inputs)
     path = OnnxFile(check.destination("export_onnx", "path", path))
+    for name, value in (("dynamic_hw", dynamic_hw), ("dynamo", dynamo), ("fast", fast)):
+        check.flag("export_onnx", name, value)
+    _check_opset(opset, dynamo or isinstance(model, torch.export.ExportedProgram))
     int8.check_precision(precision)
     if precision == "int8":
         if isinstance(model, torch.export.ExportedProgram):
@@ -140,12 +149,29 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
             return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
                                 target_psnr, max_float_layers, calibration_count,
                                 evaluation_count, calibration, degrade)
-    if isinstance(model, torch.export.ExportedProgram):
-        _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
-    else:
-        with blamed_on_inputs("export_onnx", model, args):
-            _write_onnx(model, args, path, dynamic_hw, opset, dynamo, fast)
+    with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
+        written = Path(tmp) / "model.onnx"  # the destination is written whole or not at all
+        if isinstance(model, torch.export.ExportedProgram):
+            _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
+        else:
+            with blamed_on_inputs("export_onnx", model, args):
+                _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
+        with written.open("rb") as source:
+            write_atomic(path, lambda f: shutil.copyfileobj(source, f))
     return path
+
+
+def _check_opset(opset: Any, new_exporter: bool) -> None:
+    from torch.onnx import _constants
+
+    check.integer("export_onnx", "opset", opset)
+    low = 18 if new_exporter else _constants.ONNX_MIN_OPSET
+    high = _constants.ONNX_MAX_OPSET if new_exporter else \
+        _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not low <= opset <= high:
+        raise ArgumentError(f"export_onnx: opset must be from {low} to {high} with the "
+                            f"{'torch.export-based' if new_exporter else 'default'} exporter, "
+                            f"got {opset}")
 
 
 def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,

@@ -17,9 +17,9 @@ keeps its place: call the program with every argument, as the model.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .. import arguments as check
 from ..errors import LwCompileError, one_line
 from ..files import write_atomic
+from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
 from .aten_rewrites import xnnpack_forms
@@ -92,6 +93,7 @@ class MobileExport:
                 + ("" if self.int8_report is None else f"\n{self.int8_report}"))
 
 
+@one_at_a_time  # torch.export and ExecuTorch lowering hold process-wide state
 def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                   optimize: bool = True, verify: bool = True, precision: str = "fp32",
                   calibration: Any = None, degrade: Degrade | None = None,
@@ -101,12 +103,12 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                   calibration_count: int = 8, evaluation_count: int = 4) -> MobileExport:
     """Write ``model`` as an XNNPACK-delegated ExecuTorch program to ``path``.
 
-    The model is exported in eval mode (BatchNorm with running statistics, as deployed) and
-    its training flags are restored afterwards. With ``optimize``, BatchNorms and ReLUs after
-    a concat and concats feeding squeezing convs are rewritten into equivalent forms XNNPACK
-    fuses (``deploy.aten_rewrites``; outputs change by float rounding only). Constant
-    subexpressions are folded before partitioning: ``1 - mask`` otherwise leaves a copy of
-    the scalar 1 outside XNNPACK.
+    An eval copy of the model is exported (BatchNorm with running statistics, as deployed);
+    the model itself is never switched or run, so other threads may keep using it. With
+    ``optimize``, BatchNorms and ReLUs after a concat and concats feeding squeezing convs
+    are rewritten into equivalent forms XNNPACK fuses (``deploy.aten_rewrites``; outputs
+    change by float rounding only). Constant subexpressions are folded before partitioning:
+    ``1 - mask`` otherwise leaves a copy of the scalar 1 outside XNNPACK.
     With ``verify``, the written file is run once on ``example_inputs`` by the ExecuTorch
     runtime and compared with the eager model (``max_abs_error``).
 
@@ -120,6 +122,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     check.module("export_mobile", "model", model)
     example_inputs = check.inputs("export_mobile", "example_inputs", example_inputs)
     path = check.destination("export_mobile", "path", path)
+    check.flag("export_mobile", "optimize", optimize)
+    check.flag("export_mobile", "verify", verify)
     int8.check_precision(precision)
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
@@ -129,8 +133,10 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     example_inputs = tuple(example_inputs)
     path = Path(path)
     int8_report = None
+    model = copy.deepcopy(model).eval()
+    example_inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in example_inputs)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with torch.no_grad():
             exported = torch.export.export(model, example_inputs)
             forms = Counter()
             if optimize:
@@ -191,15 +197,3 @@ def _fold_constants_pass() -> Any:
             return ExportedProgramPassResult(folded, True)
 
     return FoldConstants()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Switch to eval for the export and restore each submodule's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training

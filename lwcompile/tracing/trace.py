@@ -29,11 +29,13 @@ from torch import nn
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
+from .frozen import describe_frozen, frozen_attributes
 from .fx_helpers import (
     ThreadConfinedTracer,
     positional_module_calls,
     strip_string_annotations,
 )
+from .like_original import has_hooks
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Region:
     #: ``measure.cost.Timeline`` the graph check recorded (tracing does not count memory),
     #: or None where it was not timed
     timeline: Any = None
+    #: plain attributes the traced forward read, frozen into the graph ("path.attr" -> value)
+    frozen: dict[str, Any] = field(default_factory=dict)
 
     @property
     def traced(self) -> bool:
@@ -195,7 +199,7 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
     Tracing bakes in the module's mode (the compiler's copies are in eval). With
     ``both_modes`` (the user's model is in training mode), a forward that branches on
     ``self.training`` is not traced: it stays Python code and keeps both behaviours."""
-    opaque: set[str] = set()
+    opaque = hooked_submodules(module)  # traced through, their hooks would be baked in
     try:
         concrete, values = _split_concrete(module, call)
     except TypeError as exc:
@@ -224,6 +228,17 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
+
+
+def hooked_submodules(module: nn.Module) -> set[str]:
+    """The outermost submodules fx would trace through that have hooks of their own: kept
+    as leaves, so their hooks run as Python (they are visited as regions of their own)."""
+    hooked: set[str] = set()
+    for path, sub in module.named_modules():
+        if path and not is_leaf(sub) and has_hooks(sub) and not any(
+                path.startswith(f"{h}.") for h in hooked):
+            hooked.add(path)
+    return hooked
 
 
 def _branches_on_training(module: nn.Module, opaque: set[str], concrete: dict[str, Any],
@@ -292,6 +307,9 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, output: Any, check:
                                        call.output)
             result.regions.append(region)
             if region.traced:
+                region.frozen = frozen_attributes(module, opaque, is_leaf)
+                if region.frozen:
+                    result.log.append(describe_frozen(name, region.frozen))
                 children = {join(name, p): module.get_submodule(p) for p in sorted(opaque)}
             else:
                 result.log.append(f"{name or '<root>'}: opaque ({region.opaque_reason})")
