@@ -28,6 +28,7 @@ from .deploy.file_errors import (
 from .deploy.int8 import CalibrationDataError, Int8Error, Int8QualityError, Int8Report
 from .deploy.mobile import export_mobile
 from .deploy.persist import PersistError, SaveFileError, WrongArchitectureError, info, load, save
+from .deploy.tune import Tuned, TuneError, TuneReport, tune
 from .errors import (
     ArgumentError,
     CheckpointError,
@@ -45,7 +46,7 @@ from .errors import (
 from .html_report import write_html
 from .measure.cost import count_macs, count_params, random_inputs
 from .measure.profile import profile
-from .nn import GSAT, LIST, PointwiseOverParts, Resize
+from .nn import GSAT, LIST, DenseLIST, PointwiseOverParts, Resize
 from .report import Report, Row, Summary
 from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 from .tracing.flow import DataFlow, is_depthwise, record_flow, structure_key
@@ -56,6 +57,7 @@ from .train.fitting import FitTask, register_fit
 from .train.layerwise import FitErrors, init_layerwise
 
 __all__ = [
+    "tune", "Tuned", "TuneReport", "TuneError", "DenseLIST",
     "GSAT", "LIST", "DataFlow", "PointwiseOverParts", "Resize", "count_macs", "count_params",
     "is_depthwise", "random_inputs", "record_flow", "structure_key", "ExampleInputError", "Guard",
     "LwCompileError", "Match", "NoMatch",

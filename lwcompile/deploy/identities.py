@@ -163,3 +163,27 @@ def strided_phase_weight(w: Tensor, r: int = PHASES) -> tuple[Tensor, int]:
 def phase_bias(bias: Tensor | None, r: int = PHASES) -> Tensor | None:
     """The phase conv's bias: each output channel's, once per phase."""
     return None if bias is None else bias.repeat_interleave(r * r)
+
+
+def depthwise_then_pointwise(depthwise: tuple[Tensor, Tensor | None],
+                             pointwise: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
+    """A depthwise kxk conv followed by a 1x1 conv as one dense kxk conv: the 1x1 mixes
+    channels that were each filtered alone, so ``w[o, c] = pw[o, c] * dw[c]`` (kernel by
+    scalar), and the depthwise bias passes through the 1x1 into the bias."""
+    (dw_w, dw_b), (pw_w, pw_b) = depthwise, pointwise
+    mix = pw_w[:, :, 0, 0]
+    weight = mix[:, :, None, None] * dw_w[:, 0][None]
+    bias = torch.zeros(pw_w.shape[0], dtype=pw_w.dtype) if pw_b is None else pw_b.clone()
+    if dw_b is not None:
+        bias = bias + mix @ dw_b
+    return weight.detach(), bias.detach()
+
+
+def pointwise_as_kernel(pointwise: tuple[Tensor, Tensor | None],
+                        kernel: int) -> tuple[Tensor, Tensor]:
+    """A 1x1 conv as a "same" kxk conv whose only non-zero tap is the centre one."""
+    pw_w, pw_b = pointwise
+    weight = pw_w.new_zeros(pw_w.shape[0], pw_w.shape[1], kernel, kernel)
+    weight[:, :, kernel // 2, kernel // 2] = pw_w[:, :, 0, 0]
+    bias = torch.zeros(pw_w.shape[0], dtype=pw_w.dtype) if pw_b is None else pw_b
+    return weight.detach(), bias.detach()

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..nn import LIST, FusedLIST, Resize, ThinConvPhases
+from ..nn import LIST, DenseLIST, FusedLIST, Resize, ThinConvPhases
 from ..tracing.fx_helpers import ThreadConfinedTracer
 from . import identities
 
@@ -176,6 +176,8 @@ def fold_bn_into(module: nn.Module, bn: nn.BatchNorm2d) -> nn.Module | None:
         convs = [fused]
     elif isinstance(module, FusedLIST):
         convs = [fused.pointwise]
+    elif isinstance(module, DenseLIST):
+        convs = [fused.conv]
     elif isinstance(module, LIST):  # LIST's output channels: [1x1 branch | spatial branch]
         convs = [fused.pointwise_branch, fused.spatial_branch[1]]
     else:
