@@ -22,7 +22,7 @@ from ..errors import NotAModuleError
 from ..measure.inputs import infer_example_inputs
 from ..rule import Rule
 from . import light_plan, rebuild
-from .file_errors import NotSavableError, SaveFileError
+from .file_errors import NotSavableError, ReplayError, SaveFileError
 from .persist import file_kind, info, load, report_from_dict, save
 
 
@@ -58,6 +58,11 @@ def convert(old: str | os.PathLike[str], new: str | os.PathLike[str], original: 
     model.lwcompile_plan = light_plan.record(original, args, {}, list(chosen.values()), [],
                                              model, report, source)
     table = light_plan.names_and_shapes(model)
-    rebuild.rebuild(original, model.lwcompile_plan, table, rules=list(chosen.values()),
-                    inputs=(tuple(args), {}))
+    try:
+        rebuild.rebuild(original, model.lwcompile_plan, table, rules=list(chosen.values()),
+                        inputs=(tuple(args), {}))
+    except ReplayError as exc:
+        raise type(exc)(f"{old} cannot be converted: {exc} (the old file does not record "
+                        "rule parameters or example inputs: pass those lighten used, e.g. "
+                        "rules=[ListRule(squeeze_ratio=8)], --input 1x3x64x64)") from exc
     return save(model, new, report=report)
