@@ -405,3 +405,26 @@ def test_failing_rename_is_a_save_error(light, saved, monkeypatch):
 def test_info_never_needs_the_original(saved):
     header = persist.info(saved)
     assert json.loads(json.dumps(header)) == header  # plain JSON data
+
+
+@pytest.mark.parametrize(("entry", "error", "message"), [
+    ({"tensor": {"shape": [1, 1, 10**6, 10**6], "dtype": "float32"}}, lwcompile.ReplayError,
+     "not one to make \\(negative or too large\\)"),
+    ({"tensor": {"shape": [1, 1, 16, 16], "dtype": "system"}}, lwcompile.ReplayError,
+     "unknown dtype 'system'"),
+    ({"tensor": {"shape": "all", "dtype": "float32"}}, SaveFileError,
+     "its plan cannot be used \\(ValueError"),
+    ({"unknown": "Mask"}, lwcompile.ReplayError, "included a Mask.*example_inputs"),
+])
+def test_crafted_example_inputs_are_refused(saved, monkeypatch, entry, error, message):
+    rewrite(saved, lambda header, tensors: header["plan"]["inputs"].update(args=[entry]))
+    monkeypatch.setattr(weights_file, "tensors", no_weights_loaded)
+    with pytest.raises(error, match=message):
+        persist.load(saved, original=small_dncnn())
+
+
+def test_example_inputs_passed_to_load_replace_the_recorded_ones(light, saved):
+    loaded = persist.load(saved, original=small_dncnn(), example_inputs=(torch.rand(1, 1, 16, 16),))
+    x = torch.rand(1, 1, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), light(x))

@@ -221,8 +221,13 @@ def _rebuilt(path: Path, header: dict[str, Any], data: bytes, original: nn.Modul
             "original=model) (on the command line: --original MODEL)")
     shapes = weights_file.read(path, data)[1]
     table = {name: shapes[aliases.get(name, name)] for name in [*shapes, *aliases]}
-    model = rebuild.rebuild(original, plan, table, rules=rules,
-                            inputs=None if inputs is None else (inputs, {}))
+    try:
+        model = rebuild.rebuild(original, plan, table, rules=rules,
+                                inputs=None if inputs is None else (inputs, {}))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # lighten turns its own failures into LwCompileErrors: these are the plan's values
+        raise SaveFileError(f"{path} is corrupt: its plan cannot be used "
+                            f"({one_line(exc)})") from exc
     state = weights_file.tensors(path, data)
     state.update({name: state[target] for name, target in aliases.items()})
     _match_dtypes(model, state)

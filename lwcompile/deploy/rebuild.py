@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import pkgutil
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +34,10 @@ from ..errors import LwCompileError, NothingToLighten
 from ..rule import Match, NoMatch, Refuse, Rule, Site
 from .file_errors import ReplayError, UnknownRuleError, WeightMismatchError, WrongArchitectureError
 from .light_plan import decode, names_and_shapes, structure_digest
+
+#: the largest example input a file may ask the replay to make (a crafted file must not be
+#: able to make load allocate without bound); larger ones are passed by the caller
+MAX_INPUT_ELEMENTS = 2**27
 
 
 @functools.cache
@@ -155,11 +160,14 @@ def example_inputs(plan: Mapping[str, Any], like: nn.Module) -> tuple[tuple, dic
 
     def make(entry: Mapping[str, Any]) -> Any:
         if "tensor" in entry:
-            dtype = getattr(torch, entry["tensor"]["dtype"], None)
+            dtype = getattr(torch, str(entry["tensor"]["dtype"]), None)
             if not isinstance(dtype, torch.dtype):
                 raise ReplayError(f"the file's example input has an unknown dtype "
                                   f"{entry['tensor']['dtype']!r}")
-            shape = entry["tensor"]["shape"]
+            shape = [int(d) for d in entry["tensor"]["shape"]]
+            if min(shape, default=1) < 0 or math.prod(shape) > MAX_INPUT_ELEMENTS:
+                raise ReplayError(f"the file's example input shape {shape} is not one to make "
+                                  "(negative or too large): pass load(..., example_inputs=...)")
             value = torch.rand(shape, generator=generator) if dtype.is_floating_point \
                 else torch.zeros(shape)
             return value.to(device=device, dtype=dtype)
@@ -200,9 +208,10 @@ def rebuild(original: nn.Module, plan: Mapping[str, Any], weights: Mapping[str, 
             from exc
     _check_replay(light, plan, weights)
     light.train(plan["result"]["training"])
+    modules = dict(light.named_modules())
     for name in plan["result"]["training_differs"]:
-        module = light.get_submodule(name)
-        module.training = not plan["result"]["training"]
+        if name in modules:
+            modules[name].training = not plan["result"]["training"]
     return light
 
 
