@@ -27,16 +27,23 @@ def module(where: str, name: str, value: Any) -> nn.Module:
 
 
 def inputs(where: str, name: str, value: Any, *, optional: bool = False) -> tuple | None:
-    """Positional forward arguments: one tensor, or a list/tuple of them (and other values)."""
+    """Positional forward arguments: one tensor, or a list/tuple of them (and other values).
+    Tensors are copied, so a forward that writes into its input never writes into the
+    caller's tensor."""
     if value is None and optional:
         return None
     if isinstance(value, torch.Tensor):
-        return (value,)
+        return (_own_copy(value),)
     if isinstance(value, (list, tuple)):
-        return tuple(value)
+        return tuple(_own_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
     raise ArgumentError(f"{where}: {name} must be a tensor or a tuple/list of the forward's "
                         f"positional arguments{' (or None)' if optional else ''}, "
                         f"got {_got(value)}")
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 def strings(where: str, name: str, value: Any) -> tuple[str, ...]:

@@ -249,6 +249,7 @@ def measure(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Measu
 def count_macs(module: nn.Module, *args: Any, **kwargs: Any) -> int:
     """MACs of one forward of ``module`` on these inputs."""
     check.module("count_macs", "module", module)
+    args = check.inputs("count_macs", "inputs", args)  # copies: a forward may write into them
     from .inputs import blamed_on_inputs  # inputs builds on this module
 
     with blamed_on_inputs("count_macs", module, args):
@@ -277,5 +278,13 @@ def measure_on_shapes(module: nn.Module, shapes: tuple[torch.Size, ...],
 def random_inputs(shapes: tuple[torch.Size, ...], seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """Reproducible random tensors of these shapes (the site's dtype: half models too)."""
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, (list, tuple)) or not all(
+            isinstance(s, (list, tuple)) and all(isinstance(n, int) and n >= 0 for n in s)
+            for s in shapes):
+        raise check.ArgumentError(f"random_inputs: shapes must be a list of shapes (tuples of "
+                                  f"sizes >= 0), got {shapes!r}"[:200])
+    check.integer("random_inputs", "seed", seed)
+    if not isinstance(dtype, torch.dtype):
+        raise check.ArgumentError(f"random_inputs: dtype must be a torch.dtype, got {dtype!r}")
     generator = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(s, generator=generator).to(dtype) for s in shapes)

@@ -148,6 +148,9 @@ def structure_key(module: nn.Module) -> tuple:
     (and a GraphModule's code), not parameter values. Equal keys, equal flows and shapes,
     so the result for one replacement holds for its identical twins.
     """
+    from .. import arguments as check
+
+    check.module("structure_key", "module", module)
     def own(m: nn.Module) -> tuple:
         plain = tuple(sorted((k, repr(v)) for k, v in vars(m).items()
                              if k[0] != "_" and not isinstance(v, (torch.Tensor, nn.Module))))
@@ -204,6 +207,13 @@ def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
 
     ``watch`` names submodules (qualified names); by default every leaf module.
     """
+    from .. import arguments as check
+
+    check.module("record_flow", "model", model)
+    args = check.inputs("record_flow", "args", args)
+    kwargs = check.mapping("record_flow", "kwargs", kwargs)
+    if watch is not None:
+        watch = check.strings("record_flow", "watch", watch)
     with preserved_state(model), torch.no_grad(), flow_recording(model, watch) as flow:
         note_output(flow, model(*args, **(kwargs or {})))
     return flow
