@@ -145,10 +145,14 @@ def record(original: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
                        "params": None} for r in rules if r.name not in used]
     for row in report.rows:
         if row.outcome == APPLIED:
-            module = result.get_submodule(row.result_name or row.site)
+            try:
+                digest = structure_digest(result.get_submodule(row.result_name or row.site))
+            except AttributeError as exc:  # never fail lighten over its record
+                plan["replayable"], digest = f"the replacement at {row.site!r} is not a " \
+                    f"submodule of the result ({exc})", ""
             plan["sites"].append({"site": row.site, "rule": row.decided_by,
                                   "result_name": row.result_name or row.site,
-                                  "structure": structure_digest(module)})
+                                  "structure": digest})
         else:
             plan["vetoes"].append({"site": row.site, "by": row.decided_by,
                                    "outcome": row.outcome, "reason": row.reason})
