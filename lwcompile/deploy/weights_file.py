@@ -45,10 +45,16 @@ def looks_like_safetensors(start: bytes) -> bool:
 
 def write(path: Path, tensors: Mapping[str, torch.Tensor], header: dict[str, Any]) -> None:
     """Write ``tensors`` (contiguous, unshared, on the CPU) and ``header`` to ``path``."""
-    first = serialise(dict(tensors), metadata={KEY: json.dumps(header | {"data_sha256": ""})})
-    data = first[8 + _LENGTH.unpack_from(first)[0]:]
-    text = json.dumps(header | {"data_sha256": hashlib.sha256(data).hexdigest()}, default=str)
-    blob = serialise(dict(tensors), metadata={KEY: text})
+    try:
+        first = serialise(dict(tensors),
+                          metadata={KEY: json.dumps(header | {"data_sha256": ""}, default=str)})
+        data = first[8 + _LENGTH.unpack_from(first)[0]:]
+        text = json.dumps(header | {"data_sha256": hashlib.sha256(data).hexdigest()},
+                          default=str)
+        blob = serialise(dict(tensors), metadata={KEY: text})
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:  # e.g. a dtype
+        raise SaveFileError(f"cannot save to {path}: the tensors cannot be written as "
+                            f"safetensors ({one_line(exc)})") from exc
     if blob[8 + _LENGTH.unpack_from(blob)[0]:] != data:  # the layout ignores the metadata
         raise SaveFileError(f"cannot save to {path}: the safetensors layout changed between "
                             "two writes of the same tensors")
