@@ -69,7 +69,19 @@ def write_html(report_dict: Mapping[str, Any], path: str | os.PathLike[str],
     """Write ``render_html(...)`` to ``path`` (UTF-8, atomically) and return the path."""
     check.mapping("write_html", "report_dict", report_dict, optional=False)
     path = check.path("write_html", "path", path)
-    page = render_html(report_dict, crops, title=title, meta=meta).encode("utf-8")
+    if not isinstance(title, str):
+        raise check.ArgumentError(f"write_html: title must be a string, got {title!r}"[:200])
+    check.mapping("write_html", "meta", meta)
+    if crops is not None and (isinstance(crops, (str, bytes)) or not isinstance(
+            crops, (Mapping, Sequence))):
+        raise check.ArgumentError("write_html: crops must be a dict or list of (caption, PNG "
+                                  f"bytes), got a {type(crops).__name__}")
+    try:
+        page = render_html(report_dict, crops, title=title, meta=meta).encode("utf-8")
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
+        raise check.ArgumentError(
+            "write_html: report_dict is not what Report.to_dict() gives "
+            f"({type(exc).__name__}: {exc})"[:300]) from exc
     return write_atomic(path, lambda f: f.write(page))
 
 

@@ -274,3 +274,17 @@ def test_cli_malformed_input_shape_is_not_a_crash(spec, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert code in (cli_app.EXIT_REFUSED, 2), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"report_dict": {"rows": 5}}, "report_dict is not what Report.to_dict"),
+    ({"report_dict": {"rows": [{"x": 1}]}}, "report_dict is not what Report.to_dict"),
+    ({"title": 5}, "title must be a string"),
+    ({"crops": 5}, "crops must be a dict or list"),
+    ({"meta": ["a"]}, "meta must be a dict"),
+])
+def test_write_html_with_garbage_writes_nothing(kwargs, message, tmp_path):
+    call = {"report_dict": {}, **kwargs}
+    with pytest.raises(lwcompile.ArgumentError, match=f"write_html: {message}"):
+        lwcompile.write_html(call.pop("report_dict"), tmp_path / "r.html", **call)
+    assert list(tmp_path.iterdir()) == []
