@@ -165,7 +165,7 @@ def _check_opset(opset: Any, new_exporter: bool) -> None:
     from torch.onnx import _constants
 
     check.integer("export_onnx", "opset", opset)
-    low = 18 if new_exporter else _constants.ONNX_MIN_OPSET
+    low = _constants.ONNX_MIN_OPSET  # the new exporter converts down from its own 18
     high = _constants.ONNX_MAX_OPSET if new_exporter else \
         _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
     if not low <= opset <= high:
