@@ -11,6 +11,7 @@ report can name them (and ``like_original`` can warn when one is set).
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from typing import Any
@@ -26,7 +27,8 @@ def _is_plain(value: Any) -> bool:
         isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value))
 
 
-def _self_reads(cls: type) -> set[str]:
+@functools.lru_cache(maxsize=1024)
+def _self_reads(cls: type) -> frozenset[str]:
     """Attributes of ``self`` read by ``forward`` and the methods it calls on ``self``."""
     reads: set[str] = set()
     todo, seen = ["forward"], set()
@@ -50,7 +52,7 @@ def _self_reads(cls: type) -> set[str]:
                 reads.add(node.attr)
                 if inspect.isfunction(getattr(cls, node.attr, None)):
                     todo.append(node.attr)
-    return reads
+    return frozenset(reads)
 
 
 def frozen_attributes(module: nn.Module, leaves: set[str] | frozenset[str],
