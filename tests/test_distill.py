@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import lwcompile
 from examples.dncnn import DnCNN
 from lwcompile import LIST, LwCompileError
+from lwcompile.train.blocks import block_after, permute_inputs
 from lwcompile.train.data import add_noise, batches, load_images
 from lwcompile.train.distill import distill
 from lwcompile.train.fitting import centre_heavy_order, least_squares_last_conv
-from lwcompile.train.layerwise import _permutable_consumer, _permute_inputs, init_layerwise
+from lwcompile.train.layerwise import init_layerwise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,8 @@ def test_centre_heavy_reordering_is_undone_exactly(pair):
     before = student(x)
     site = "body.2"
     rep: LIST = student.get_submodule(site)
-    chain, consumer = _permutable_consumer(student, site)
+    block = block_after(student, site)
+    assert len(block.chain) == 2 and block.consumer is not None  # BN, ReLU -> next LIST
     # a permutation that keeps each half in its branch can be applied to the branch rows
     half = rep.pointwise_branch.out_channels
     perm = torch.cat([torch.randperm(half), half + torch.randperm(half)])
@@ -102,7 +104,7 @@ def test_centre_heavy_reordering_is_undone_exactly(pair):
                         (rep.spatial_branch[1], perm[half:] - half)):
             conv.weight.copy_(conv.weight[p])
             conv.bias.copy_(conv.bias[p])
-    _permute_inputs(chain, consumer, perm)
+    permute_inputs(block.chain, block.consumer, perm)
     torch.testing.assert_close(student(x), before, rtol=1e-5, atol=1e-5)
 
 

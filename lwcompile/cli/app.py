@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import LwCompileError, one_line
-from . import commands
+from . import commands, training
 
 EXIT_OK, EXIT_REFUSED, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 3, 130  # argparse: 2 on misuse
 
@@ -44,6 +44,9 @@ examples:
       --precision int8 --calibration photos/
   lwcompile report dncnn_light.safetensors
   lwcompile report dncnn_light.safetensors --html report.html --teacher examples.dncnn:build
+  lwcompile distill light.safetensors --teacher examples.dncnn:build --data photos/ \
+      --noise 25 --val held_out/ --minutes 30 -o trained.safetensors
+  lwcompile eval trained.safetensors --teacher examples.dncnn:build --data held_out/ --noise 25
   lwcompile convert old_light.pt --original examples.dncnn:build --trust-pickle \
       -o light.safetensors
 
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the example input shape lighten ran on, if it was given then")
     p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
                    help="a rule of your own that made OLD; repeatable")
+    training.register(command)  # distill, eval
     return parser
 
 

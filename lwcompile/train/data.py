@@ -141,15 +141,28 @@ def batches(
     seed: int = 0,
     start: int = 0,
     rank: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Tensor]:
     """Endless batches (N,channels,crop,crop) in [0, 1], the first one being step ``start``.
 
-    ``data`` is None (scikit-image's ``TRAIN`` images), a folder of images, a tensor
-    (N,C,H,W) or any iterable of batches such as a DataLoader (a tuple/list batch gives its
-    first element). Images and tensors give random crops, different for each ``rank``; a
-    DataLoader is replayed as is, cycled over epochs, and skips ``start`` batches on resume
-    (exact only if the loader's order is reproducible).
+    ``data`` is None (scikit-image's ``TRAIN`` images), a folder of images (read when drawn,
+    any size: ``datasets.ImageFolder``), an ``ImageFolder`` or ``PairedFolders`` dataset
+    (the low image of each pair is the model input), a tensor (N,C,H,W) or any iterable of
+    batches such as a DataLoader (a tuple/list batch gives its first element). Folders,
+    datasets, images and tensors give random crops, different for each ``rank``, loaded by
+    ``workers`` DataLoader processes for folders and datasets; a DataLoader is replayed as
+    is, cycled over epochs, and skips ``start`` batches on resume (exact only if the
+    loader's order is reproducible).
     """
+    from .datasets import ImageFolder, PairedFolders, step_loader  # they import this module
+
+    if isinstance(data, (str, Path)) and crop is not None:
+        data = ImageFolder(data, crop=crop, channels=channels)
+    if isinstance(data, (ImageFolder, PairedFolders)):
+        loader = step_loader(data, batch_size=batch_size, seed=seed, rank=rank, start=start,
+                             workers=workers, pin_memory=pin_memory)
+        return _replay(loader, channels, 0)
     if isinstance(data, Tensor) and data.dim() == 4:
         images = to_channels(data, channels)
     elif isinstance(data, Tensor):
@@ -193,12 +206,13 @@ def image_channels(teacher: nn.Module) -> int:
 
 def model_inputs(data: str | Path | Tensor | Iterable | None, teacher: nn.Module,
                  channels: int | None, degrade: Degrade | None, batch_size: int,
-                 crop: int | None, seed: int, start: int = 0,
-                 rank: int = 0) -> Iterator[tuple[int, Tensor]]:
+                 crop: int | None, seed: int, start: int = 0, rank: int = 0,
+                 workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, Tensor]]:
     """(step, model input) pairs: ``batches`` of ``data`` passed through ``degrade``, whose
     noise is also seeded by the step; ``channels`` defaults to ``image_channels(teacher)``."""
     stream = batches(data, channels=channels or image_channels(teacher),
-                     batch_size=batch_size, crop=crop, seed=seed, start=start, rank=rank)
+                     batch_size=batch_size, crop=crop, seed=seed, start=start, rank=rank,
+                     workers=workers, pin_memory=pin_memory)
     for step, clean in enumerate(stream, start):
         yield step, clean if degrade is None else degrade(
             clean, step_generator(seed + 1, rank, step))

@@ -4,11 +4,18 @@ Usually after ``init_layerwise`` (``layerwise.py``) has given each replacement a
 
     light = lwcompile.lighten(teacher, (torch.rand(1, 1, 40, 40),))
     init_layerwise(light, teacher, degrade=add_noise(25))
-    distill(light, teacher, steps=2000, degrade=add_noise(25), checkpoint="run.pt")
+    distill(light, teacher, steps=2000, degrade=add_noise(25), checkpoint="run.pt",
+            lr_schedule="cosine", val_data="val_images/", device="cuda", amp="bf16")
+
+The loop itself is here; where it runs (``device.py``), what it saves (``checkpoint.py``),
+how it scores (``validation.py``), its schedules and weight average (``schedule.py``) and
+the BatchNorm re-estimation (``normalization.py``) are one module each.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import random
 from collections.abc import Callable
@@ -21,14 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import arguments as check
-from ..errors import ArgumentError, CheckpointError, DestinationError, one_line
-from ..files import write_atomic
+from ..errors import ArgumentError, DestinationError
+from .checkpoint import restore, rng_state, save_checkpoint
 from .checks import run_on_batch, same_output_shape, training_arguments
-from .data import Degrade, model_inputs
+from .data import Degrade, image_channels, model_inputs
+from .device import amp_dtype, autocast, grad_scaler, process_group_backend, resolve_device
+from .normalization import has_batch_norm, update_bn_statistics
+from .progress import progress as progress_bar
+from .schedule import Schedule, schedule_for, weight_average
+from .validation import Scores, validate, validation_pairs
 
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    write_atomic(path, lambda f: torch.save(state, f))
+#: seed offset of the batches BatchNorm statistics are re-estimated on (not training's)
+_BN_SEED = 7919
 
 
 def distill(
@@ -48,26 +59,53 @@ def distill(
     resume: bool = True,
     progress: bool = True,
     seed: int = 0,
-    lr_schedule: Callable[[int], float] | None = None,
+    lr_schedule: str | Schedule | None = None,
     stop_when: Callable[[], bool] | None = None,
+    device: Any = None,
+    amp: str | None = None,
+    val_data: Any = None,
+    val_every: int | None = None,
+    best_checkpoint: str | Path | None = None,
+    ema: float | None = None,
+    bn_batches: int = 8,
+    workers: int = 0,
+    on_validation: Callable[[int, Scores], None] | None = None,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
 
-    ``stop_when``, asked before each step, ends training early when it answers True (e.g. a
-    time budget is spent); the checkpoint is written as at the end.
+    Adam at ``lr``, times ``lr_schedule(step)``: "cosine" (from 1 to 0 over ``steps``), a
+    function of the step alone (so that resuming stays exact) or None (constant, so that a
+    longer run continues a shorter one). ``stop_when``, asked before each step, ends
+    training early when it answers True (e.g. a time budget is spent); everything then
+    happens as at the end. ``ema`` (a decay such as 0.999) keeps an exponential moving
+    average of the student's weights, which the student receives at the end.
 
-    Adam at ``lr``, times ``lr_schedule(step)`` if given (a function of the step alone, so
-    that resuming stays exact; by default constant, so a longer run continues a shorter
-    one). Step ``s`` always sees the same batch and noise (generators seeded from
-    ``(seed, rank, s)``), and the checkpoint holds weights, optimiser, step and RNG state:
-    a run resumed from its checkpoint ends bit-identical to an uninterrupted one. Checkpoints
-    are written atomically (temp file, then ``os.replace``) every ``checkpoint_every`` steps
-    and at the end. ``data``, ``batch_size``, ``crop``, ``channels`` and ``degrade`` are as
-    in ``init_layerwise``.
+    ``device`` (default: where the student's parameters are) is where both models train;
+    the teacher is moved there. ``amp`` ("bf16", or "fp16" with a loss scaler on a GPU)
+    runs the forward passes under autocast. ``workers`` loads an ``ImageFolder`` /
+    ``PairedFolders`` dataset (or a folder) in that many DataLoader processes, with pinned
+    memory on a GPU.
+
+    With ``val_data`` (a folder of clean images, degraded by ``degrade`` with fixed seeds;
+    ``PairedFolders``; or (input, clean) pairs), the student is scored (PSNR/SSIM,
+    ``validate``) every ``val_every`` steps (default ``checkpoint_every``) and at the end,
+    each time on a copy whose BatchNorm statistics were re-estimated (``bn_batches``
+    batches, cumulative average); ``on_validation(step, scores)`` hears each result, and
+    ``best_checkpoint`` receives the weights (re-estimated statistics included) of the best
+    PSNR so far. At the end the student's own BatchNorm statistics are re-estimated the
+    same way (``bn_batches=0``: left as training left them).
+
+    Step ``s`` always sees the same batch and noise (generators seeded from
+    ``(seed, rank, s)``), and the checkpoint holds weights, optimiser, step, RNG state, EMA
+    and validation history, all on CPU tensors: a run resumed from its checkpoint, on this
+    device or another, ends as an uninterrupted one (bit-identical on the same device).
+    Checkpoints are written atomically every ``checkpoint_every`` steps and at the end.
+    ``data``, ``batch_size``, ``crop``, ``channels`` and ``degrade`` are as in
+    ``init_layerwise``.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` set), it trains with DistributedDataParallel
-    (gloo on CPU): each rank draws its own crops, gradients are averaged, rank 0 writes the
-    checkpoints.
+    (NCCL on GPUs, gloo on the CPU): each rank draws its own crops, gradients are averaged,
+    rank 0 validates and writes the checkpoints.
     """
     losses = {"l1": F.l1_loss, "mse": F.mse_loss}
     if not isinstance(loss, str) or loss not in losses:
@@ -75,44 +113,97 @@ def distill(
     training_arguments("distill", student, teacher, steps=steps, lr=lr, batch_size=batch_size,
                        crop=crop, channels=channels, degrade=degrade, seed=seed)
     path = None if checkpoint is None else check.path("distill", "checkpoint", checkpoint)
+    best_path = None if best_checkpoint is None \
+        else check.path("distill", "best_checkpoint", best_checkpoint)
     check.integer("distill", "checkpoint_every", checkpoint_every, minimum=1)
-    check.function("distill", "lr_schedule", lr_schedule)
+    check.integer("distill", "val_every", val_every, minimum=1, optional=True)
+    check.integer("distill", "bn_batches", bn_batches, minimum=0)
+    check.integer("distill", "workers", workers, minimum=0)
     check.function("distill", "stop_when", stop_when)
+    check.function("distill", "on_validation", on_validation)
+    schedule = schedule_for("distill", lr_schedule, steps)
+    where = resolve_device("distill", device, student)
+    dtype = amp_dtype("distill", amp, where)
+    channels = channels or image_channels(teacher)
+    pairs = None if val_data is None else validation_pairs(val_data, channels=channels,
+                                                           degrade=degrade)
+    for target in (path, best_path):
+        if target is not None and not target.parent.is_dir():  # refused now, not at the end
+            raise DestinationError(f"distill: cannot write {target}: folder {target.parent} "
+                                   "does not exist (create it first)")
     criterion = losses[loss]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
-        dist.init_process_group("gloo")
+        dist.init_process_group(process_group_backend(where))
     rank = dist.get_rank() if world > 1 else 0
 
+    student.to(where)
+    teacher.to(where)
     torch.manual_seed(seed)
     random.seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    start = 0
+    scaler = grad_scaler(where, dtype)
+    average = weight_average("distill", student, ema)
+    start, history = 0, []
     if path is not None and resume and path.exists():
-        start = _resume(path, student, opt)
-    if path is not None and not path.parent.is_dir():  # refused now, not after training
-        raise DestinationError(f"distill: cannot write the checkpoint {path}: folder "
-                               f"{path.parent} does not exist (create it first)")
+        state = restore(path, student, opt)
+        start, history = state["step"], list(state.get("history", []))
+        if average is not None and "ema" in state:
+            average.load_state_dict(state["ema"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+    best = max((h["psnr"] for h in history), default=None)
 
     def save(step: int) -> None:
         if path is not None and rank == 0:
-            rng = random.getstate()
-            _save_atomic({"student": student.state_dict(), "optimizer": opt.state_dict(),
-                          "step": step, "torch_rng": torch.get_rng_state(),
-                          "python_rng": (rng[0], list(rng[1]), rng[2]), "seed": seed}, path)
+            state = {"student": student.state_dict(), "optimizer": opt.state_dict(),
+                     "step": step, **rng_state(), "seed": seed, "history": history}
+            if average is not None:
+                state["ema"] = average.state_dict()
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(path, state)
+
+    def bn_inputs():
+        stream = model_inputs(data, teacher, channels, degrade, batch_size, crop,
+                              seed + _BN_SEED, workers=workers)
+        return (x for _, x in itertools.islice(stream, bn_batches))
+
+    def final_weights() -> nn.Module:
+        """The weights training ends with: the EMA's, or the student's."""
+        return student if average is None else average.module
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        model = copy.deepcopy(final_weights())
+        if bn_batches:
+            update_bn_statistics(model, bn_inputs(), where, dtype)
+        scores = validate(model, pairs, device=where, amp=dtype)
+        history.append({"step": step, "psnr": scores.psnr, "ssim": scores.ssim})
+        if best_path is not None and (best is None or scores.psnr > best):
+            save_checkpoint(best_path, {"student": model.state_dict(), "step": step,
+                                        "psnr": scores.psnr, "ssim": scores.ssim})
+        best = scores.psnr if best is None else max(best, scores.psnr)
+        if on_validation is not None:
+            on_validation(step, scores)
 
     model: nn.Module = student
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(student)
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[where.index] if where.type == "cuda" else None)
     teacher_was_training, student_was_training = teacher.training, student.training
     teacher.eval()
     model.train()
-    bar = _progress(start, steps, progress and rank == 0)
+    every_val = val_every or checkpoint_every
+    last_psnr = history[-1]["psnr"] if history else None
+    bar = progress_bar(start, steps, progress and rank == 0)
     done = start
     try:
         stream = model_inputs(data, teacher, channels, degrade, batch_size, crop, seed, start,
-                              rank)
+                              rank, workers=workers, pin_memory=where.type == "cuda")
         for _ in range(start, steps):
             if stop_when is not None and stop_when():
                 break
@@ -120,25 +211,36 @@ def distill(
             if item is None:
                 break
             step, x = item
-            if lr_schedule is not None:
+            x = x.to(where, non_blocking=True)
+            if schedule is not None:
                 for group in opt.param_groups:
-                    group["lr"] = lr * lr_schedule(step)
-            with torch.no_grad():
+                    group["lr"] = lr * schedule(step)
+            with torch.no_grad(), autocast(where, dtype):
                 target = run_on_batch("distill", "teacher", teacher, x)
-            output = run_on_batch("distill", "student", model, x)
+            with autocast(where, dtype):
+                output = run_on_batch("distill", "student", model, x)
             same_output_shape("distill", output, target)
-            value = criterion(output, target)
+            value = criterion(output.float(), target.float())
             opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
+            if average is not None:
+                average.update_parameters(student)
             done = step + 1
-            bar(done, value.item())
+            if pairs is not None and rank == 0 and done % every_val == 0:
+                evaluate(done)
+                last_psnr = history[-1]["psnr"]
+            bar(done, value.item(), last_psnr)
             if done % checkpoint_every == 0:
                 save(done)
+        if pairs is not None and rank == 0 and done > start and done % every_val:
+            evaluate(done)
         if done > start and done % checkpoint_every:
             save(done)
+        _finish(student, average, bn_inputs if bn_batches else None, where, dtype)
     finally:
-        bar(None, None)
+        bar(None, None, None)
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         if own_group:
@@ -147,64 +249,15 @@ def distill(
     return student
 
 
-_CHECKPOINT_KEYS = ("student", "optimizer", "torch_rng", "python_rng", "step")
-
-
-def _resume(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Load a checkpoint written by ``distill`` into ``student`` and ``opt``; its step.
-    Anything else (unreadable, foreign, another model's) is a CheckpointError, left as is."""
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"distill: {path} is not a distill checkpoint (cannot read it: "
-                              f"{one_line(exc)}); delete it or pass another checkpoint=") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"distill: {path} is not a distill checkpoint (it holds a "
-                              f"{type(state).__name__})")
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"distill: {path} is not a distill checkpoint: it has no "
-                              f"{missing[0]!r} (keys: {sorted(map(str, state))[:6]})")
-    own = {key: tuple(value.shape) for key, value in student.state_dict().items()}
-    saved = state["student"]
-    theirs = {key: tuple(getattr(value, "shape", ())) for key, value in saved.items()} \
-        if isinstance(saved, dict) else {}
-    if own != theirs:  # checked before loading: a failed load would leave half the weights
-        diff = sorted(set(own) ^ set(theirs)) or [k for k in own if own[k] != theirs[k]]
-        raise CheckpointError(f"distill: {path} is the checkpoint of another model (first "
-                              f"difference: {diff[0]!r}); pass this student's checkpoint")
-    student.load_state_dict(saved)
-    try:
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]),
-                         state["python_rng"][2]))
-        return int(state["step"])
-    except Exception as exc:
-        raise CheckpointError(f"distill: {path} is a corrupt distill checkpoint: "
-                              f"{one_line(exc)}") from exc
-
-
-def _progress(start: int, total: int, enabled: bool):
-    """A callback (step, loss) -> None drawing a tqdm bar, or printing if tqdm is missing;
-    called with (None, None) to close."""
-    if not enabled:
-        return lambda step, value: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        every = max(1, total // 20)
-
-        def show(step: int | None, value: float | None) -> None:
-            if step is not None and (step % every == 0 or step == total):
-                print(f"distill step {step}/{total} loss {value:.4g}", flush=True)
-        return show
-    bar = tqdm(total=total, initial=start, desc="distill", unit="step")
-
-    def update(step: int | None, value: float | None) -> None:
-        if step is None:
-            bar.close()
-        else:
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    return update
+def _finish(student: nn.Module, average: Any, bn_inputs: Callable | None,
+            where: torch.device, dtype: torch.dtype | None) -> None:
+    """The student as training ends it: the EMA's weights if kept, BatchNorm statistics
+    re-estimated for them (the checkpoint keeps the raw training state, so that a longer
+    run can continue it exactly)."""
+    if average is not None:
+        with torch.no_grad():
+            for mine, averaged in zip(student.parameters(), average.module.parameters(),
+                                      strict=True):
+                mine.copy_(averaged)
+    if bn_inputs is not None and has_batch_norm(student):
+        update_bn_statistics(student, bn_inputs(), where, dtype)

@@ -54,18 +54,14 @@ class FitTask:
     original: nn.Module
     steps: int = 100
     lr: float = 1e-2
+    amp: torch.dtype | None = None
 
     def adam(self, module: nn.Module) -> None:
         """Train ``module`` to map ``inputs`` to ``target``: ``steps`` of Adam on the mean
-        squared error, the learning rate decaying from ``lr`` to 0 on a cosine."""
-        opt = torch.optim.Adam(module.parameters(), lr=self.lr)
-        for i in range(self.steps):
-            for group in opt.param_groups:
-                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * i / self.steps))
-            loss = F.mse_loss(module(self.inputs), self.target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        squared error, the learning rate decaying from ``lr`` to 0 on a cosine (forward
+        passes under autocast to ``amp`` when set, the loss in float32)."""
+        adam_steps(module, module.parameters(), self.inputs, self.target, self.steps,
+                   self.lr, self.amp)
 
     def least_squares(self, conv: nn.Conv2d, features: Tensor, target: Tensor | None = None,
                       ridge: float = 1e-4) -> None:
@@ -73,6 +69,29 @@ class FitTask:
         (default: the task's) from ``features``, the conv's input: its output is linear in
         its weights, so this is the exact optimum where gradient steps only approach it."""
         solve_conv(conv, features, self.target if target is None else target, ridge)
+
+
+def adam_steps(module: nn.Module, parameters: Any, inputs: Tensor, target: Tensor,
+               steps: int, lr: float, amp: torch.dtype | None = None) -> None:
+    """``steps`` of Adam on ``parameters`` so that ``module(inputs)`` approaches ``target``
+    (mean squared error), the learning rate decaying from ``lr`` to 0 on a cosine; forward
+    passes autocast to ``amp`` if given, with a loss scaler for float16."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters or steps <= 0:
+        return
+    device = inputs.device
+    opt = torch.optim.Adam(parameters, lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            output = module(inputs)
+        loss = F.mse_loss(output.float(), target)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
 
 FitFunction = Callable[[Any, FitTask], None]
@@ -149,16 +168,19 @@ def solve_conv(conv: nn.Conv2d, features: Tensor, target: Tensor, ridge: float =
         raise LwCompileError("least squares solves a dense conv with numeric zero padding, got "
                              f"groups={conv.groups}, padding={conv.padding!r} "
                              f"({conv.padding_mode})")
+    # float64 normal equations, on the CPU where the device has no float64 (MPS)
+    exact = torch.float64 if features.device.type != "mps" else torch.float32
     gram = rhs = 0
     for f, t in zip(features, target, strict=True):
-        patches = F.unfold(f[None], conv.kernel_size, dilation=conv.dilation,
-                           padding=conv.padding, stride=conv.stride)[0].double()
+        patches = F.unfold(f[None].float(), conv.kernel_size, dilation=conv.dilation,
+                           padding=conv.padding, stride=conv.stride)[0].to(exact)
         if conv.bias is not None:
-            patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
+            patches = torch.cat([patches, patches.new_ones(1, patches.shape[1])])
         gram = gram + patches @ patches.T
-        rhs = rhs + patches @ t.flatten(1).double().T
+        rhs = rhs + patches @ t.flatten(1).to(exact).T
+    gram, rhs = gram.cpu().double(), rhs.cpu().double()
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    sol = torch.linalg.solve(gram, rhs).float()
+    sol = torch.linalg.solve(gram, rhs).float().to(conv.weight.device)
     weights = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
     conv.weight.copy_(sol[:weights].T.reshape(conv.weight.shape))
     if conv.bias is not None:

@@ -11,6 +11,8 @@ student starts close to the teacher before ``distill`` trains it whole:
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 import torch
@@ -18,11 +20,13 @@ from torch import Tensor, fx, nn
 
 from .. import arguments as check
 from ..errors import LwCompileError
-from ..nn import LIST
 from ..report import APPLIED
+from .blocks import Block, block_after, permute_inputs
 from .checks import run_on_batch, teacher_has_sites, training_arguments
 from .data import Degrade, model_inputs
-from .fitting import PER_CHANNEL, FitTask, fitting_for
+from .device import amp_dtype, autocast, resolve_device
+from .fitting import FitTask, adam_steps, fitting_for, solve_conv
+from .normalization import update_bn_statistics
 
 
 class FitErrors(dict[str, float]):
@@ -58,13 +62,15 @@ def _applied_sites(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
 @torch.no_grad()
 def _record(teacher: nn.Module, sites: list[str], inputs: list[Tensor]
             ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Inputs and outputs of each site in the teacher, concatenated over the batches."""
-    seen: dict[str, tuple[list[Tensor], list[Tensor]]] = {s: ([], []) for s in sites}
+    """Inputs and outputs of each site in the teacher, concatenated over the batches, in
+    the order the teacher first calls the sites."""
+    seen: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # in the order of first call
 
     def hook(site: str):
         def fn(_module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[site][0].append(args[0].detach().clone())
-            seen[site][1].append(output.detach().clone())
+            xs, ys = seen.setdefault(site, ([], []))
+            xs.append(args[0].detach().float().clone())
+            ys.append(output.detach().float().clone())
         return fn
 
     handles = [teacher.get_submodule(s).register_forward_hook(hook(s)) for s in sites]
@@ -80,59 +86,79 @@ def _record(teacher: nn.Module, sites: list[str], inputs: list[Tensor]
     return {s: (torch.cat(xs), torch.cat(ys)) for s, (xs, ys) in seen.items() if xs}
 
 
-@torch.no_grad()
-def _rel_error(module: nn.Module, x: Tensor, y: Tensor) -> float:
-    return float((module(x) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12))
-
-
-def _permutable_consumer(student: nn.Module, site: str) -> tuple[list[nn.Module], nn.Module] | None:
-    """If the site's output only flows through per-channel modules into one conv, return them.
-
-    That is the case where permuting the site's output channels can be undone exactly by
-    permuting those modules' channels and the consumer's input channels."""
-    for prefix, gm in student.named_modules():
-        if not isinstance(gm, fx.GraphModule):
+def _kept_convs(student: nn.Module, teacher: nn.Module, sites: dict[str, str]) -> list[str]:
+    """Dense convs the student holds unchanged from the teacher (same name, same weight
+    shape, not a site, zero padding), which least squares can refit."""
+    theirs = dict(teacher.named_modules())
+    kept = []
+    for name, module in student.named_modules():
+        original = theirs.get(name)
+        if name in sites or type(module) is not nn.Conv2d or type(original) is not nn.Conv2d:
             continue
-        name = site[len(prefix) + 1:] if prefix else site
-        if prefix and not site.startswith(prefix + "."):
-            continue
-        calls: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                calls[n.target] = calls.get(n.target, 0) + 1
-        node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name),
-                    None)
-        if node is None or calls[name] != 1:
-            continue
-        chain: list[nn.Module] = []
-        while len(node.users) == 1:
-            node = next(iter(node.users))
-            if node.op != "call_module" or calls[node.target] != 1 \
-                    or len(node.all_input_nodes) != 1:
-                return None
-            module = gm.get_submodule(node.target)
-            if isinstance(module, PER_CHANNEL):
-                chain.append(module)
-            elif isinstance(module, LIST) or isinstance(module, nn.Conv2d) and module.groups == 1:
-                return chain, module
-            else:
-                return None
-        return None
-    return None
+        if module.weight.shape == original.weight.shape and module.groups == 1 \
+                and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+            kept.append(name)
+    return kept
 
 
 @torch.no_grad()
-def _permute_inputs(chain: list[nn.Module], consumer: nn.Module, perm: Tensor) -> None:
-    """Make ``chain`` and ``consumer`` read channel k as the channel ``perm[k]`` they expect."""
+def _rel_error(module: nn.Module, x: Tensor, y: Tensor) -> float:
+    return float((module(x).float() - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12))
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the site's input is recorded."""
+
+
+@torch.no_grad()
+def _student_inputs(student: nn.Module, name: str, inputs: list[Tensor],
+                    amp: torch.dtype | None) -> Tensor:
+    """What the replacement ``name`` receives in ``student`` (eval mode) on ``inputs``: the
+    outputs of the earlier sites as fitted so far, not the teacher's activations."""
+    seen: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach().float().clone())
+        raise _Reached
+
+    handle = student.get_submodule(name).register_forward_pre_hook(hook)
+    was_training = student.training
+    student.eval()
+    try:
+        for x in inputs:
+            try:
+                with autocast(x.device, amp):
+                    student(x)
+            except _Reached:
+                pass
+    finally:
+        student.train(was_training)
+        handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def _block_target(chain: tuple[nn.Module, ...], y: Tensor) -> Tensor:
+    """What the teacher's block gives: ``chain`` as it is now (the teacher's per-channel
+    modules, copied by ``lighten``), in eval mode, applied to the teacher site's output."""
+    reference = copy.deepcopy(nn.Sequential(*chain)).eval()
+    return reference(y)
+
+
+def _fit_block(replacement: nn.Module, chain: tuple[nn.Module, ...], x: Tensor,
+               target: Tensor, steps: int, lr: float, amp: torch.dtype | None) -> None:
+    """Adam on the replacement's weights so that the block (replacement, then ``chain``,
+    BatchNorms with their running statistics) maps ``x`` to the teacher block's ``target``."""
+    block = nn.Sequential(replacement, *chain)
+    modes = [m.training for m in block]
     for m in chain:
-        if isinstance(m, nn.BatchNorm2d):
-            for t in (m.weight, m.bias, m.running_mean, m.running_var):
-                if t is not None:
-                    t.copy_(t[perm])
-        elif isinstance(m, nn.PReLU) and m.weight.numel() > 1:
-            m.weight.copy_(m.weight[perm])
-    conv = consumer.squeeze if isinstance(consumer, LIST) else consumer
-    conv.weight.copy_(conv.weight[:, perm])
+        m.eval()
+    replacement.train()
+    try:
+        adam_steps(block, replacement.parameters(), x, target, steps, lr, amp)
+    finally:
+        for m, mode in zip(block, modes, strict=True):
+            m.train(mode)
 
 
 def init_layerwise(
@@ -148,6 +174,12 @@ def init_layerwise(
     channels: int | None = None,
     degrade: Degrade | None = None,
     centre_heavy: bool = True,
+    sequential: bool = True,
+    block_steps: int = 0,
+    bn_batches: int = 0,
+    refit_kept: bool = False,
+    device: Any = None,
+    amp: str | None = None,
     seed: int = 0,
 ) -> FitErrors:
     """Fit every rewritten site of ``student`` to the teacher module it replaced, in place.
@@ -166,6 +198,22 @@ def init_layerwise(
     keeps its initial weights until ``distill``). ``channels`` defaults to the teacher's
     first conv's input channels.
 
+    With ``sequential`` (the default), the sites are fitted in the order the teacher calls
+    them, each on what it receives *in the student* (the earlier sites already fitted) rather
+    than in the teacher, so that each fit corrects the error upstream instead of compounding
+    it; then, with ``block_steps`` > 0, each replacement is refined by that many Adam steps
+    through the per-channel modules that follow it (its BatchNorm and activation, with their
+    running statistics) against the teacher's output there: block-wise reconstruction as in
+    post-training quantisation. With ``refit_kept``, a dense conv the student kept from the
+    teacher (such as DnCNN's output conv) that reads the output of a fitted site is solved
+    by least squares on its input in the student, against its output in the teacher: a
+    residual net's output conv turns a small error in its features into a large one in the
+    image. With ``bn_batches`` > 0, the student's BatchNorm statistics
+    are re-estimated at the end as a cumulative average over that many batches; off by
+    default, since every fit above targets the teacher's activations as the teacher's own
+    statistics normalise them.
+    ``sequential=False`` fits every site on the teacher's activations (independent fits).
+
     With ``centre_heavy``, a replacement whose fitting asks for another order of its output
     channels (LIST's first half comes from its 1x1 branch, so it takes the teacher channels
     with the most centre-heavy kernels, ``centre_heavy_order``) is fitted to the teacher
@@ -173,46 +221,80 @@ def init_layerwise(
     per-channel modules (BN, activations) and the input channels of the single conv/LIST
     that consumes the output. Where the output goes anywhere else (a skip, a concat, several
     users) no exact undo is that simple, and the site is fitted in the teacher's order.
+
+    ``device`` (default: where the student's parameters are) is where the fits run; the
+    teacher is moved there. ``amp`` ("bf16", "fp16" on a GPU, or None) autocasts the forward
+    passes of the gradient steps; least-squares solves stay in float64.
     """
     training_arguments("init_layerwise", student, teacher, steps=steps, lr=lr,
                        batch_size=batch_size, crop=crop, channels=channels, degrade=degrade,
                        seed=seed)
     check.integer("init_layerwise", "calib_batches", calib_batches, minimum=1)
+    check.integer("init_layerwise", "block_steps", block_steps, minimum=0)
+    check.integer("init_layerwise", "bn_batches", bn_batches, minimum=0)
+    check.flag("init_layerwise", "sequential", sequential)
+    check.flag("init_layerwise", "refit_kept", refit_kept)
+    where = resolve_device("init_layerwise", device, student)
+    dtype = amp_dtype("init_layerwise", amp, where)
     sites = _applied_sites(student, teacher)
     teacher_has_sites("init_layerwise", teacher, sites)
+    student.to(where)
+    teacher.to(where)
     stream = model_inputs(data, teacher, channels, degrade, batch_size, crop, seed)
-    inputs = [x for _, (_, x) in zip(range(calib_batches), stream, strict=False)]
+    inputs = [x.to(where) for _, (_, x) in zip(range(calib_batches), stream, strict=False)]
     for x in inputs[:1]:
         with torch.no_grad():
             run_on_batch("init_layerwise", "teacher", teacher, x)
-    recorded = _record(teacher, list(sites), inputs)
+    kept = _kept_convs(student, teacher, sites) if sequential and refit_kept else []
+    recorded = _record(teacher, [*sites, *kept], inputs)  # in the order the teacher calls them
     errors = FitErrors()
-    pending: list[tuple[list[nn.Module], nn.Module, Tensor]] = []
-    for site, name in sites.items():
-        if site not in recorded:
-            continue  # never called on this input
+    pending: list[tuple[tuple[nn.Module, ...], nn.Module, Tensor]] = []
+    fitted_any = False
+    for site in recorded:
+        if site in kept:
+            if fitted_any:  # its input in the student differs from the teacher's: refit
+                conv = student.get_submodule(site)
+                solve_conv(conv, _student_inputs(student, site, inputs, dtype),
+                           recorded[site][1])
+            continue
+        name = sites[site]
         replacement = student.get_submodule(name)
-        chosen = fitting_for(replacement).part(replacement, *recorded[site])
+        x, y = recorded[site]
+        if sequential:
+            x = _student_inputs(student, name, inputs, dtype)
+        chosen = fitting_for(replacement).part(replacement, x, y)
         if chosen is None:
             continue
         module, x, target = chosen
         fitting = fitting_for(module)
         errors.before[site] = _rel_error(module, x, target)
         original = teacher.get_submodule(site)
-        order = fitting.channel_order(module, original) \
-            if centre_heavy and module is replacement else None
-        if order is not None:
-            found = _permutable_consumer(student, site)
-            if found is not None:
-                target = target[:, order]
-                pending.append((*found, order))
+        whole = module is replacement
+        block = block_after(student, site) if whole else Block((), None)
+        block_target = _block_target(block.chain, target) \
+            if sequential and block_steps and block.chain else None
+        order = fitting.channel_order(module, original) if centre_heavy and whole else None
+        if order is not None and block.consumer is not None:
+            target = target[:, order]
+            block_target = None if block_target is None else block_target[:, order]
+            if sequential:  # undone now: the next sites are fitted on this order
+                permute_inputs(block.chain, block.consumer, order)
+            else:  # undone after all fits: the consumer is fitted on the teacher's order
+                pending.append((block.chain, block.consumer, order))
         was_training = module.training
         module.train()
         try:
-            fitting.fit(module, FitTask(x, target, original, steps, lr))
+            fitting.fit(module, FitTask(x, target, original, steps, lr, dtype))
         finally:
             module.train(was_training)
+        if block_target is not None:
+            _fit_block(module, block.chain, x, block_target, block_steps, lr, dtype)
         errors[site] = _rel_error(module, x, target)
+        fitted_any = True
     for chain, consumer, perm in pending:  # after all fits: consumers were fitted in order
-        _permute_inputs(chain, consumer, perm)
+        permute_inputs(chain, consumer, perm)
+    if bn_batches:
+        update_bn_statistics(student, (x for _, x in itertools.islice(
+            model_inputs(data, teacher, channels, degrade, batch_size, crop, seed + 7919),
+            bn_batches)), where, dtype)
     return errors
