@@ -78,7 +78,7 @@ def structure_digest(module: nn.Module) -> str:
 def rule_entry(rule: Rule) -> dict[str, Any]:
     """How the plan names a rule: its name, class (for the reader) and parameters."""
     cls = type(rule)
-    params = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)} \
+    params = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule) if f.init} \
         if dataclasses.is_dataclass(rule) else {}
     return {"name": rule.name, "class": f"{cls.__module__}:{cls.__qualname__}",
             "builtin": cls.__module__.startswith("lwcompile.rules."),

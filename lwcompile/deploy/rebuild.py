@@ -121,7 +121,7 @@ def _configured(rule: Rule, params: Mapping[str, Any]) -> Rule:
     if not dataclasses.is_dataclass(rule):
         raise UnknownRuleError(f"the file's plan sets parameters of the rule {rule.name!r}, "
                                f"but {type(rule).__name__} has none")
-    fields = {f.name for f in dataclasses.fields(rule)}
+    fields = {f.name for f in dataclasses.fields(rule) if f.init}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise UnknownRuleError(f"the file's plan sets the parameter {unknown[0]!r} of the rule "
