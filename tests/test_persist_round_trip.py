@@ -4,6 +4,7 @@ identified by spandrel, and a model lightened with a user's own rule (torch.equa
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,63 @@ def test_a_users_rule_replays_only_when_passed(tmp_path):
     loaded = lwcompile.load(path, original=FiveByFiveNet(), rules=[FiveByFiveToTwoThreeByThree()])
     assert loaded.get_submodule("mid")[0].out_channels == 8
     assert_same_model(loaded, light, (torch.rand(2, 3, 11, 13),))
+
+
+NEW_BUILTIN = '''
+from dataclasses import dataclass
+
+from torch import nn
+
+from lwcompile import Match, NoMatch, Rule
+
+
+@dataclass
+class PointwiseThenFiveByFive(Rule):
+    """A stand-in for a built-in rule added after this test was written."""
+
+    name = "test-new-builtin"
+    priority = 10
+    mid: int = 4
+
+    def match(self, site):
+        conv = site.module
+        if type(conv) is not nn.Conv2d or conv.kernel_size != (5, 5) or conv.groups != 1:
+            return NoMatch("not a 5x5 conv")
+        return Match(site)
+
+    def build(self, match):
+        conv = match.site.module
+        return nn.Sequential(nn.Conv2d(conv.in_channels, self.mid, 1),
+                             nn.Conv2d(self.mid, conv.out_channels, 5, padding=2))
+'''
+
+
+def test_any_rule_of_the_builtin_package_replays_by_name(tmp_path, monkeypatch):
+    """Built-in rules are found by scanning lwcompile/rules, so a rule added there replays
+    without being listed anywhere (here: a module put on the package's path)."""
+    from lwcompile import rules as package
+    from lwcompile.deploy import rebuild
+
+    folder = tmp_path / "more_rules"
+    folder.mkdir()
+    (folder / "zz_test_new_builtin.py").write_text(NEW_BUILTIN)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    rebuild.builtin_rule_classes.cache_clear()
+    try:
+        import importlib
+
+        module = importlib.import_module("lwcompile.rules.zz_test_new_builtin")
+        rule = module.PointwiseThenFiveByFive(mid=6)
+        light = lwcompile.lighten(FiveByFiveNet(), (torch.rand(1, 3, 16, 16),),
+                                  rules=[rule, *lwcompile.default_rules()])
+        path = lwcompile.save(light, tmp_path / "new.safetensors")
+        entry = next(r for r in lwcompile.info(path)["plan"]["rules"]
+                     if r["name"] == "test-new-builtin")
+        assert entry["builtin"] is True and entry["params"] == {"mid": 6}
+        assert {r.name for r in lwcompile.default_rules()} <= set(rebuild.builtin_rule_classes())
+        loaded = lwcompile.load(path, original=FiveByFiveNet())  # no rules passed
+        assert loaded.get_submodule("mid")[0].out_channels == 6
+        assert_same_model(loaded, light, (torch.rand(1, 3, 9, 9),))
+    finally:
+        rebuild.builtin_rule_classes.cache_clear()
+        sys.modules.pop("lwcompile.rules.zz_test_new_builtin", None)
