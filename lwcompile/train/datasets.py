@@ -50,8 +50,8 @@ def read_image(path: Path, channels: int) -> Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB")
-                               else image)
+            array = np.array(image.convert("RGB") if image.mode not in ("L", "RGB")
+                             else image)
     except Exception as exc:
         raise LwCompileError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") \
             from exc
