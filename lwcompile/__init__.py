@@ -52,9 +52,12 @@ from .rule import Guard, Match, NoMatch, Proposal, Refuse, Rule, Site, Veto
 from .tracing.flow import DataFlow, is_depthwise, record_flow, structure_key
 from .tracing.fx_helpers import channel_concat_parts
 from .train.data import HELD_OUT, TRAIN, add_noise, batches, downscale, load_folder, load_images
+from .train.datasets import ImageFolder, PairedFolders
+from .train.degradations import compose, gaussian_blur, jpeg
 from .train.distill import distill
 from .train.fitting import FitTask, register_fit
 from .train.layerwise import FitErrors, init_layerwise
+from .train.validation import Scores, validate
 
 __all__ = [
     "tune", "Tuned", "TuneReport", "TuneError", "DenseLIST",
@@ -67,7 +70,8 @@ __all__ = [
     "lighten", "plan", "ExcludeGuard", "LwCompileWarning", "CompileFailed",
     "NothingToLighten", "HELD_OUT", "TRAIN", "add_noise", "batches", "downscale",
     "load_folder", "load_images", "FitErrors", "distill", "init_layerwise",
-    "FitTask", "register_fit",
+    "FitTask", "register_fit", "ImageFolder", "PairedFolders", "compose", "gaussian_blur",
+    "jpeg", "Scores", "validate",
     "PersistError", "SaveFileError", "WrongArchitectureError", "info", "load", "save",
     "convert", "NotSavableError", "OriginalNeededError", "ReplayError", "UnknownRuleError",
     "UntrustedFileError", "WeightMismatchError",
