@@ -1,0 +1,132 @@
+"""The low-rank rules: nn.Linear (token MLPs, attention projections) and 1x1 convs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+from lwcompile.report import REFUSED
+from lwcompile.rules.low_rank import (
+    LowRankLinear,
+    LowRankPointwise,
+    reduced_rank_regression,
+)
+from lwcompile.rules.low_rank_linear import LowRankLinearRule
+from lwcompile.rules.low_rank_pointwise import LowRankPointwiseRule
+
+
+class TokenMLP(nn.Module):
+    """A transformer-style MLP over tokens, plus a relative-position MLP fed 2 coordinates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)
+        self.position = nn.Linear(2, 64)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x))) + self.position(coords)
+
+
+def test_linear_layers_become_two_thin_ones_and_small_ones_are_refused_with_a_reason():
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    inputs = (torch.rand(1, 16, 64), torch.rand(1, 16, 2))
+    light = lwcompile.lighten(model, inputs, rules=[LowRankLinearRule()])
+    report = light.lwcompile_report
+    assert [(r.site, r.decided_by) for r in report.applied] == [
+        ("fc1", "low-rank-linear"), ("fc2", "low-rank-linear")]
+    # rank 64 // 4 = 16: 64*16 + 16*128 + 128 and 128*16 + 16*64 + 64
+    assert [(r.params_before, r.params_after) for r in report.applied] == [
+        (8_320, 3_200), (8_256, 3_136)]
+    (refused,) = report.not_applied
+    assert (refused.site, refused.outcome, refused.decided_by) == (
+        "position", REFUSED, "low-rank-linear")
+    assert "fewer than 32" in refused.reason
+    assert isinstance(light.get_submodule("fc1"), LowRankLinear)
+    assert light(*inputs).shape == model(*inputs).shape
+
+
+def test_a_factorisation_that_saves_too_little_is_refused():
+    model = nn.Sequential(nn.Linear(40, 40)).eval()
+    report = lwcompile.plan(model, (torch.rand(1, 8, 40),),
+                            rules=[LowRankLinearRule(rank_ratio=2)])
+    (row,) = report.not_applied
+    assert row.outcome == REFUSED and "less than 1.5x saved" in row.reason
+
+
+def test_the_svd_start_is_exact_for_a_weight_of_low_enough_rank():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 8) @ torch.randn(8, 64))
+    light = lwcompile.lighten(nn.Sequential(linear).eval(), (torch.rand(2, 5, 64),),
+                              rules=[LowRankLinearRule()])
+    x = torch.rand(3, 7, 64)
+    torch.testing.assert_close(light(x), linear(x), rtol=1e-4, atol=1e-4)
+
+
+def test_reduced_rank_regression_recovers_a_low_rank_affine_map_and_beats_the_svd_start():
+    torch.manual_seed(0)
+    x = torch.randn(500, 32) * torch.linspace(0.5, 3, 32)  # unevenly used input directions
+    w = torch.randn(48, 4) @ torch.randn(4, 32)
+    reduce, expand, bias = reduced_rank_regression(x, x @ w.T + 0.5, rank=4)
+    torch.testing.assert_close((expand @ reduce).float(), w, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bias.float(), torch.full((48,), 0.5), rtol=1e-3, atol=1e-3)
+
+    full = torch.randn(48, 32)
+    y = x @ full.T
+    reduce, expand, bias = reduced_rank_regression(x, y, rank=8)
+    fitted = x.double() @ reduce.T @ expand.T + bias
+    with torch.no_grad():
+        lin = nn.Linear(32, 48, bias=False)
+        lin.weight.copy_(full)
+        svd = LowRankLinear.from_linear(lin, 8)
+        svd_error = (svd(x) - y).pow(2).sum()
+    assert (fitted - y.double()).pow(2).sum() < 0.9 * svd_error
+
+
+def test_pointwise_convs_are_factored_but_channel_attention_gates_are_not():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.project_in = nn.Conv2d(32, 64, 1)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(64, 64, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.project_in(x)
+            return y * self.gate(y)
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.rand(1, 32, 8, 8)
+    light = lwcompile.lighten(model, (x,), rules=[LowRankPointwiseRule()])
+    (row,) = light.lwcompile_report.applied
+    # rank 32 // 4 = 8: 32*8 + 8*64 + 64
+    assert (row.site, row.params_before, row.params_after) == ("project_in", 2_112, 832)
+    assert isinstance(light.get_submodule("project_in"), LowRankPointwise)
+    assert type(light.get_submodule("gate.1")) is nn.Conv2d
+    assert light(x).shape == model(x).shape
+
+
+def test_init_layerwise_fits_the_factors_by_reduced_rank_regression():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(32, 32, 1), nn.ReLU(),
+                            nn.Conv2d(32, 3, 3, padding=1)).eval()
+    light = lwcompile.lighten(teacher, (torch.rand(1, 3, 16, 16),),
+                              rules=[LowRankPointwiseRule()])
+    assert [r.site for r in light.lwcompile_report.applied] == ["2"]
+    errors = lwcompile.init_layerwise(light, teacher, torch.rand(4, 3, 24, 24), batch_size=2,
+                                      crop=16, steps=10)
+    assert errors["2"] <= errors.before["2"] + 1e-6
+
+
+@pytest.mark.parametrize("ratio,rank", [(4, 8), (8, 4)])
+def test_rank_is_a_plain_parameter(ratio: int, rank: int):
+    model = nn.Sequential(nn.Conv2d(32, 32, 1)).eval()
+    light = lwcompile.lighten(model, (torch.rand(1, 32, 4, 4),),
+                              rule_params={"low-rank-1x1": {"rank_ratio": ratio}},
+                              rules=[LowRankPointwiseRule()])
+    assert light.get_submodule("0").reduce.out_channels == rank
