@@ -125,3 +125,16 @@ def test_degradations_compose_and_are_seeded():
         gaussian_blur(-1)
     with pytest.raises(ArgumentError):
         compose()
+
+
+def test_paired_folders_are_not_degraded_again(tmp_path):
+    from lwcompile.train.data import model_inputs
+
+    for folder in ("low", "high"):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder / "a.png", 32, 32)
+    pairs = PairedFolders(tmp_path / "low", tmp_path / "high", crop=16, channels=1)
+    with pytest.raises(LwCompileError, match="degrade=None"):
+        next(model_inputs(pairs, None, 1, add_noise(25), 2, 16, 0))
+    step, x = next(model_inputs(pairs, None, 1, None, 2, 16, 0))
+    assert step == 0 and x.shape == (2, 1, 16, 16)

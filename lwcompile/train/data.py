@@ -210,6 +210,11 @@ def model_inputs(data: str | Path | Tensor | Iterable | None, teacher: nn.Module
                  workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, Tensor]]:
     """(step, model input) pairs: ``batches`` of ``data`` passed through ``degrade``, whose
     noise is also seeded by the step; ``channels`` defaults to ``image_channels(teacher)``."""
+    from .datasets import PairedFolders
+
+    if isinstance(data, PairedFolders) and degrade is not None:
+        raise LwCompileError("paired folders already hold the degraded inputs: pass "
+                             "degrade=None with PairedFolders")
     stream = batches(data, channels=channels or image_channels(teacher),
                      batch_size=batch_size, crop=crop, seed=seed, start=start, rank=rank,
                      workers=workers, pin_memory=pin_memory)
