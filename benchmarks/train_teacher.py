@@ -5,6 +5,10 @@ Quality comparisons need a teacher trained far longer than any student budget (s
 
     nice -n 10 .venv/bin/python -m benchmarks.train_teacher denoise --budget-minutes 50
     nice -n 10 .venv/bin/python -m benchmarks.train_teacher sr --budget-minutes 20
+    nice -n 10 .venv/bin/python -m benchmarks.train_teacher swinir --budget-minutes 20 --lr 5e-4
+
+``swinir`` is the tiny SwinIR x2 transformer of ``benchmarks/tiny_swinir.py`` (the teacher of
+the low-rank rules' quality row), trained on the same data and degradation as ``sr``.
 
 Rerunning the same command resumes from ``benchmarks/weights/<name>.ckpt`` (written every 5
 minutes) until the budget is spent; the final weights go to ``<name>.pt`` with a ``.json``
@@ -20,11 +24,14 @@ import time
 import torch
 
 from benchmarks.common import TASKS, held_out, save_atomic, score, train_supervised
+from benchmarks.tiny_swinir import SWINIR_X2
+
+ALL_TASKS = {**TASKS, "swinir": SWINIR_X2}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("task", choices=sorted(ALL_TASKS))
     parser.add_argument("--budget-minutes", type=float, default=50.0, help="CPU minutes")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -33,7 +40,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    task = TASKS[args.task]
+    task = ALL_TASKS[args.task]
     model = task.build()
     task.weights.parent.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
