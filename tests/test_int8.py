@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lwcompile
-from lwcompile.deploy import int8, int8_inputs
+from lwcompile.deploy import int8, int8_inputs, int8_onnx
 from lwcompile.deploy.export import export_onnx
 from tests.helpers import image_and_mask
 from tests.lightened import inputs, light, original
@@ -93,6 +93,17 @@ def test_onnx_int8_report_is_the_measured_psnr(onnx_int8):
     assert 30 < report.psnr_db < 100  # int8 really changed the output, and not by much
     # the file runs at another size too (height and width stay symbolic)
     assert run_ort(path, (torch.rand(1, 1, 24, 40),)).shape == (1, 1, 24, 40)
+
+
+def test_onnx_int8_keeps_the_calibration_that_measured_best(onnx_int8):
+    _, path = onnx_int8
+    report = path.int8_report
+    assert set(report.calibration_psnr_db) == set(int8_onnx.CALIBRATIONS)
+    best = max(report.calibration_psnr_db, key=report.calibration_psnr_db.get)
+    assert report.calibration_method == best
+    # no layer was kept float, so the file is the chosen calibration's all-int8 model
+    assert report.psnr_db == pytest.approx(report.calibration_psnr_db[best], abs=1e-6)
+    assert report.to_dict()["calibration_method"] == best and f"({best})" in str(report)
 
 
 def test_fp32_export_is_unchanged_and_has_no_int8_report(tmp_path):

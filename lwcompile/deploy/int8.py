@@ -68,6 +68,10 @@ class Int8Report:
     sensitivity: dict[str, float] = field(default_factory=dict)
     #: PSNR with every layer quantised, before any was kept float
     all_int8_psnr_db: float | None = None
+    #: how activation ranges were set, where several were measured: the one kept, and the
+    #: all-int8 PSNR each gave
+    calibration_method: str | None = None
+    calibration_psnr_db: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"psnr_db": round(self.psnr_db, 3), "max_abs_error": self.max_abs_error,
@@ -77,13 +81,17 @@ class Int8Report:
                 "restorations": [[n, round(p, 3)] for n, p in self.restorations],
                 "sensitivity": {n: round(g, 3) for n, g in self.sensitivity.items()},
                 "all_int8_psnr_db": (None if self.all_int8_psnr_db is None
-                                     else round(self.all_int8_psnr_db, 3))}
+                                     else round(self.all_int8_psnr_db, 3)),
+                "calibration_method": self.calibration_method,
+                "calibration_psnr_db": {n: round(p, 3)
+                                        for n, p in self.calibration_psnr_db.items()}}
 
     def __str__(self) -> str:
         kept = ", ".join(self.float_layers) or "none"
+        method = f" ({self.calibration_method})" if self.calibration_method else ""
         return (f"int8 vs float on {self.evaluation_count} held-out inputs: "
                 f"PSNR {self.psnr_db:.2f} dB, max |error| {self.max_abs_error:.3g}; "
-                f"calibrated on {self.calibration_count}; float layers: {kept}")
+                f"calibrated on {self.calibration_count}{method}; float layers: {kept}")
 
 
 def check_precision(precision: str) -> str:
@@ -118,7 +126,8 @@ def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
     return (math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)), max_error
 
 
-def _score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:
+def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:
+    """(PSNR in dB, max abs error) of ``runner``'s outputs on ``inputs`` against ``reference``."""
     return compare(reference, [first_output(runner(args)) for args in inputs])
 
 
@@ -133,7 +142,7 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
     set, and the report."""
     excluded: frozenset[str] = frozenset()
     runner, kept = quantize(excluded)
-    psnr, max_error = _score(runner, inputs, reference)
+    psnr, max_error = score(runner, inputs, reference)
     all_int8 = psnr
     restorations: list[tuple[str, float]] = []
     sensitivity: dict[str, float] = {}
@@ -143,7 +152,7 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
             if name in excluded:
                 continue
             trial_runner, trial_kept = quantize(excluded | {name})
-            trials[name] = (*_score(trial_runner, inputs, reference), trial_runner, trial_kept)
+            trials[name] = (*score(trial_runner, inputs, reference), trial_runner, trial_kept)
         if not trials:
             break
         sensitivity = dict(sorted(((n, t[0] - psnr) for n, t in trials.items()),
