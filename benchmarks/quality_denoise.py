@@ -37,11 +37,12 @@ from benchmarks.common import (
     Task,
     cpu_budget,
     held_out,
-    score,
     train_supervised,
 )
+from benchmarks.speed import machine
 from lwcompile.train.distill import distill
 from lwcompile.train.layerwise import init_layerwise
+from lwcompile.train.validation import validate
 
 DEFAULT_BUDGET = {"denoise": 300.0, "sr": 120.0}
 
@@ -56,7 +57,7 @@ def example(task: Task) -> tuple[torch.Tensor]:
 
 
 def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: float,
-                  seed: int) -> int:
+                  seed: int, ema: float | None = None) -> int:
     """Distil until ``budget_s`` CPU seconds are spent (cosine lr over the budget's fraction,
     as ``train_supervised``); returns the steps taken."""
     used = cpu_budget(budget_s)
@@ -69,12 +70,13 @@ def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: 
 
     distill(student, teacher, steps=10**9, stop_when=lambda: used() >= 1, lr_schedule=schedule,
             channels=task.channels, degrade=task.degrade, batch_size=task.batch_size,
-            crop=task.crop, loss="mse", progress=False, seed=seed)
+            crop=task.crop, loss="mse", progress=False, seed=seed, ema=ema)
     return taken
 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,
-        teacher_path: Path | None, extra: bool) -> dict:
+        teacher_path: Path | None, extra: bool, ema: float | None = None,
+        scratch_row: bool = True) -> dict:
     task = TASKS[task_name]
     teacher = task.build()
     teacher.load_state_dict(torch.load(teacher_path or task.weights, weights_only=True))
@@ -84,19 +86,22 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
 
     def record(name: str, model, c0: float, **info) -> None:
         cpu = round(time.process_time() - c0, 1)  # before scoring
-        rows[name] = {**score(model, task, pairs), **info, "cpu_seconds": cpu}
+        scores = validate(model, pairs, shave=task.shave)  # skimage PSNR/SSIM, as score()
+        rows[name] = {"psnr": scores.psnr, "ssim": scores.ssim, **info, "cpu_seconds": cpu,
+                      "per_image_psnr": [round(r["psnr"], 3) for r in scores.per_image]}
         print(f"{name}: {rows[name]}", flush=True)
 
     record("input (noisy)" if task.channels == 1 else "input (bicubic)", lambda x: x,
            time.process_time())
     record("teacher", teacher, time.process_time(), params=n_params(teacher))
 
-    torch.manual_seed(seed)
-    scratch = lwcompile.lighten(task.build(), example(task))
-    c0 = time.process_time()
-    steps = train_supervised(scratch, task, budget_s, seed=seed, log=lambda s: None)
-    record("light, random init, supervised B", scratch, c0, params=n_params(scratch),
-           steps=steps)
+    if scratch_row:
+        torch.manual_seed(seed)
+        scratch = lwcompile.lighten(task.build(), example(task))
+        c0 = time.process_time()
+        steps = train_supervised(scratch, task, budget_s, seed=seed, log=lambda s: None)
+        record("light, random init, supervised B", scratch, c0, params=n_params(scratch),
+               steps=steps)
 
     torch.manual_seed(seed)
     student = lwcompile.lighten(teacher, example(task))
@@ -112,7 +117,7 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
 
     supervised = copy.deepcopy(student)
     c0 = time.process_time() - init_cpu
-    steps = timed_distill(student, teacher, task, budget_s - init_cpu, seed)
+    steps = timed_distill(student, teacher, task, budget_s - init_cpu, seed, ema)
     record("light, layer-wise init + distill B", student, c0, params=n_params(student),
            steps=steps)
 
@@ -123,8 +128,26 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         record("light, layer-wise init + supervised B", supervised, c0,
                params=n_params(supervised), steps=steps)
     return {"task": task.name, "budget_cpu_seconds": budget_s, "init_steps": init_steps,
-            "seed": seed, "held_out": "centre crops (<=256) of lwcompile.data.HELD_OUT",
-            "rows": rows}
+            "seed": seed, "ema": ema, "threads": torch.get_num_threads(),
+            "held_out": "centre crops (<=256) of lwcompile.data.HELD_OUT",
+            "rows": rows, "gaps_db": gaps(rows), "machine": machine()}
+
+
+def gaps(rows: dict) -> dict:
+    """How far each light row is below the teacher (mean and worst image, dB), and how far
+    the distilled row is above the light net trained from scratch."""
+    teacher = rows["teacher"]["per_image_psnr"]
+    out = {}
+    for name, row in rows.items():
+        if name.startswith("light"):
+            below = [t - s for t, s in zip(teacher, row["per_image_psnr"], strict=True)]
+            out[name] = {"mean_below_teacher": round(sum(below) / len(below), 3),
+                         "worst_below_teacher": round(max(below), 3)}
+    distilled = rows.get("light, layer-wise init + distill B")
+    scratch = rows.get("light, random init, supervised B")
+    if distilled and scratch:
+        out["distilled_above_scratch"] = round(distilled["psnr"] - scratch["psnr"], 3)
+    return out
 
 
 def main() -> None:
@@ -137,6 +160,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: committed)")
+    parser.add_argument("--ema", type=float, help="EMA decay of the distilled weights")
+    parser.add_argument("--no-scratch", action="store_true",
+                        help="skip the random-init row (e.g. for a second seed)")
     parser.add_argument("--no-extra", action="store_true",
                         help="skip the layer-wise init + supervised row")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_denoise.json")
@@ -147,7 +173,7 @@ def main() -> None:
         budget = args.budget_seconds or DEFAULT_BUDGET[name]
         t0 = time.time()
         results[name] = run(name, budget, args.init_steps, args.seed, args.teacher,
-                            not args.no_extra)
+                            not args.no_extra, args.ema, not args.no_scratch)
         results[name]["wall_seconds"] = round(time.time() - t0, 1)
         print_table(name, results[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +186,8 @@ def print_table(name: str, result: dict) -> None:
     for row, r in result["rows"].items():
         print(f"{row:<38} {r.get('params', ''):>8} {r.get('steps', ''):>6} {r['psnr']:>7.2f} "
               f"{r['ssim']:>6.3f} {r['cpu_seconds']:>7.1f}")
+    for row, gap in result.get("gaps_db", {}).items():
+        print(f"{row}: {gap}")
 
 
 if __name__ == "__main__":
