@@ -397,3 +397,33 @@ def test_export_needs_a_runtime_it_can_tell(capsys, workdir):
     code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
     assert code == 2 and "cannot tell the runtime from 'tiny.bin'" in err and out == ""
     assert not (workdir / "tiny.bin").exists()
+
+
+def test_export_tune_times_the_forms_and_reports_them(capsys, workdir):
+    ort = pytest.importorskip("onnxruntime")
+    code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "--input", "1x3x16x16",
+                           "-o", "light.safetensors")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "export", "light.safetensors", "--original",
+                             "lwc_tiny:build", "-o", "tuned.onnx", "--input", "1x3x16x16",
+                             "--tune", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    tune = result["tune"]
+    assert tune["target"] == "onnxruntime" and tune["precision"] == "fp32"
+    # the two 16->16 convs became LISTs alike: one group, one form
+    assert [(s["site"], s["group"]) for s in tune["sites"]] == [("2", 0), ("4", 0)]
+    assert tune["sites"][0]["form_after"] == tune["sites"][1]["form_after"]
+    assert result["export"]["precision"] == "fp32"
+    session = ort.InferenceSession(str(workdir / "tuned.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 16, 16)
+    light = persist.load(workdir / "light.safetensors", original=load_model("lwc_tiny:build"))
+    with torch.no_grad():
+        close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]), light(x))
+
+
+def test_precision_auto_needs_tune(capsys, workdir):
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "t.onnx",
+                             "--precision", "auto")
+    assert code == 2 and "--precision auto needs --tune" in err and out == ""

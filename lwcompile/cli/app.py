@@ -42,6 +42,8 @@ examples:
   lwcompile export esrgan_light.safetensors --original 4x_esrgan.pth -o esrgan.onnx
   lwcompile export sr.safetensors --original examples.srresnet:build -o sr_int8.onnx \
       --precision int8 --calibration photos/
+  lwcompile export sr.safetensors --original examples.srresnet:build -o sr.onnx \
+      --input 1x3x128x128 --tune --precision auto      # forms and precision timed here
   lwcompile report dncnn_light.safetensors
   lwcompile report dncnn_light.safetensors --html report.html --teacher examples.dncnn:build
   lwcompile distill light.safetensors --teacher examples.dncnn:build --data photos/ \
@@ -91,9 +93,12 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Usage errors argparse cannot express: options that only make sense together."""
     if args.run is commands.lighten and args.data is not None and not args.distill:
         parser.error("--data is only used with --distill")
-    if (args.run is commands.export and args.precision != "int8"
+    if (args.run is commands.export and args.precision == "fp32"
             and (args.calibration is not None or args.min_psnr is not None)):
-        parser.error("--calibration and --min-psnr are only used with --precision int8")
+        parser.error("--calibration and --min-psnr are only used with --precision int8 or "
+                     "auto")
+    if args.run is commands.export and args.precision == "auto" and not args.tune:
+        parser.error("--precision auto needs --tune (it times fp32 against int8)")
     if (args.run is commands.export and not (args.mobile or args.onnx)
             and args.output.suffix not in (".pte", ".onnx")):
         parser.error(f"cannot tell the runtime from {args.output.name!r}: name it .pte "
@@ -172,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--onnx", action="store_true",
                          help="ONNX for onnxruntime (height and width stay dynamic); needs "
                               "lwcompile[export]")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
                    help="int8: quantise (onnxruntime QDQ or XNNPACK pt2e, per-channel "
-                        "weights), measured against float on held-out crops (default fp32)")
+                        "weights), measured against float on held-out crops; auto (with "
+                        "--tune): the faster of the two, timed here (default fp32)")
+    p.add_argument("--tune", action="store_true",
+                   help="time each LIST's exact deployed forms in the target runtime at the "
+                        "--input size and export the fastest (lwcompile.tune)")
     p.add_argument("--calibration", metavar="DIR",
                    help="folder of images to calibrate int8 on (default: scikit-image's)")
     p.add_argument("--min-psnr", type=float, metavar="DB",

@@ -63,13 +63,21 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     model = _model(args)
     inputs = _example_inputs(model, args.input) or infer_example_inputs(model)
     where = "ExecuTorch (XNNPACK)" if mobile else "ONNX"
+    tuned = None
+    if args.tune:
+        with stage(f"timing {type(model).__name__}'s forms in {where}", args.quiet):
+            tuned = lwcompile.tune(model, inputs, target="xnnpack" if mobile else "onnxruntime",
+                                   precision=args.precision, calibration=args.calibration,
+                                   min_psnr=args.min_psnr)
+        model, args.precision = tuned.model, tuned.precision
     with stage(f"exporting {type(model).__name__} to {where}", args.quiet):
         int8 = {"precision": args.precision, "calibration": args.calibration,
                 "min_psnr": args.min_psnr}
         if mobile:
             written = lwcompile.export_mobile(model, inputs, args.output, **int8)
             return {"model": args.model, "runtime": "executorch-xnnpack",
-                    "export": written.to_dict(), "text": str(written)}
+                    "export": written.to_dict(), **_tune_result(tuned),
+                    "text": _with_tune_report(str(written), tuned)}
         try:
             path = lwcompile.export_onnx(model, inputs, args.output, **int8)
         except ImportError as exc:
@@ -83,7 +91,16 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if path.int8_report is not None:
         text += f"\n{path.int8_report}"
         written["int8"] = path.int8_report.to_dict()
-    return {"model": args.model, "runtime": "onnx", "export": written, "text": text}
+    return {"model": args.model, "runtime": "onnx", "export": written, **_tune_result(tuned),
+            "text": _with_tune_report(text, tuned)}
+
+
+def _tune_result(tuned: lwcompile.Tuned | None) -> dict[str, Any]:
+    return {} if tuned is None else {"tune": tuned.report.to_dict()}
+
+
+def _with_tune_report(text: str, tuned: lwcompile.Tuned | None) -> str:
+    return text if tuned is None else f"{tuned.report}\n{text}"
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
