@@ -76,7 +76,7 @@ def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         teacher_path: Path | None, extra: bool, ema: float | None = None,
-        scratch_row: bool = True) -> dict:
+        scratch_row: bool = True, scratch_only: bool = False) -> dict:
     task = TASKS[task_name]
     teacher = task.build()
     teacher.load_state_dict(torch.load(teacher_path or task.weights, weights_only=True))
@@ -102,6 +102,9 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         steps = train_supervised(scratch, task, budget_s, seed=seed, log=lambda s: None)
         record("light, random init, supervised B", scratch, c0, params=n_params(scratch),
                steps=steps)
+    if scratch_only:
+        return {"task": task.name, "budget_cpu_seconds": budget_s, "seed": seed,
+                "threads": torch.get_num_threads(), "rows": rows, "machine": machine()}
 
     torch.manual_seed(seed)
     student = lwcompile.lighten(teacher, example(task))
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--ema", type=float, help="EMA decay of the distilled weights")
     parser.add_argument("--no-scratch", action="store_true",
                         help="skip the random-init row (e.g. for a second seed)")
+    parser.add_argument("--scratch-only", action="store_true",
+                        help="only the random-init row (the reference for another run)")
     parser.add_argument("--no-extra", action="store_true",
                         help="skip the layer-wise init + supervised row")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_denoise.json")
@@ -173,7 +178,8 @@ def main() -> None:
         budget = args.budget_seconds or DEFAULT_BUDGET[name]
         t0 = time.time()
         results[name] = run(name, budget, args.init_steps, args.seed, args.teacher,
-                            not args.no_extra, args.ema, not args.no_scratch)
+                            not args.no_extra, args.ema, not args.no_scratch,
+                            args.scratch_only)
         results[name]["wall_seconds"] = round(time.time() - t0, 1)
         print_table(name, results[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
