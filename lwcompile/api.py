@@ -33,13 +33,17 @@ def default_rules(without: Sequence[str] = ()) -> list[Rule]:
     from .rules.gsat_dilated import GsatRule
     from .rules.image_output_squeeze import ImageOutputSqueezeRule
     from .rules.list_conv import ListRule
+    from .rules.list_unpadded import UnpaddedListRule
+    from .rules.low_rank_linear import LowRankLinearRule
+    from .rules.low_rank_pointwise import LowRankPointwiseRule
     from .rules.split_concat_pointwise import SplitConcatPointwiseRule
     from .rules.strided_conv import StridedConvRule
     from .rules.subpixel import SubpixelRule
     from .rules.transposed_conv import TransposedConvRule
 
     rules = [SplitConcatPointwiseRule(), SubpixelRule(), GsatRule(), StridedConvRule(),
-             TransposedConvRule(), ListRule(), ImageOutputSqueezeRule()]
+             TransposedConvRule(), ListRule(), ImageOutputSqueezeRule(), UnpaddedListRule(),
+             LowRankPointwiseRule(), LowRankLinearRule()]
     without = check.strings("default_rules", "without", without)
     unknown = set(without) - {r.name for r in rules}
     if unknown:
