@@ -81,6 +81,10 @@ def test_export_program_and_mobile_options(entry, kwargs, message, light, tmp_pa
     (lambda: lwcompile.record_flow("model.pt", X), "record_flow: model must be an nn.Module"),
     (lambda: lwcompile.record_flow(tiny(), 5), "record_flow: args must be a tensor"),
     (lambda: lwcompile.structure_key(5), "structure_key: module must be an nn.Module"),
+    (lambda: lwcompile.load_images(5), "load_images: names must be a string or a list"),
+    (lambda: lwcompile.load_images(("no-such-image",)), "'no-such-image' is not one of"),
+    (lambda: lwcompile.load_images(channels=0), "load_images: channels must be >= 1"),
+    (lambda: lwcompile.load_folder(None), "load_folder: folder must be a file path"),
 ])
 def test_helpers_in_all_check_their_arguments(call, message):
     with pytest.raises(lwcompile.LwCompileError, match=message):

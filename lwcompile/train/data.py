@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import LwCompileError
+from .. import arguments as check
+from ..errors import ArgumentError, LwCompileError
 
 #: scikit-image images used for calibration and training (bundled with the package).
 TRAIN = ("astronaut", "brick", "camera", "coffee", "coins", "gravel", "immunohistochemistry",
@@ -75,9 +76,14 @@ def to_channels(x: Tensor, channels: int) -> Tensor:
 @functools.lru_cache(maxsize=8)
 def load_images(names: tuple[str, ...] = TRAIN, channels: int = 1) -> tuple[Tensor, ...]:
     """scikit-image's bundled images by name, as CxHxW float tensors in [0, 1]."""
+    names = check.strings("load_images", "names", names)
+    channels = check.integer("load_images", "channels", channels, minimum=1)
     data = _skimage_data()
     out = []
     for name in names:
+        if name != "motorcycle" and not callable(getattr(data, name, None)):
+            raise ArgumentError(f"load_images: {name!r} is not one of scikit-image's "
+                                      f"bundled images (e.g. {', '.join(TRAIN)})")
         array = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
         out.append(to_channels(_to_tensor(array), channels))
     return tuple(out)
@@ -85,6 +91,8 @@ def load_images(names: tuple[str, ...] = TRAIN, channels: int = 1) -> tuple[Tens
 
 def load_folder(folder: str | Path, channels: int = 1) -> tuple[Tensor, ...]:
     """Every image file in ``folder`` (sorted by name), via scikit-image or else PIL."""
+    folder = check.path("load_folder", "folder", folder)
+    channels = check.integer("load_folder", "channels", channels, minimum=1)
     if not Path(folder).is_dir():
         raise LwCompileError(f"{folder} is not a folder: pass a folder of images "
                              f"({'/'.join(IMAGE_SUFFIXES)})")
