@@ -2,7 +2,7 @@
 
     python -m benchmarks.deploy                              # all three networks, all forms
     python -m benchmarks.deploy --only DnCNN-17 --runs 9
-    python -m benchmarks.deploy --skip xnnpack-int8 --quality-seconds 0
+    python -m benchmarks.deploy --skip xnnpack-int8 --quality-seconds 0 --out deploy_fp32
 
 Part 1, latency. For each network (DnCNN-17 with the committed trained weights, SRResNet x4,
 GLCIC; ``benchmarks.speed.CASES`` at benchmark size) the original and ``lighten`` of it are
@@ -19,7 +19,8 @@ SRResNet x2) and their light students (``lighten`` + ``init_layerwise`` + ``dist
 against the clean held-out images (``benchmarks.common.score``); the int8 cost is each
 model's int8 PSNR below its own fp32 PSNR.
 
-Writes benchmarks/results/deploy.json with the machine (CPU model, ISA flags, versions).
+Writes benchmarks/results/deploy.json (``--out``) with the machine (CPU model, ISA flags,
+versions).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--only", choices=NETWORKS, action="append")
     parser.add_argument("--skip", choices=FORMS, action="append", default=[])
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--out", default="deploy",
+                        help="results file name under benchmarks/results (default deploy)")
     parser.add_argument("--quality-seconds", type=float, default=120.0,
                         help="CPU seconds of init + distillation per light student; 0 skips "
                              "the quality part")
@@ -224,7 +227,7 @@ def main() -> None:
                 keys = sorted({k for r in q["psnr"].values() for k in r})
                 print(table([[k, *(q["psnr"][m].get(k, "-") for m in ("teacher", "light"))]
                              for k in keys], ["form", "teacher", "light"]))
-    print(f"\nwrote {write_json('deploy', results)}")
+    print(f"\nwrote {write_json(args.out, results)}")
 
 
 if __name__ == "__main__":
