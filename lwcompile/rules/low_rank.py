@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lwcompile import FitTask, register_fit
+from lwcompile import FitTask, Refuse, register_fit
 
 
 def factor_rank(in_features: int, out_features: int, rank_ratio: int) -> int:
@@ -29,6 +29,23 @@ def factor_rank(in_features: int, out_features: int, rank_ratio: int) -> int:
 def factored_weights(in_features: int, out_features: int, rank: int) -> int:
     """Multiply-adds per position of the two factors (also their weight count)."""
     return rank * (in_features + out_features)
+
+
+def rank_or_refusal(n_in: int, n_out: int, *, rank_ratio: int, min_size: int,
+                    min_saving: float, unit: str, per: str) -> int | Refuse:
+    """The rank both low-rank rules factor an ``n_in -> n_out`` map to, or why not: a side
+    below ``min_size`` ``unit`` saves (almost) nothing, and the factors must cost at most
+    1 / ``min_saving`` of the original's multiply-adds ``per`` position."""
+    if min(n_in, n_out) < min_size:
+        return Refuse(f"{n_in}->{n_out} {unit}: fewer than {min_size} on one side, a "
+                      "low-rank factorisation saves (almost) nothing")
+    rank = factor_rank(n_in, n_out, rank_ratio)
+    factored = factored_weights(n_in, n_out, rank)
+    if factored * min_saving > n_in * n_out:
+        return Refuse(f"rank {rank} factors of {n_in}->{n_out} cost {factored:,} "
+                      f"multiply-adds per {per} vs {n_in * n_out:,}: less than "
+                      f"{min_saving}x saved")
+    return rank
 
 
 @torch.no_grad()

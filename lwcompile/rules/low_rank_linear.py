@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lwcompile import Match, NoMatch, Refuse, Rule, Site
-from lwcompile.rules.low_rank import LowRankLinear, factor_rank, factored_weights
+from lwcompile.rules.low_rank import LowRankLinear, rank_or_refusal
 
 
 @dataclass
@@ -38,16 +38,11 @@ class LowRankLinearRule(Rule):
         linear = site.module
         if type(linear) is not nn.Linear:
             return NoMatch(f"{type(linear).__name__} is not a plain nn.Linear")
-        n_in, n_out = linear.in_features, linear.out_features
-        if min(n_in, n_out) < self.min_features:
-            return Refuse(f"{n_in}->{n_out} features: fewer than {self.min_features} on one "
-                          "side, a low-rank factorisation saves (almost) nothing")
-        rank = factor_rank(n_in, n_out, self.rank_ratio)
-        factored = factored_weights(n_in, n_out, rank)
-        if factored * self.min_saving > n_in * n_out:
-            return Refuse(f"rank {rank} factors of {n_in}->{n_out} cost {factored:,} "
-                          f"multiply-adds per token vs {n_in * n_out:,}: less than "
-                          f"{self.min_saving}x saved")
+        rank = rank_or_refusal(linear.in_features, linear.out_features,
+                               rank_ratio=self.rank_ratio, min_size=self.min_features,
+                               min_saving=self.min_saving, unit="features", per="token")
+        if isinstance(rank, Refuse):
+            return rank
         return Match(site, info={"rank": rank})
 
     def build(self, match: Match) -> nn.Module:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lwcompile import Match, NoMatch, Refuse, Rule, Site
-from lwcompile.rules.low_rank import LowRankPointwise, factor_rank, factored_weights
+from lwcompile.rules.low_rank import LowRankPointwise, rank_or_refusal
 
 
 @dataclass
@@ -46,16 +46,11 @@ class LowRankPointwiseRule(Rule):
             return NoMatch("acts on a pooled 1x1 map (a channel-attention gate): nothing to gain")
         if site.feeds_pixel_shuffle:
             return NoMatch("feeds a pixel shuffle: left to the sub-pixel rule")
-        c_in, c_out = conv.in_channels, conv.out_channels
-        if min(c_in, c_out) < self.min_channels:
-            return Refuse(f"{c_in}->{c_out} channels: fewer than {self.min_channels} on one "
-                          "side, a low-rank factorisation saves (almost) nothing")
-        rank = factor_rank(c_in, c_out, self.rank_ratio)
-        factored = factored_weights(c_in, c_out, rank)
-        if factored * self.min_saving > c_in * c_out:
-            return Refuse(f"rank {rank} factors of {c_in}->{c_out} cost {factored:,} "
-                          f"multiply-adds per pixel vs {c_in * c_out:,}: less than "
-                          f"{self.min_saving}x saved")
+        rank = rank_or_refusal(conv.in_channels, conv.out_channels,
+                               rank_ratio=self.rank_ratio, min_size=self.min_channels,
+                               min_saving=self.min_saving, unit="channels", per="pixel")
+        if isinstance(rank, Refuse):
+            return rank
         return Match(site, info={"rank": rank})
 
     def build(self, match: Match) -> nn.Module:
