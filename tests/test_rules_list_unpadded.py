@@ -53,6 +53,15 @@ def test_it_computes_a_same_padded_list_on_the_pixels_an_unpadded_conv_keeps(ker
     torch.testing.assert_close(unpadded(x), same(x)[..., crop:-crop, crop:-crop])
 
 
+def test_an_unbatched_input_gives_what_the_unpadded_conv_gives_it():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 5, padding=1)
+    unpadded = UnpaddedLIST(16, 8, 5, 4, padding=1)
+    x = torch.rand(16, 12, 15)  # CxHxW, as nn.Conv2d accepts
+    assert unpadded(x).shape == conv(x).shape == (8, 10, 13)
+    torch.testing.assert_close(unpadded(x), unpadded(x[None])[0])
+
+
 def test_channels_that_do_not_split_are_refused_and_same_convs_left_to_list():
     model = nn.Sequential(nn.Conv2d(32, 31, 3), nn.Conv2d(31, 32, 3, padding=1)).eval()
     report = lwcompile.plan(model, (torch.rand(1, 32, 12, 12),), rules=[UnpaddedListRule()])

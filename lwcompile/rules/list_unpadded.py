@@ -49,7 +49,7 @@ class UnpaddedLIST(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)
         return torch.cat([self.pointwise_branch(self.cropped(squeezed)),
-                          self.spatial_branch(squeezed)], dim=1)
+                          self.spatial_branch(squeezed)], dim=-3)
 
 
 @dataclass
