@@ -52,3 +52,13 @@ def zoo_cases(slow: frozenset[str] = frozenset()) -> list:
         return (pytest.mark.slow,) if name in slow else ()
 
     return [pytest.param(name, id=name, marks=marks(name)) for name in zoo.ZOO]
+
+
+def small_dncnn_and_light() -> tuple[nn.Module, nn.Module]:
+    """A seeded 4-layer, 16-feature DnCNN (eval) and ``lighten`` of it: the teacher and
+    student the training tests run on."""
+    from examples.dncnn import DnCNN
+
+    torch.manual_seed(0)
+    teacher = DnCNN(features=16, depth=4).eval()
+    return teacher, lwcompile.lighten(teacher, (torch.rand(1, 1, 24, 24),))

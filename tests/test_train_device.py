@@ -8,8 +8,6 @@ import copy
 import pytest
 import torch
 
-import lwcompile
-from examples.dncnn import DnCNN
 from lwcompile.errors import ArgumentError
 from lwcompile.train.checkpoint import read_checkpoint
 from lwcompile.train.data import add_noise
@@ -22,15 +20,14 @@ from lwcompile.train.device import (
 )
 from lwcompile.train.distill import distill
 from lwcompile.train.layerwise import init_layerwise
+from tests.helpers import small_dncnn_and_light
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    teacher = DnCNN(features=16, depth=4).eval()
-    return teacher, lwcompile.lighten(teacher, (torch.rand(1, 1, 24, 24),))
+    return small_dncnn_and_light()
 
 
 def test_the_default_device_is_the_students_and_a_missing_one_is_refused(pair):

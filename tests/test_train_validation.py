@@ -9,23 +9,20 @@ import math
 import pytest
 import torch
 
-import lwcompile
-from examples.dncnn import DnCNN
 from lwcompile.errors import ArgumentError
 from lwcompile.train.checkpoint import read_checkpoint
 from lwcompile.train.data import add_noise
 from lwcompile.train.distill import distill
 from lwcompile.train.schedule import cosine, schedule_for
 from lwcompile.train.validation import validate, validation_pairs
+from tests.helpers import small_dncnn_and_light
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    teacher = DnCNN(features=16, depth=4).eval()
-    return teacher, lwcompile.lighten(teacher, (torch.rand(1, 1, 24, 24),))
+    return small_dncnn_and_light()
 
 
 def val_pairs(n=2):
