@@ -6,6 +6,9 @@ Parameter counts come from the public ``lwcompile.count_params``.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -62,3 +65,18 @@ def small_dncnn_and_light() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     teacher = DnCNN(features=16, depth=4).eval()
     return teacher, lwcompile.lighten(teacher, (torch.rand(1, 1, 24, 24),))
+
+
+TINY_FACTORY = (
+    "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+    "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
+    "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
+    "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+
+
+def tiny_factory_in(folder: Path, monkeypatch: Any, module: str) -> None:
+    """Work in ``folder``, where ``MODULE:build`` is a small three-conv factory (a module name
+    of its own per test file, so the import caches of the files do not meet)."""
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    (folder / f"{module}.py").write_text(TINY_FACTORY)

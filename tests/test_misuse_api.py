@@ -17,6 +17,7 @@ from torch import nn
 import lwcompile
 from lwcompile.cli import app as cli_app
 from lwcompile.cli import main
+from tests.helpers import tiny_factory_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -509,13 +510,7 @@ def test_cli_help_documents_every_exit_code(capsys):
 
 def _tiny_factory_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Work in ``folder``, where ``lwc_tiny_misuse:build`` is a small three-conv factory."""
-    monkeypatch.chdir(folder)
-    monkeypatch.syspath_prepend(str(folder))
-    (folder / "lwc_tiny_misuse.py").write_text(
-        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+    tiny_factory_in(folder, monkeypatch, "lwc_tiny_misuse")
 
 
 @pytest.mark.parametrize("argv", [

@@ -14,7 +14,7 @@ from torch import nn
 import lwcompile
 from lwcompile.cli import app as cli_app
 from lwcompile.cli import main
-from tests.helpers import close, run
+from tests.helpers import close, run, tiny_factory_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,13 +250,7 @@ def test_nothing_left_to_rewrite_is_a_refusal_with_a_report(kwargs):
 
 
 def _factory(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(folder)
-    monkeypatch.syspath_prepend(str(folder))
-    (folder / "lwc_campaign.py").write_text(
-        "import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 3, 3, padding=1))\n")
+    tiny_factory_in(folder, monkeypatch, "lwc_campaign")
 
 
 def test_cli_output_path_that_is_a_folder_is_a_refusal(tmp_path, monkeypatch, capsys):
