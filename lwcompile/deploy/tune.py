@@ -231,14 +231,9 @@ class _Deploy:
 
 
 def _onnxruntime_call(path: Path, args: tuple, threads: int) -> Callable[[], Any]:
-    import onnxruntime as ort
+    from .int8_onnx import session as onnxruntime_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # spinning threads would take the CPU from the variant timed next
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     feed = dict(zip(names, (a.numpy() for a in args if isinstance(a, Tensor)), strict=True))
     return lambda: session.run(None, feed)
