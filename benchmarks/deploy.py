@@ -42,6 +42,7 @@ from benchmarks.common import DENOISE, SR2, Task, held_out, load_teacher, score
 from benchmarks.speed import CASES, THREADS, machine, medians_ms, table, write_json
 from lwcompile.deploy.emit import emit_fast
 from lwcompile.deploy.export import export_onnx
+from lwcompile.deploy.int8_onnx import session as onnxruntime_session
 from lwcompile.deploy.mobile import export_mobile, load_pte
 from lwcompile.measure.profile import time_interleaved
 from lwcompile.nn import ChannelsLast
@@ -55,18 +56,8 @@ DEGRADE = {"DnCNN-17": DENOISE.degrade}
 Runner = Callable[..., Any]
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _ort_runner(path: Path) -> Runner:
-    session = _ort_session(path)
+    session = onnxruntime_session(path, THREADS)
     names = [i.name for i in session.get_inputs()]
 
     def run(*args: Tensor) -> Tensor:
