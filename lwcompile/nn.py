@@ -26,9 +26,9 @@ from .deploy import identities  # the deployed forms' arithmetic, written once
 class LIST(nn.Module):
     """Drop-in for a dense kxk conv (stride 1): squeeze, then a 1x1 and a spatial branch.
 
-    Squeezing to ``in_channels // squeeze_ratio`` first is where the savings come from; the
-    depthwise kxk branch keeps the receptive field, the 1x1 branch keeps cheap channel mixing.
-    All four convs carry a bias, as in the authors' reference code.
+    Squeezing to ``in_channels / squeeze_ratio`` first (rounded up: 85 -> 22) is where the
+    savings come from; the depthwise kxk branch keeps the receptive field, the 1x1 branch keeps
+    cheap channel mixing. All four convs carry a bias, as in the authors' reference code.
     """
 
     def __init__(
@@ -40,12 +40,12 @@ class LIST(nn.Module):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        if in_channels % squeeze_ratio or out_channels % 2 or kernel_size % 2 == 0:
+        if in_channels < squeeze_ratio or out_channels % 2 or kernel_size % 2 == 0:
             raise ValueError(
-                f"LIST needs in_channels divisible by {squeeze_ratio}, even out_channels and an "
+                f"LIST needs at least {squeeze_ratio} in_channels, even out_channels and an "
                 f"odd kernel; got {in_channels}->{out_channels}, k={kernel_size}"
             )
-        squeezed = in_channels // squeeze_ratio
+        squeezed = LIST.squeeze_width(in_channels, squeeze_ratio)
         half = out_channels // 2
         self.squeeze = nn.Conv2d(in_channels, squeezed, 1)
         self.pointwise_branch = nn.Conv2d(squeezed, half, 1)
@@ -56,6 +56,12 @@ class LIST(nn.Module):
             ),
             nn.Conv2d(squeezed, half, 1),
         )
+
+    @staticmethod
+    def squeeze_width(in_channels: int, squeeze_ratio: int) -> int:
+        """How many channels the squeeze keeps: in_channels / squeeze_ratio, rounded up, so
+        that channel counts the ratio does not divide (MoESR's 85) are lightened too."""
+        return -(-in_channels // squeeze_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)

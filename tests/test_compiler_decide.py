@@ -185,5 +185,5 @@ def test_channels_that_do_not_split_are_refused_with_a_reason():
     rows = caught.value.report.rows
     reasons = [r.reason for r in rows]
     assert all(r.outcome == REFUSED for r in rows)
-    assert "3 input channels do not split into 4" in reasons[0]
-    assert "18 input channels do not split into 4" in reasons[1]
+    assert "3 input channels are fewer than the squeeze ratio 4" in reasons[0]
+    assert "33 output channels do not split into two equal branches" in reasons[1]

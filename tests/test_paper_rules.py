@@ -239,3 +239,62 @@ def test_image_output_squeeze_starts_exact_when_the_conv_reads_a_low_rank_subspa
     torch.testing.assert_close(replacement(x), conv(x), rtol=1e-4, atol=1e-4)
     assert not rule.match(Site("body", nn.Conv2d(32, 3, 3, padding=1), site.input_shapes,
                                site.output_shape))  # 3x3: left to the image-boundary guard
+
+
+def test_image_output_squeeze_takes_a_subpixel_conv_that_writes_the_image():
+    """3x3 32 -> 3*16 before a x4 shuffle: LIST cannot split 3 colours, so `subpixel` refuses;
+    the squeeze keeps a full 3x3 kernel per phase and colour (nothing depthwise)."""
+
+    class TinySR(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(3, 32, 3, padding=1)
+            self.body = nn.Conv2d(32, 32, 3, padding=1)
+            self.up = nn.Sequential(nn.Conv2d(32, 3 * 16, 3, padding=1), nn.PixelShuffle(4))
+
+        def forward(self, x):
+            return self.up(torch.relu(self.body(self.head(x))))
+
+    torch.manual_seed(0)
+    model = TinySR().eval()
+    x = torch.rand(1, 3, 12, 10)
+    light = lwcompile.lighten(model, (x,))
+    row = {r.site: r for r in light.lwcompile_report.rows}["up.0"]
+    assert row.outcome == APPLIED and row.decided_by == "image-output-squeeze"
+    squeeze, spatial = light.get_submodule("up.0").children()
+    assert (squeeze.in_channels, squeeze.out_channels) == (32, 8)
+    assert (spatial.in_channels, spatial.out_channels, spatial.kernel_size) == (8, 48, (3, 3))
+    assert count_params(light.up) == 32 * 8 + 8 * 48 * 9 + 48
+    assert light(x).shape == model(x).shape == (1, 3, 48, 40)
+    assert depthwise_feeding_pixel_shuffle(light, (x,)) == set()
+
+
+def test_image_output_squeeze_leaves_convs_it_would_barely_shrink():
+    rule = ImageOutputSqueezeRule()
+    shapes = (torch.Size([1, 64, 20, 20]),)
+    for conv, why in ((nn.Conv2d(64, 3, 3, padding=1), "kept as the paper keeps it"),
+                      (nn.Conv2d(64, 1, 5, padding=2), "saves 1.12x of this conv's MACs")):
+        verdict = rule.match(Site("tail", conv, shapes, torch.Size([1, conv.out_channels, 20, 20])))
+        assert isinstance(verdict, NoMatch) and why in verdict.reason
+    wide = nn.Conv2d(64, 3 * 4, 3, padding=1)  # x2 shuffle phases count only when it feeds one
+    verdict = rule.match(Site("up", wide, shapes, torch.Size([1, 12, 20, 20])))
+    assert isinstance(verdict, NoMatch) and "not an image-writing conv" in verdict.reason
+    assert rule.match(Site("up", wide, shapes, torch.Size([1, 12, 20, 20]),
+                           feeds_pixel_shuffle=True, pixel_shuffle_factor=2))
+
+
+def test_list_squeezes_channel_counts_the_ratio_does_not_divide():
+    """MoESR's 3x3 85 -> 32 conv: the squeeze keeps ceil(85 / 4) = 22 channels."""
+    model = nn.Sequential(nn.Conv2d(16, 85, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(85, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 16, 3, padding=1))
+    x = torch.rand(1, 16, 10, 10)
+    light = lwcompile.lighten(model, (x,))
+    row = {r.site: r for r in light.lwcompile_report.rows}["2"]
+    assert row.outcome == APPLIED and row.decided_by == "list"
+    lst = light.get_submodule("2")
+    assert lst.squeeze.out_channels == 22 == LIST.squeeze_width(85, 4)
+    assert count_params(lst) == (85 * 22 + 22) + (22 * 16 + 16) + (22 * 9 + 22) + (22 * 16 + 16)
+    assert light(x).shape == model(x).shape
+    with pytest.raises(ValueError, match="at least 4 in_channels"):
+        LIST(3, 8)

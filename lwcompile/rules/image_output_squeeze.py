@@ -1,11 +1,21 @@
-"""A large-kernel conv that writes the image: squeeze 1x1 C -> C/4, then the kxk conv.
+"""A conv that writes the image: squeeze 1x1 C -> C/4, then the kxk conv.
 
 SRResNet ends in a 9x9 64->3 conv at the output resolution. Kept standard, as the paper keeps
 DnCNN's 3x3 output conv, it is two thirds of the lightened x4 model's MACs. LIST cannot take
 it (3 output channels do not split into two branches) and a depthwise kxk would give each
 colour one filtered map. Squeezing the input first keeps a full kxk kernel per output
 colour and per squeezed channel: for 9x9 64->3 the MACs per pixel drop from 15,552 to
-4,912 (3.2x). Small kernels (3x3) are left alone: there the squeeze saves little.
+4,912 (3.2x). A conv that writes the image directly is taken from ``min_kernel`` (5x5) up:
+3x3 output convs stay standard, as the paper keeps DnCNN's. Every conv taken must also have
+its MACs cut at least ``min_saving`` times by the squeeze.
+
+A sub-pixel upsampler that writes the image (3x3 64 -> 3 r^2, then a pixel shuffle: OmniSR,
+PLKSR, Compact, ...) is the same case at low resolution: each of the r^2 phases of each colour
+keeps its own 3x3 kernel over the squeezed channels, so nothing depthwise feeds the shuffle and
+the phases share no spatial kernel (the grid-artifact argument of ``no-depthwise-subpixel``
+does not apply). Such a conv computes r^2 outputs per colour and pixel, so it is taken at any
+kernel size. The ``subpixel`` rule (resize + LIST) refuses these: 3 colours do not split into
+LIST's two branches.
 
 A default rule because the quality it costs is within what a short fine-tune recovers
 (measured by ``python -m benchmarks.image_output_study``; results in docs/quality.md).
@@ -25,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwcompile import Match, NoMatch, Refuse, Rule, Site
+from lwcompile import LIST, Match, NoMatch, Refuse, Rule, Site
 
 
 @dataclass
@@ -35,30 +45,43 @@ class ImageOutputSqueezeRule(Rule):
     for_image_layers = True
 
     squeeze_ratio: int = 4
-    #: at most this many output channels: the conv writes an image (grey, RGB, RGBA)
+    #: at most this many output channels (per pixel-shuffle phase): the conv writes an
+    #: image (grey, RGB, RGBA)
     max_out_channels: int = 4
+    #: a conv writing the image directly needs at least this kernel (not one feeding a shuffle)
     min_kernel: int = 5
+    #: the squeezed form must cut the conv's MACs at least this many times
+    min_saving: float = 2.0
 
     def match(self, site: Site) -> Match | NoMatch | Refuse:
         conv = site.module
         if type(conv) is not nn.Conv2d:
             return NoMatch(f"{type(conv).__name__} is not a plain Conv2d")
-        if conv.out_channels > self.max_out_channels:
+        phases = (site.pixel_shuffle_factor or 1) ** 2 if site.feeds_pixel_shuffle else 1
+        if conv.out_channels > self.max_out_channels * phases:
             return NoMatch(f"{conv.out_channels} output channels: not an image-writing conv")
         k_h, k_w = conv.kernel_size
-        if k_h != k_w or k_h < self.min_kernel:
-            return NoMatch(f"kernel {k_h}x{k_w} is below {self.min_kernel}x{self.min_kernel}: "
-                           "squeezing it saves little")
+        if k_h != k_w:
+            return NoMatch(f"kernel {k_h}x{k_w} is not square")
+        if phases == 1 and k_h < self.min_kernel:
+            return NoMatch(f"kernel {k_h}x{k_w} writing the image is below "
+                           f"{self.min_kernel}x{self.min_kernel}: kept as the paper keeps it")
         if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
             return NoMatch("needs stride 1, dilation 1 and groups 1")
-        if conv.in_channels % self.squeeze_ratio or conv.in_channels < 4 * self.squeeze_ratio:
+        rank = LIST.squeeze_width(conv.in_channels, self.squeeze_ratio)
+        if rank < 4:
             return Refuse(f"{conv.in_channels} input channels do not squeeze by "
                           f"{self.squeeze_ratio} to at least 4")
+        before = conv.in_channels * conv.out_channels * k_h * k_w
+        after = conv.in_channels * rank + rank * conv.out_channels * k_h * k_w
+        if before < self.min_saving * after:
+            return NoMatch(f"the squeeze saves {before / after:.2f}x of this conv's MACs, "
+                           f"below {self.min_saving:g}x")
         return Match(site)
 
     def build(self, match: Match) -> nn.Module:
         conv = match.site.module
-        rank = conv.in_channels // self.squeeze_ratio
+        rank = LIST.squeeze_width(conv.in_channels, self.squeeze_ratio)
         squeeze = nn.Conv2d(conv.in_channels, rank, 1, bias=False)
         spatial = nn.Conv2d(rank, conv.out_channels, conv.kernel_size, padding=conv.padding,
                             bias=conv.bias is not None, padding_mode=conv.padding_mode)

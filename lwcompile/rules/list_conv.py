@@ -33,9 +33,9 @@ class ListRule(Rule):
             return NoMatch("needs stride 1, dilation 1 and groups 1")
         if conv.padding != (k_h // 2, k_h // 2):
             return NoMatch(f"padding {conv.padding} does not keep the spatial size")
-        if conv.in_channels % self.squeeze_ratio:
-            return Refuse(f"{conv.in_channels} input channels do not split into "
-                           f"{self.squeeze_ratio} for the squeeze")
+        if conv.in_channels < self.squeeze_ratio:
+            return Refuse(f"{conv.in_channels} input channels are fewer than the squeeze "
+                          f"ratio {self.squeeze_ratio}")
         if conv.out_channels % 2:
             return Refuse(f"{conv.out_channels} output channels do not split into two "
                            "equal branches")

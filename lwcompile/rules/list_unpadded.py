@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwcompile import FitTask, Match, NoMatch, Refuse, Rule, Site, register_fit
+from lwcompile import LIST, FitTask, Match, NoMatch, Refuse, Rule, Site, register_fit
 
 
 class UnpaddedLIST(nn.Module):
@@ -29,12 +29,12 @@ class UnpaddedLIST(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  squeeze_ratio: int = 4, padding: int = 0) -> None:
         super().__init__()
-        if in_channels % squeeze_ratio or out_channels % 2 or kernel_size % 2 == 0 \
+        if in_channels < squeeze_ratio or out_channels % 2 or kernel_size % 2 == 0 \
                 or not 0 <= padding < kernel_size // 2:
-            raise ValueError(f"UnpaddedLIST needs in_channels divisible by {squeeze_ratio}, "
+            raise ValueError(f"UnpaddedLIST needs at least {squeeze_ratio} in_channels, "
                              f"even out_channels, an odd kernel and 0 <= padding < k // 2; got "
                              f"{in_channels}->{out_channels}, k={kernel_size}, p={padding}")
-        squeezed, half = in_channels // squeeze_ratio, out_channels // 2
+        squeezed, half = LIST.squeeze_width(in_channels, squeeze_ratio), out_channels // 2
         self.crop = kernel_size // 2 - padding
         self.squeeze = nn.Conv2d(in_channels, squeezed, 1)
         self.pointwise_branch = nn.Conv2d(squeezed, half, 1)
@@ -73,9 +73,9 @@ class UnpaddedListRule(Rule):
             return NoMatch(f"padding {conv.padding} is 'same' or uneven: not this rule's")
         if conv.padding[0] and conv.padding_mode != "zeros":
             return Refuse(f"{conv.padding_mode} padding of a shrinking conv is not modelled")
-        if conv.in_channels % self.squeeze_ratio:
-            return Refuse(f"{conv.in_channels} input channels do not split into "
-                          f"{self.squeeze_ratio} for the squeeze")
+        if conv.in_channels < self.squeeze_ratio:
+            return Refuse(f"{conv.in_channels} input channels are fewer than the squeeze "
+                          f"ratio {self.squeeze_ratio}")
         if conv.out_channels % 2:
             return Refuse(f"{conv.out_channels} output channels do not split into two "
                           "equal branches")

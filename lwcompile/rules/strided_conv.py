@@ -26,7 +26,7 @@ class StridedConvRule(Rule):
             return NoMatch("not a strided Conv2d")
         if conv.groups != 1 or isinstance(conv.padding, str):
             return NoMatch("needs groups 1 and numeric padding")
-        if conv.in_channels % self.squeeze_ratio or conv.out_channels % 2:
+        if conv.in_channels < self.squeeze_ratio or conv.out_channels % 2:
             return Refuse(f"LIST cannot split {conv.in_channels}->{conv.out_channels} channels")
         return Match(site)
 

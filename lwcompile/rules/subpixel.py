@@ -63,7 +63,7 @@ class SubpixelRule(Rule):
         if conv.out_channels % (r * r):
             return NoMatch(f"{conv.out_channels} channels are not a multiple of r^2={r * r}")
         out_channels = conv.out_channels // (r * r)
-        if conv.in_channels % self.squeeze_ratio or out_channels % 2:
+        if conv.in_channels < self.squeeze_ratio or out_channels % 2:
             return Refuse(f"LIST cannot split {conv.in_channels}->{out_channels} channels "
                           f"(squeeze {self.squeeze_ratio}, two equal branches)")
         info = {"factor": r, "out_channels": out_channels}
