@@ -54,8 +54,12 @@ def cpu_budget(seconds: float) -> Callable[[], float]:
 
 def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float = 1e-3,
                      seed: int = 0, log: Callable[[str], None] = print,
-                     checkpoint: Path | None = None, freeze_bn: bool = False) -> int:
+                     checkpoint: Path | None = None, freeze_bn: bool = False,
+                     amp: str | None = None) -> int:
     """Train on (degraded, clean) crops with MSE for ``budget_s`` CPU seconds; cosine lr.
+
+    ``amp="bf16"`` runs the forward pass under CPU bf16 autocast (weights and optimiser stay
+    fp32), as ``distill(amp="bf16")`` does, so that both sides of a comparison get it.
 
     ``freeze_bn`` keeps BatchNorms in eval mode (running statistics fixed), the usual way to
     fine-tune an already trained network on small batches.
@@ -95,7 +99,9 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
         g = torch.Generator().manual_seed(10_000_019 * seed + step)
-        loss = F.mse_loss(model(task.degrade(clean, g)), clean)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
+            restored = model(task.degrade(clean, g))
+        loss = F.mse_loss(restored.float(), clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

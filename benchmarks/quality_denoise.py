@@ -11,8 +11,11 @@ the committed, long-trained model (``benchmarks/train_teacher.py``), and the lig
 - layer-wise init + distillation from the teacher, init time included in B;
 - layer-wise init + supervised training, init time included in B (separates the two).
 
-B is CPU seconds with one torch thread (robust to a shared machine). Distillation pays a
-teacher forward per step, so in the same B it takes fewer steps; steps are reported.
+B is CPU seconds of this process (robust to a shared machine; ``--threads 2 --budget-seconds
+600`` is 300 s on two cores). Distillation pays a teacher forward per step, so in the same B
+it takes fewer steps; steps are reported. ``--amp bf16`` runs every forward pass (teacher,
+student, the random-init baseline) under bf16 autocast: on a CPU with AMX or AVX512-BF16 the
+same budget buys more steps.
 
     nice -n 10 .venv/bin/python -m benchmarks.quality_denoise --task denoise --budget-seconds 300
     nice -n 10 .venv/bin/python -m benchmarks.quality_denoise --task sr --budget-seconds 120
@@ -57,7 +60,7 @@ def example(task: Task) -> tuple[torch.Tensor]:
 
 
 def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: float,
-                  seed: int, ema: float | None = None) -> int:
+                  seed: int, ema: float | None = None, amp: str | None = None) -> int:
     """Distil until ``budget_s`` CPU seconds are spent (cosine lr over the budget's fraction,
     as ``train_supervised``); returns the steps taken."""
     used = cpu_budget(budget_s)
@@ -70,13 +73,13 @@ def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: 
 
     distill(student, teacher, steps=10**9, stop_when=lambda: used() >= 1, lr_schedule=schedule,
             channels=task.channels, degrade=task.degrade, batch_size=task.batch_size,
-            crop=task.crop, loss="mse", progress=False, seed=seed, ema=ema)
+            crop=task.crop, loss="mse", progress=False, seed=seed, ema=ema, amp=amp)
     return taken
 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         teacher_path: Path | None, extra: bool, ema: float | None = None,
-        scratch_row: bool = True, scratch_only: bool = False) -> dict:
+        scratch_row: bool = True, scratch_only: bool = False, amp: str | None = None) -> dict:
     task = TASKS[task_name]
     teacher = task.build()
     teacher.load_state_dict(torch.load(teacher_path or task.weights, weights_only=True))
@@ -99,11 +102,12 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         torch.manual_seed(seed)
         scratch = lwcompile.lighten(task.build(), example(task))
         c0 = time.process_time()
-        steps = train_supervised(scratch, task, budget_s, seed=seed, log=lambda s: None)
+        steps = train_supervised(scratch, task, budget_s, seed=seed, log=lambda s: None,
+                                 amp=amp)
         record("light, random init, supervised B", scratch, c0, params=n_params(scratch),
                steps=steps)
     if scratch_only:
-        return {"task": task.name, "budget_cpu_seconds": budget_s, "seed": seed,
+        return {"task": task.name, "budget_cpu_seconds": budget_s, "seed": seed, "amp": amp,
                 "threads": torch.get_num_threads(), "rows": rows, "machine": machine()}
 
     torch.manual_seed(seed)
@@ -111,7 +115,7 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
     c0 = time.process_time()
     errors = init_layerwise(student, teacher, channels=task.channels, degrade=task.degrade,
                             steps=init_steps, crop=task.crop, batch_size=task.batch_size,
-                            seed=seed)
+                            seed=seed, amp=amp)
     init_cpu = time.process_time() - c0
     student.eval()
     record("light, layer-wise init only", student, c0, params=n_params(student),
@@ -120,18 +124,18 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
 
     supervised = copy.deepcopy(student)
     c0 = time.process_time() - init_cpu
-    steps = timed_distill(student, teacher, task, budget_s - init_cpu, seed, ema)
+    steps = timed_distill(student, teacher, task, budget_s - init_cpu, seed, ema, amp)
     record("light, layer-wise init + distill B", student, c0, params=n_params(student),
            steps=steps)
 
     if extra:
         c0 = time.process_time() - init_cpu
         steps = train_supervised(supervised, task, budget_s - init_cpu, seed=seed,
-                                 log=lambda s: None)
+                                 log=lambda s: None, amp=amp)
         record("light, layer-wise init + supervised B", supervised, c0,
                params=n_params(supervised), steps=steps)
     return {"task": task.name, "budget_cpu_seconds": budget_s, "init_steps": init_steps,
-            "seed": seed, "ema": ema, "threads": torch.get_num_threads(),
+            "seed": seed, "ema": ema, "amp": amp, "threads": torch.get_num_threads(),
             "held_out": "centre crops (<=256) of lwcompile.data.HELD_OUT",
             "rows": rows, "gaps_db": gaps(rows), "machine": machine()}
 
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: committed)")
     parser.add_argument("--ema", type=float, help="EMA decay of the distilled weights")
+    parser.add_argument("--amp", choices=["bf16"], help="bf16 autocast for every forward pass")
     parser.add_argument("--no-scratch", action="store_true",
                         help="skip the random-init row (e.g. for a second seed)")
     parser.add_argument("--scratch-only", action="store_true",
@@ -179,7 +184,7 @@ def main() -> None:
         t0 = time.time()
         results[name] = run(name, budget, args.init_steps, args.seed, args.teacher,
                             not args.no_extra, args.ema, not args.no_scratch,
-                            args.scratch_only)
+                            args.scratch_only, args.amp)
         results[name]["wall_seconds"] = round(time.time() - t0, 1)
         print_table(name, results[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
