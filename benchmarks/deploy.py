@@ -9,7 +9,9 @@ GLCIC; ``benchmarks.speed.CASES`` at benchmark size) the original and ``lighten`
 each run in every form a deployment engineer would try: eager PyTorch, channels_last,
 ``emit_fast``, onnxruntime fp32 and int8 (``export_onnx``), ExecuTorch/XNNPACK fp32 and int8
 (``export_mobile``). All forms of one network run interleaved round-robin in one process
-(2 threads everywhere, onnxruntime without spin-waiting), medians of ``--runs``. The table
+(2 threads everywhere; onnxruntime with its default spin-waiting, as a deployed session runs,
+and ``--pause-ms`` of idling before each timed call so that one variant's spinning threads do
+not slow the next), medians of ``--runs``. The table
 gives each model's best form and three ratios: fp32 best vs best, best vs best with int8
 allowed on both sides, and XNNPACK alone (best of its fp32 and int8).
 
@@ -57,7 +59,7 @@ Runner = Callable[..., Any]
 
 
 def _ort_runner(path: Path) -> Runner:
-    session = onnxruntime_session(path, THREADS)
+    session = onnxruntime_session(path, THREADS, spinning=True)
     names = [i.name for i in session.get_inputs()]
 
     def run(*args: Tensor) -> Tensor:
@@ -103,7 +105,7 @@ def set_threads(threads: int) -> None:
     portable_lib._unsafe_reset_threadpool(threads)
 
 
-def latency(name: str, forms: list[str], runs: int, folder: Path) -> dict:
+def latency(name: str, forms: list[str], runs: int, folder: Path, pause: float) -> dict:
     case = CASES[name]
     original = case.build()
     if name == "DnCNN-17":  # the trained weights: int8 calibrates on a real network
@@ -120,7 +122,8 @@ def latency(name: str, forms: list[str], runs: int, folder: Path) -> dict:
             fns[f"{model_name} {form}"] = lambda run=run: run(*inputs)
     set_threads(THREADS)
     with torch.no_grad():
-        ms = {k: round(v, 1) for k, v in medians_ms(time_interleaved(fns, runs=runs)).items()}
+        times = time_interleaved(fns, runs=runs, pause=pause)
+        ms = {k: round(v, 1) for k, v in medians_ms(times).items()}
     return {"network": name, "input": [list(a.shape) for a in inputs], "median_ms": ms,
             "prepare_seconds": export_s, **ratios(ms, forms)}
 
@@ -184,6 +187,8 @@ def main() -> None:
     parser.add_argument("--only", choices=NETWORKS, action="append")
     parser.add_argument("--skip", choices=FORMS, action="append", default=[])
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--pause-ms", type=float, default=50.0,
+                        help="idle time before each timed call (not timed)")
     parser.add_argument("--out", default="deploy",
                         help="results file name under benchmarks/results (default deploy)")
     parser.add_argument("--quality-seconds", type=float, default=120.0,
@@ -195,13 +200,15 @@ def main() -> None:
     info = machine()
     forms = [f for f in FORMS if f not in args.skip]
     results: dict[str, Any] = {"machine": info, "runs": args.runs, "forms": forms,
+                               "pause_ms": args.pause_ms, "onnxruntime_spinning": True,
                                "networks": [], "quality": []}
     label = (f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads, onnxruntime "
-             f"{info.get('onnxruntime')}, executorch {info.get('executorch')}; medians of "
-             f"{args.runs} interleaved rounds")
+             f"{info.get('onnxruntime')} (spin-waiting on), executorch "
+             f"{info.get('executorch')}; medians of {args.runs} interleaved rounds, "
+             f"{args.pause_ms:g} ms idle before each call")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or NETWORKS:
-            row = latency(name, forms, args.runs, Path(tmp))
+            row = latency(name, forms, args.runs, Path(tmp), args.pause_ms / 1000)
             results["networks"].append(row)
             print(f"\n{name} {row['input']} -- {label}")
             print(table([[f, row["median_ms"][f"original {f}"], row["median_ms"][f"light {f}"]]

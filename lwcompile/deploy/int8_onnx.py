@@ -64,15 +64,16 @@ def _feeds(inputs: list[tuple], names: Sequence[str]) -> list[dict[str, np.ndarr
             for args in inputs]
 
 
-def session(path: str | Path, threads: int = 2) -> Any:
-    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads. Its threads
-    do not spin-wait after a run: spinning would take the CPU from whatever runs next (the
-    next variant ``tune`` times)."""
+def session(path: str | Path, threads: int = 2, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads. Without
+    ``spinning`` its threads do not spin-wait after a run: spinning would take the CPU from
+    whatever runs next (the next variant ``tune`` times). ``spinning=True`` is onnxruntime's
+    default, what a deployed session gets: it shortens the hand-over between many small ops."""
     _, ort = _onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -89,11 +89,14 @@ def time_runs(fn: Callable[[], Any], runs: int = 7, warmup: int = 2) -> list[flo
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int = 7, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     pause: float = 0.0) -> dict[str, list[float]]:
     """Time several callables round-robin, so machine load hits them all alike.
 
     ``clock=time.thread_time`` counts this thread's CPU time instead of wall time: with one
-    compute thread it barely moves when other processes load the machine.
+    compute thread it barely moves when other processes load the machine. ``pause`` seconds
+    of idling before each timed call let a runtime's spin-waiting threads from the previous
+    call go to sleep, so that they do not take the CPU from the next one.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -101,6 +104,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int = 7, warmup: i
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            if pause:
+                time.sleep(pause)
             start = clock()
             fn()
             times[name].append(clock() - start)
