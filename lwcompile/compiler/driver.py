@@ -2,6 +2,7 @@
 with bisection and rollback until it passes; or a plan of the same decisions.
 
 Algorithm (``compile_verified``):
+0. Re-parameterised blocks are folded into the convs they compute (folding.py), on a copy.
 1. Reference run: a copy of the model runs once on the example inputs, measured (MACs,
    peak memory), its data flow recorded, and the root's traced graph checked alongside it
    (``graph_check.GraphCheck``).
@@ -45,6 +46,7 @@ from ..tracing.skips import concat_skips
 from ..tracing.trace import Call, Region, is_leaf, trace_graph
 from .check import first_failure, output_shapes
 from .decide import SiteBroke, decide, kept_row
+from .folding import fold_reparameterised
 from .result_cost import compose_result
 from .sites import find_sites, site_types, watched
 from .workspace import Workspace, copy_model, installed_graphs_run, prepare, uninstall_subregions
@@ -193,9 +195,11 @@ def plan_only(model: nn.Module, args: tuple, kwargs: dict, rules: Sequence[Rule]
     The summary's "after" figures are estimates: totals minus each applied row's saving.
     """
     seconds: Counter[str] = Counter()
+    model, folds = fold_reparameterised(model, args, kwargs)
     reference = reference_run(model, args, kwargs, inferred, site_types(rules), seconds)
     before = reference.run
     _, report = compile_once(model, args, kwargs, rules, guards, {}, reference, seconds)
+    report.log[:0] = folds
     report.notes["seconds"] = _rounded(seconds)
     params = count_params(model)
     applied = report.applied
@@ -211,6 +215,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
                      guards: Sequence[Guard], inferred: bool = False) -> tuple[nn.Module, Report]:
     """Compile, check the whole result, and roll back the culprit rewrite until it passes."""
     seconds: Counter[str] = Counter()
+    model, folds = fold_reparameterised(model, args, kwargs)
     reference = reference_run(model, args, kwargs, inferred, site_types(rules), seconds)
     before = reference.run
     expected = output_shapes(before.output)
@@ -247,6 +252,7 @@ def compile_verified(model: nn.Module, args: tuple, kwargs: dict, rules: Sequenc
             else:
                 lo = mid + 1
         held_back[applied[lo - 1]] = f"whole-model check failed with it: {problem}"
+    report.log[:0] = folds
     report.summary = Summary(count_params(model), count_params(result), before.macs, after.macs,
                              before.peak_bytes, after.peak_bytes)
     report.notes["seconds"] = _rounded(seconds)
