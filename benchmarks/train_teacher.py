@@ -5,7 +5,7 @@ Quality comparisons need a teacher trained far longer than any student budget (s
 
     nice -n 10 .venv/bin/python -m benchmarks.train_teacher denoise --budget-minutes 50
     nice -n 10 .venv/bin/python -m benchmarks.train_teacher sr --budget-minutes 20
-    nice -n 10 .venv/bin/python -m benchmarks.train_teacher swinir --budget-minutes 20 --lr 5e-4
+    nice -n 10 .venv/bin/python -m benchmarks.train_teacher swinir --budget-minutes 45 --lr 5e-4
 
 ``swinir`` is the tiny SwinIR x2 transformer of ``benchmarks/tiny_swinir.py`` (the teacher of
 the low-rank rules' quality row), trained on the same data and degradation as ``sr``.
