@@ -294,3 +294,19 @@ def test_int8_needs_the_module_not_an_exported_program(tmp_path):
     with pytest.raises(lwcompile.Int8Error, match="needs the nn.Module"):
         export_onnx(program, example, tmp_path / "m.onnx", precision="int8")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_calibration_crops_are_taken_at_the_size_the_degradation_turns_into_the_example():
+    """An SR model's example is the low-resolution input: with a x2 downscale as ``degrade``
+    the crops are taken at twice its size, so every input has the example's shape."""
+    from lwcompile.train.data import add_noise, downscale
+
+    example = (torch.rand(1, 3, 24, 20),)
+    for degrade in (downscale(2), add_noise(25), None):
+        calib = int8_inputs.calibration_inputs(None, example, 3, degrade)
+        held = int8_inputs.evaluation_inputs(None, example, 2, 3, degrade)
+        assert len(calib) == 3 and len(held) == 2
+        assert {tuple(args[0].shape) for args in calib + held} == {(1, 3, 24, 20)}
+    with pytest.raises(int8.CalibrationDataError, match="no crop size gives"):
+        int8_inputs.calibration_inputs(None, example, 1,
+                                       lambda x, g: x[..., ::3])

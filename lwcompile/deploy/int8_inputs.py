@@ -128,11 +128,31 @@ def _crops(data: Any, example: Tensor, seed: int, source: str) -> Iterable[Tenso
         raise CalibrationDataError(f"{source}: {exc}") from exc
 
 
+def _before_degrade(example: Tensor, degrade: Degrade | None) -> Tensor:
+    """A tensor of the size whose crops ``degrade`` turns into the example's size: the
+    example itself, or twice its size for a bicubic x2 downscale (an SR model's input)."""
+    if degrade is None:
+        return example
+    h, w = example.shape[-2:]
+    probe_h, probe_w = degrade(example[:1].new_zeros(example[:1].shape),
+                               step_generator(0, 0, 0)).shape[-2:]
+    if (probe_h, probe_w) == (h, w):
+        return example
+    size = (h * h // max(probe_h, 1), w * w // max(probe_w, 1))
+    source = example.new_zeros(*example.shape[:-2], *size)
+    if tuple(degrade(source[:1], step_generator(0, 0, 0)).shape[-2:]) != (h, w):
+        raise CalibrationDataError(
+            f"degrade turns {h}x{w} crops into {probe_h}x{probe_w}: no crop size gives the "
+            f"example input's {h}x{w}")
+    return source
+
+
 def calibration_inputs(data: Any, example_inputs: Sequence[Any], count: int,
                        degrade: Degrade | None = None) -> list[tuple]:
     """``count`` model inputs from ``data`` (as ``distill`` takes it, with its ``degrade``)
-    at the example's size."""
+    at the example's size: crops taken at the size ``degrade`` turns into it."""
     position, example = _image_argument(example_inputs)
+    example = _before_degrade(example, degrade)
     try:
         inputs = _as_inputs(_crops(data, example, 0, "calibration data"), example_inputs,
                             position, count, degrade)
@@ -151,6 +171,7 @@ def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
     crops of ``data`` drawn with another seed (a DataLoader: the batches after the first
     ``skip``, those the calibration used, when it has more)."""
     position, example = _image_argument(example_inputs)
+    example = _before_degrade(example, degrade)
     if data is None:
         stream = _bundled_crops(HELD_OUT, example, 1, "held-out")
         return _as_inputs(stream, example_inputs, position, count, degrade, seed=1)
