@@ -27,19 +27,10 @@ import lwcompile
 from benchmarks.common import DENOISE, held_out, score
 from benchmarks.speed import THREADS, machine, table, write_json
 from examples import dncnn
+from lwcompile.deploy.int8_onnx import session as onnxruntime_session
 
 SIZE = (1, 1, 256, 256)
 CHECKPOINT = Path(__file__).resolve().parent / "weights" / "dncnn17_sigma25.ckpt"
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -65,7 +56,7 @@ def main() -> None:
                 export_s[f"{name} {precision}"] = round(time.perf_counter() - start, 1)
                 if path.int8_report is not None:
                     reports[name] = path.int8_report.to_dict()
-                session = _session(path)
+                session = onnxruntime_session(path, THREADS)
                 sessions[f"{name} {precision}"] = session
                 if name == "original":
                     quality[precision] = score(

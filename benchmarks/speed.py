@@ -111,20 +111,15 @@ def onnxruntime_session(model: nn.Module, inputs: tuple, threads: int = THREADS,
                         fast: bool = True) -> Callable[[], Any]:
     """Export to ONNX (opset 17; ``fast``: emit_fast's form) and run with
     CPUExecutionProvider on ``threads`` threads."""
-    import onnxruntime as ort
-
     from lwcompile.deploy.export import export_onnx
+    from lwcompile.deploy.int8_onnx import session as ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, inputs, Path(tmp) / "model.onnx", fast=fast)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # onnxruntime's threads spin-wait after each run by default, taking the CPU from
-        # whatever runs next: interleaved with other variants, that slowed every one of them
-        # (benchmarks.emit_forms, light DnCNN-17 sunk in onnxruntime: 87 ms -> 59 ms without)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # spin-waiting off: called back to back with other variants, a session's spinning
+        # threads can take the CPU from the next one (benchmarks.deploy keeps onnxruntime's
+        # default instead, with an idle pause before each call)
+        session = ort_session(path, threads)
     feed = {f"input_{i}": a.numpy() for i, a in enumerate(inputs)}
     return lambda: session.run(None, feed)
 

@@ -39,6 +39,7 @@ from ..measure.inputs import blamed_on_inputs
 from ..measure.profile import time_interleaved
 from ..nn import LIST, DenseLIST
 from . import int8
+from .int8_onnx import session as onnxruntime_session
 
 TARGETS = {"torch": None, "onnxruntime": "onnxruntime", "xnnpack": "executorch"}
 EXTRAS = {"onnxruntime": "lwcompile[export]", "xnnpack": "lwcompile[mobile]"}
@@ -231,8 +232,6 @@ class _Deploy:
 
 
 def _onnxruntime_call(path: Path, args: tuple, threads: int) -> Callable[[], Any]:
-    from .int8_onnx import session as onnxruntime_session
-
     session = onnxruntime_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     feed = dict(zip(names, (a.numpy() for a in args if isinstance(a, Tensor)), strict=True))
