@@ -63,6 +63,16 @@ class LIST(nn.Module):
         that channel counts the ratio does not divide (MoESR's 85) are lightened too."""
         return -(-in_channels // squeeze_ratio)
 
+    @staticmethod
+    def unsplittable(in_channels: int, out_channels: int, squeeze_ratio: int) -> str | None:
+        """Why a LIST cannot take ``in_channels -> out_channels`` (None if it can): the rules
+        that build LISTs refuse with this reason."""
+        if in_channels < squeeze_ratio:
+            return f"{in_channels} input channels are fewer than the squeeze ratio {squeeze_ratio}"
+        if out_channels % 2:
+            return f"{out_channels} output channels do not split into two equal branches"
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = self.squeeze(x)
         return torch.cat([self.pointwise_branch(squeezed), self.spatial_branch(squeezed)],

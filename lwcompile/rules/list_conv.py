@@ -33,12 +33,9 @@ class ListRule(Rule):
             return NoMatch("needs stride 1, dilation 1 and groups 1")
         if conv.padding != (k_h // 2, k_h // 2):
             return NoMatch(f"padding {conv.padding} does not keep the spatial size")
-        if conv.in_channels < self.squeeze_ratio:
-            return Refuse(f"{conv.in_channels} input channels are fewer than the squeeze "
-                          f"ratio {self.squeeze_ratio}")
-        if conv.out_channels % 2:
-            return Refuse(f"{conv.out_channels} output channels do not split into two "
-                           "equal branches")
+        why = LIST.unsplittable(conv.in_channels, conv.out_channels, self.squeeze_ratio)
+        if why:
+            return Refuse(why)
         return Match(site)
 
     def build(self, match: Match) -> nn.Module:

@@ -73,12 +73,9 @@ class UnpaddedListRule(Rule):
             return NoMatch(f"padding {conv.padding} is 'same' or uneven: not this rule's")
         if conv.padding[0] and conv.padding_mode != "zeros":
             return Refuse(f"{conv.padding_mode} padding of a shrinking conv is not modelled")
-        if conv.in_channels < self.squeeze_ratio:
-            return Refuse(f"{conv.in_channels} input channels are fewer than the squeeze "
-                          f"ratio {self.squeeze_ratio}")
-        if conv.out_channels % 2:
-            return Refuse(f"{conv.out_channels} output channels do not split into two "
-                          "equal branches")
+        why = LIST.unsplittable(conv.in_channels, conv.out_channels, self.squeeze_ratio)
+        if why:
+            return Refuse(why)
         return Match(site)
 
     def build(self, match: Match) -> nn.Module:

@@ -26,8 +26,10 @@ class StridedConvRule(Rule):
             return NoMatch("not a strided Conv2d")
         if conv.groups != 1 or isinstance(conv.padding, str):
             return NoMatch("needs groups 1 and numeric padding")
-        if conv.in_channels < self.squeeze_ratio or conv.out_channels % 2:
-            return Refuse(f"LIST cannot split {conv.in_channels}->{conv.out_channels} channels")
+        why = LIST.unsplittable(conv.in_channels, conv.out_channels, self.squeeze_ratio)
+        if why:
+            return Refuse(f"LIST cannot split {conv.in_channels}->{conv.out_channels} "
+                          f"channels: {why}")
         return Match(site)
 
     def build(self, match: Match) -> nn.Module:

@@ -63,9 +63,10 @@ class SubpixelRule(Rule):
         if conv.out_channels % (r * r):
             return NoMatch(f"{conv.out_channels} channels are not a multiple of r^2={r * r}")
         out_channels = conv.out_channels // (r * r)
-        if conv.in_channels < self.squeeze_ratio or out_channels % 2:
-            return Refuse(f"LIST cannot split {conv.in_channels}->{out_channels} channels "
-                          f"(squeeze {self.squeeze_ratio}, two equal branches)")
+        why = LIST.unsplittable(conv.in_channels, out_channels, self.squeeze_ratio)
+        if why:
+            return Refuse(f"LIST cannot split {conv.in_channels}->{out_channels} channels: "
+                          f"{why}")
         info = {"factor": r, "out_channels": out_channels}
         if chain is None:
             return Match(site, info=info)

@@ -27,8 +27,10 @@ class TransposedConvRule(Rule):
             return NoMatch("not a dense ConvTranspose2d")
         if len(site.input_shapes) != 1:
             return NoMatch("called with an explicit output_size")
-        if conv.in_channels < self.squeeze_ratio or conv.out_channels % 2:
-            return Refuse(f"LIST cannot split {conv.in_channels}->{conv.out_channels} channels")
+        why = LIST.unsplittable(conv.in_channels, conv.out_channels, self.squeeze_ratio)
+        if why:
+            return Refuse(f"LIST cannot split {conv.in_channels}->{conv.out_channels} "
+                          f"channels: {why}")
         return Match(site)
 
     def build(self, match: Match) -> nn.Module:
