@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import lwcompile
 from lwcompile.report import REFUSED
@@ -130,3 +131,59 @@ def test_rank_is_a_plain_parameter(ratio: int, rank: int):
                               rule_params={"low-rank-1x1": {"rank_ratio": ratio}},
                               rules=[LowRankPointwiseRule()])
     assert light.get_submodule("0").reduce.out_channels == rank
+
+
+class WeightReadAttention(nn.Module):
+    """Swin2SR's projection: the qkv layer is applied through its weight, with a bias built
+    on the fly, and a mask that is None in unshifted windows."""
+
+    def __init__(self, dim: int = 48) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.scale = torch.tensor(dim ** -0.5)  # becomes a tensor constant of the graph
+
+    def forward(self, x, mask=None):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        q, k, v = F.linear(input=x, weight=self.qkv.weight, bias=bias).chunk(3, dim=-1)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        return self.proj(attn.softmax(-1) @ v)
+
+
+class UntraceableBlock(nn.Module):
+    """A parent fx cannot trace (an int() of a shape), calling its attention by keyword."""
+
+    def __init__(self, shifted: bool) -> None:
+        super().__init__()
+        self.attn = WeightReadAttention()
+        self.shifted = shifted
+
+    def forward(self, x):
+        tokens = int(x.shape[1])
+        mask = torch.zeros(tokens, tokens) if self.shifted else None
+        return x + self.attn(x, mask=mask)
+
+
+def test_a_linear_applied_through_its_weight_is_factored_where_it_is_applied():
+    torch.manual_seed(0)
+    model = nn.Sequential(UntraceableBlock(shifted=False), UntraceableBlock(shifted=True))
+    x = torch.randn(2, 64, 48)
+    light = lwcompile.lighten(model, (x,))
+    rows = {r.site: r for r in light.lwcompile_report.rows}
+    for block in ("0", "1"):  # mask None (a concrete argument the graph asserts) and a tensor
+        row = rows[f"{block}.attn.qkv"]
+        assert row.decided_by == "low-rank-linear", row
+        assert (row.params_before, row.params_after) == (48 * 144, 12 * (48 + 144))
+        assert isinstance(light.get_submodule(f"{block}.attn.qkv"), LowRankLinear)
+        assert rows[f"{block}.attn.proj"].decided_by == "low-rank-linear"
+    assert light(x).shape == x.shape
+    # the rewrite is where the forward applies the layer: factors of full rank give the
+    # original's output (the per-call bias is added to the factored product)
+    exact = lwcompile.lighten(model, (x,), rule_params={"low-rank-linear": {
+        "rank_ratio": 1, "min_saving": 0.1}})
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)

@@ -116,9 +116,16 @@ class DataFlow:
 
 
 class _FlowMode(TorchFunctionMode):
-    def __init__(self, flow: DataFlow) -> None:
+    """Tags tensors by the watched modules they come from. ``weight_of`` maps the weights of
+    watched bias-free ``nn.Linear``s to their names: a forward that applies one through its
+    weight (``F.linear(x, self.qkv.weight, b)``) is recorded as a call of that module, which
+    is how the traced graph writes it (``fx_helpers.linear_weight_calls``)."""
+
+    def __init__(self, flow: DataFlow, weight_of: dict[int, str], inside: set[str]) -> None:
         super().__init__()
         self.flow = flow
+        self.weight_of = weight_of
+        self.inside = inside  # watched modules whose own forward is running
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -139,7 +146,20 @@ class _FlowMode(TorchFunctionMode):
             _tag(out, origins)
         else:
             _tag(out, frozenset())
+        if name == "linear" and self.weight_of:
+            self._functional_linear(args, kwargs, out)
         return out
+
+    def _functional_linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        bound = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+        name = self.weight_of.get(id(bound.get("weight")))
+        if name is None or name in self.inside or self.flow.paused:
+            return
+        self.flow.calls[name] += 1
+        x = bound.get("input")
+        if name not in self.flow.shapes and isinstance(x, torch.Tensor):
+            self.flow.shapes[name] = ((x.shape,), out.shape)
+        _tag(out, _origins(out) | {name})
 
 
 def structure_key(module: nn.Module) -> tuple:
@@ -175,8 +195,15 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
     names = list(watch) if watch is not None else [
         n for n, m in modules.items() if not list(m.children())]
     handles = []
+    inside: set[str] = set()
+    weight_of = {id(modules[n].weight): n for n in names
+                 if type(modules[n]) is nn.Linear and modules[n].bias is None}
     for name in names:
+        def enter(_m, _inputs, name=name):
+            inside.add(name)
+
         def hook(_m, inputs, kwargs, out, name=name):
+            inside.discard(name)
             if flow.paused:
                 return
             flow.calls[name] += 1
@@ -187,8 +214,10 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
                     out.shape if isinstance(out, torch.Tensor) else None)
             _tag(out, _origins(out) | {name})
         handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
+        if id(getattr(modules[name], "weight", None)) in weight_of:
+            handles.append(modules[name].register_forward_pre_hook(enter))
     try:
-        with _FlowMode(flow):
+        with _FlowMode(flow, weight_of, inside):
             yield flow
     finally:
         for h in handles:

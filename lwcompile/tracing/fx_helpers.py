@@ -7,6 +7,9 @@
 - ``positional_module_calls``: a submodule called with keyword arguments
   (``self.conv(input=h)``) gets them as positional ones, so that a replacement whose
   ``forward`` names its argument differently can take the call's place.
+- ``linear_weight_calls``: ``F.linear(x, self.qkv.weight, bias)`` (Swin2SR's attention adds
+  a bias it builds on the fly) becomes a call of the ``nn.Linear`` module itself plus that
+  bias, so the layer is a site a rule can rewrite like any other module call.
 - ``ThreadConfinedTracer``: the base of lwcompile's fx tracers, whose patches act in the
   tracing thread only.
 - ``one_at_a_time``: torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
@@ -22,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 _CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
 _T = TypeVar("_T")
@@ -98,6 +103,41 @@ def positional_module_calls(graph: fx.Graph, root: nn.Module) -> None:
         if all(signature.parameters[n].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
                for n in bound.arguments):
             node.args, node.kwargs = tuple(bound.arguments.values()), {}
+
+
+_LINEARS = (F.linear, torch._C._nn.linear)
+
+
+def linear_weight_calls(graph: fx.Graph, root: nn.Module) -> int:
+    """Write ``linear(x, <m>.weight, b)`` as ``m(x) + b`` (``m(x)`` where ``b`` is None)
+    wherever ``m`` is a plain ``nn.Linear`` without a bias of its own; return how many.
+
+    The forward reads the layer's weight instead of calling it, so without this the layer
+    is never a module call and no rule sees it. ``m(x) + b`` is the same affine map."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEARS:
+            continue
+        bound = dict(zip(("input", "weight", "bias"), node.args, strict=False)) | node.kwargs
+        x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+        owner_path = (weight.target.removesuffix(".weight") if isinstance(weight, fx.Node)
+                      and weight.op == "get_attr" and weight.target.endswith(".weight")
+                      else None)
+        try:
+            owner = root.get_submodule(owner_path) if owner_path else None
+        except AttributeError:
+            continue
+        if type(owner) is not nn.Linear or owner.bias is not None:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(owner_path, (x,))
+            out = call if bias is None else graph.call_function(operator.add, (call, bias))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        if not weight.users:
+            graph.erase_node(weight)
+        done += 1
+    return done
 
 
 def channel_concat_parts(node: object) -> list[fx.Node] | None:

@@ -32,6 +32,7 @@ from ..measure.snapshot import preserved_state
 from .frozen import describe_frozen, frozen_attributes
 from .fx_helpers import (
     ThreadConfinedTracer,
+    linear_weight_calls,
     positional_module_calls,
     strip_string_annotations,
 )
@@ -151,7 +152,11 @@ def record_calls(
 
 
 def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list[Any]]:
-    """Bind a call to ``forward``'s parameters; non-tensor arguments become concrete args."""
+    """Bind a call to ``forward``'s parameters; non-tensor arguments become concrete args.
+
+    None is concrete too (``if mask is not None`` then takes the branch eager took): fx
+    makes the graph assert that argument is None, so a call that passes a tensor fails
+    loudly instead of running the wrong branch."""
     sig = inspect.signature(module.forward)
     bound = sig.bind(*call.args, **call.kwargs)
     bound.apply_defaults()
@@ -159,7 +164,7 @@ def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list
         k: v for k, v in bound.arguments.items()
         if sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                       inspect.Parameter.KEYWORD_ONLY)
-        and not isinstance(v, torch.Tensor) and v is not None
+        and not isinstance(v, torch.Tensor)
     }
     return concrete, list(bound.arguments.values())
 
@@ -209,9 +214,13 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
         try:
             with preserved_state(module):
                 graph = tracer.trace(module, concrete_args=concrete or None)
-            strip_string_annotations(graph)  # else the GraphModule cannot be pickled
-            positional_module_calls(graph, module)
-            gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+                strip_string_annotations(graph)  # else the GraphModule cannot be pickled
+                _concrete_parameter_names(graph, concrete)
+                positional_module_calls(graph, module)
+                linear_weight_calls(graph, module)
+                # inside: the tensor constants fx set on the module (``_tensor_constant0``)
+                # are gone once its state is restored, and the GraphModule copies them
+                gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             break
         except Exception as exc:  # fx raises anything the user's forward raises
             culprit = tracer.failed_in
@@ -227,7 +236,18 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
                           strict=False)
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
+    # a None baked in is asserted by the graph, so it may still be installed (see above)
+    specialised = any(v is not None for v in concrete.values())
+    return Attempt(name, module, gm, opaque, values_for_graph, specialised=specialised)
+
+
+def _concrete_parameter_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx names the parameter of a concrete argument ``mask_1``; give it back its name, so
+    that the parent's call ``self.attn(x, mask=...)`` still binds to the installed graph."""
+    for node in graph.find_nodes(op="placeholder"):
+        original = node.target.removesuffix("_1")
+        if original != node.target and original in concrete:
+            node.target = original
 
 
 def hooked_submodules(module: nn.Module) -> set[str]:
@@ -259,6 +279,7 @@ def _code_in(module: nn.Module, training: bool, opaque: set[str],
             graph = _LeafTracer(opaque).trace(module, concrete_args=concrete or None)
         strip_string_annotations(graph)
         positional_module_calls(graph, module)
+        linear_weight_calls(graph, module)
         return graph.python_code("self").src
     except Exception:  # fx raises anything the user's forward raises
         return ""
