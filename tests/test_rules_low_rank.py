@@ -187,3 +187,21 @@ def test_a_linear_applied_through_its_weight_is_factored_where_it_is_applied():
         "rank_ratio": 1, "min_saving": 0.1}})
     with torch.no_grad():
         torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_reference_run_counts_a_weight_application_as_one_call_of_the_layer():
+    from lwcompile.tracing.flow import record_flow
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.read = nn.Linear(8, 16, bias=False)  # applied through its weight
+            self.called = nn.Linear(16, 8, bias=False)  # called as a module
+
+        def forward(self, x):
+            return self.called(F.linear(x, self.read.weight, torch.ones(16)))
+
+    flow = record_flow(Both(), (torch.randn(3, 8),), watch=["read", "called"])
+    assert dict(flow.calls) == {"read": 1, "called": 1}
+    assert flow.shapes["read"] == ((torch.Size([3, 8]),), torch.Size([3, 16]))
+    assert flow.feeds_output == {"called"}

@@ -214,12 +214,14 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
         try:
             with preserved_state(module):
                 graph = tracer.trace(module, concrete_args=concrete or None)
-                strip_string_annotations(graph)  # else the GraphModule cannot be pickled
-                _concrete_parameter_names(graph, concrete)
-                positional_module_calls(graph, module)
-                linear_weight_calls(graph, module)
-                # inside: the tensor constants fx set on the module (``_tensor_constant0``)
-                # are gone once its state is restored, and the GraphModule copies them
+                constants = _tensor_constants(graph, module)
+            strip_string_annotations(graph)  # else the GraphModule cannot be pickled
+            _concrete_parameter_names(graph, concrete)
+            positional_module_calls(graph, module)
+            linear_weight_calls(graph, module)
+            with preserved_state(module):
+                for attr, value in constants.items():
+                    setattr(module, attr, value)
                 gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             break
         except Exception as exc:  # fx raises anything the user's forward raises
@@ -239,6 +241,15 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
     # a None baked in is asserted by the graph, so it may still be installed (see above)
     specialised = any(v is not None for v in concrete.values())
     return Attempt(name, module, gm, opaque, values_for_graph, specialised=specialised)
+
+
+def _tensor_constants(graph: fx.Graph, module: nn.Module) -> dict[str, Any]:
+    """The tensor constants fx stored on ``module`` while tracing (``torch.tensor(0.5)`` in
+    a forward becomes ``_tensor_constant0``). They go when the module's state is restored
+    after the trace (which also drops what the forward assigned, possibly proxies), so they
+    are kept here and given back only while the GraphModule copies them."""
+    return {n.target: getattr(module, n.target) for n in graph.find_nodes(op="get_attr")
+            if n.target.startswith("_tensor_constant") and hasattr(module, n.target)}
 
 
 def _concrete_parameter_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
