@@ -79,7 +79,8 @@ def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         teacher_path: Path | None, extra: bool, ema: float | None = None,
-        scratch_row: bool = True, scratch_only: bool = False, amp: str | None = None) -> dict:
+        scratch_row: bool = True, scratch_only: bool = False, amp: str | None = None,
+        init_options: dict | None = None) -> dict:
     task = TASKS[task_name]
     teacher = task.build()
     teacher.load_state_dict(torch.load(teacher_path or task.weights, weights_only=True))
@@ -115,7 +116,7 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
     c0 = time.process_time()
     errors = init_layerwise(student, teacher, channels=task.channels, degrade=task.degrade,
                             steps=init_steps, crop=task.crop, batch_size=task.batch_size,
-                            seed=seed, amp=amp)
+                            seed=seed, amp=amp, **(init_options or {}))
     init_cpu = time.process_time() - c0
     student.eval()
     record("light, layer-wise init only", student, c0, params=n_params(student),
@@ -135,7 +136,8 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         record("light, layer-wise init + supervised B", supervised, c0,
                params=n_params(supervised), steps=steps)
     return {"task": task.name, "budget_cpu_seconds": budget_s, "init_steps": init_steps,
-            "seed": seed, "ema": ema, "amp": amp, "threads": torch.get_num_threads(),
+            "seed": seed, "ema": ema, "amp": amp, "init_options": init_options,
+            "threads": torch.get_num_threads(),
             "held_out": "centre crops (<=256) of lwcompile.data.HELD_OUT",
             "rows": rows, "gaps_db": gaps(rows), "machine": machine()}
 
@@ -164,6 +166,11 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float,
                         help=f"student budget B in CPU seconds (default {DEFAULT_BUDGET})")
     parser.add_argument("--init-steps", type=int, default=50)
+    parser.add_argument("--init-output-steps", type=int,
+                        help="init_layerwise(output_steps=N) (default: the library's); 0 "
+                             "fits each site to its own layer only")
+    parser.add_argument("--no-init-refit-kept", action="store_true",
+                        help="init_layerwise(refit_kept=False): keep the teacher's output conv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: committed)")
@@ -184,11 +191,22 @@ def main() -> None:
         t0 = time.time()
         results[name] = run(name, budget, args.init_steps, args.seed, args.teacher,
                             not args.no_extra, args.ema, not args.no_scratch,
-                            args.scratch_only, args.amp)
+                            args.scratch_only, args.amp,
+                            init_options(args))
         results[name]["wall_seconds"] = round(time.time() - t0, 1)
         print_table(name, results[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def init_options(args: argparse.Namespace) -> dict:
+    """The ``init_layerwise`` options the command line sets (the rest: the library's)."""
+    options: dict = {}
+    if args.init_output_steps is not None:
+        options["output_steps"] = args.init_output_steps
+    if args.no_init_refit_kept:
+        options["refit_kept"] = False
+    return options
 
 
 def print_table(name: str, result: dict) -> None:

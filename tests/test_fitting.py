@@ -55,7 +55,8 @@ def test_a_user_replacement_is_fitted_by_the_fit_registered_for_it(registry):
     teacher, light = low_rank_pair()
     data = torch.rand(6, 1, 40, 40)
     default = copy.deepcopy(light)
-    errors = lwcompile.init_layerwise(light, teacher, data, batch_size=4, crop=32, steps=100)
+    errors = lwcompile.init_layerwise(light, teacher, data, batch_size=4, crop=32, steps=100,
+                                      output_steps=0, refit_kept=False)  # layer fits alone
 
     x, y = recorded(teacher, "body.2", data, batch_size=4, crop=32)
     fitted: custom_rules.LowRankConv = light.get_submodule("body.2")
@@ -77,7 +78,7 @@ def test_a_user_replacement_is_fitted_by_the_fit_registered_for_it(registry):
     # without its registration the same replacement gets the default (Adam) fit: worse
     del fitting._FITTINGS[custom_rules.LowRankConv]
     default_errors = lwcompile.init_layerwise(default, teacher, data, batch_size=4, crop=32,
-                                              steps=100)
+                                              steps=100, output_steps=0, refit_kept=False)
     # sites are fitted in order on the student's own inputs: the first site's input is the
     # teacher's in both runs, the second's follows from how the first was fitted
     assert default_errors.before["body.2"] == errors.before["body.2"]
@@ -146,7 +147,8 @@ def test_a_declared_channel_order_is_fitted_and_undone_downstream(registry):
     consumer, prelu = light.get_submodule("4").weight.clone(), light.get_submodule("3").weight
     prelu = prelu.clone()
     data = torch.rand(4, 1, 20, 20)
-    errors = lwcompile.init_layerwise(light, teacher, data, batch_size=2, crop=16)
+    errors = lwcompile.init_layerwise(light, teacher, data, batch_size=2, crop=16,
+                                      output_steps=0, refit_kept=False)  # layer fits alone
 
     (task,) = seen
     x, y = recorded(teacher, "2", data, batch_size=2, crop=16)
@@ -162,7 +164,7 @@ def test_a_declared_channel_order_is_fitted_and_undone_downstream(registry):
     seen.clear()
     _, light = spied_pair()
     errors = lwcompile.init_layerwise(light, teacher, data, batch_size=2, crop=16,
-                                      centre_heavy=False)
+                                      centre_heavy=False, output_steps=0, refit_kept=False)
     assert torch.equal(seen[0].target, y) and errors["2"] == 0
 
 

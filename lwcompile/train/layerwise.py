@@ -27,6 +27,11 @@ from .data import Degrade, model_inputs
 from .device import amp_dtype, autocast, resolve_device
 from .fitting import FitTask, adam_steps, fitting_for, solve_conv
 from .normalization import update_bn_statistics
+from .output_fit import Plug, fit_to_output
+
+#: the output fit's learning rate, as a fraction of the layer fits' ``lr``: it refines a
+#: replacement already fitted to its layer, through many layers (the full ``lr`` diverges)
+OUTPUT_LR_FACTOR = 0.3
 
 
 class FitErrors(dict[str, float]):
@@ -161,6 +166,33 @@ def _fit_block(replacement: nn.Module, chain: tuple[nn.Module, ...], x: Tensor,
             m.train(mode)
 
 
+@torch.no_grad()
+def _output_fit_data(teacher: nn.Module, batch: Tensor, crops: int
+                     ) -> tuple[Tensor, Tensor] | None:
+    """``crops`` crops of ``batch`` and the teacher's output on them, or None when the
+    teacher returns something other than one tensor."""
+    x = batch[:crops]
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        y = teacher(x)
+    finally:
+        teacher.train(was_training)
+    return (x, y.detach().float()) if isinstance(y, Tensor) else None
+
+
+@torch.no_grad()
+def _stands_in(replacement: nn.Module, x: Tensor, y: Tensor) -> bool:
+    """Does the replacement take the teacher layer's input to an output shaped like the
+    layer's (not so for a rewrite that also stands in for a following pixel shuffle)?"""
+    was_training = replacement.training
+    replacement.eval()
+    try:
+        return replacement(x[:1]).shape[1:] == y.shape[1:]
+    finally:
+        replacement.train(was_training)
+
+
 def init_layerwise(
     student: nn.Module,
     teacher: nn.Module,
@@ -177,7 +209,9 @@ def init_layerwise(
     sequential: bool = True,
     block_steps: int = 0,
     bn_batches: int = 0,
-    refit_kept: bool = False,
+    refit_kept: bool = True,
+    output_steps: int = 50,
+    output_crops: int = 8,
     device: Any = None,
     amp: str | None = None,
     seed: int = 0,
@@ -204,14 +238,22 @@ def init_layerwise(
     it; then, with ``block_steps`` > 0, each replacement is refined by that many Adam steps
     through the per-channel modules that follow it (its BatchNorm and activation, with their
     running statistics) against the teacher's output there: block-wise reconstruction as in
-    post-training quantisation. With ``refit_kept``, a dense conv the student kept from the
-    teacher (such as DnCNN's output conv) that reads the output of a fitted site is solved
-    by least squares on its input in the student, against its output in the teacher: a
-    residual net's output conv turns a small error in its features into a large one in the
-    image. With ``bn_batches`` > 0, the student's BatchNorm statistics
+    post-training quantisation. With ``refit_kept`` (the default), a dense conv the student
+    kept from the teacher (such as DnCNN's output conv) that reads the output of a fitted
+    site is solved by least squares on its input in the student, against its output in the
+    teacher: a residual net's output conv turns a small error in its features into a large
+    one in the image. With ``bn_batches`` > 0, the student's BatchNorm statistics
     are re-estimated at the end as a cumulative average over that many batches; off by
     default, since every fit above targets the teacher's activations as the teacher's own
     statistics normalise them.
+    With ``output_steps`` > 0 (sequential only; 50 by default), each replacement, once
+    fitted to its layer, takes that many Adam steps at ``lr`` x ``OUTPUT_LR_FACTOR``
+    against the teacher's *output* on ``output_crops`` fresh crops, run through the teacher
+    with this and the earlier replacements plugged in (``output_fit.py``): its error is then
+    weighed by what the teacher's downstream layers make of it, and the last sites are
+    fitted to what the student will output. Where the teacher returns more than one tensor
+    this is skipped. What it buys, alone and before ``distill``, is measured in
+    docs/quality.md; ``output_steps=0, refit_kept=False`` gives the layer fits alone.
     ``sequential=False`` fits every site on the teacher's activations (independent fits).
 
     With ``centre_heavy``, a replacement whose fitting asks for another order of its output
@@ -234,6 +276,8 @@ def init_layerwise(
     check.integer("init_layerwise", "bn_batches", bn_batches, minimum=0)
     check.flag("init_layerwise", "sequential", sequential)
     check.flag("init_layerwise", "refit_kept", refit_kept)
+    check.integer("init_layerwise", "output_steps", output_steps, minimum=0)
+    check.integer("init_layerwise", "output_crops", output_crops, minimum=1)
     where = resolve_device("init_layerwise", device, student)
     dtype = amp_dtype("init_layerwise", amp, where)
     sites = _applied_sites(student, teacher)
@@ -250,6 +294,10 @@ def init_layerwise(
     errors = FitErrors()
     pending: list[tuple[tuple[nn.Module, ...], nn.Module, Tensor]] = []
     fitted_any = False
+    output_fit = sequential and output_steps > 0
+    plugs: dict[str, Plug] = {}
+    #: consumers whose input channels were permuted (by id), with the order
+    input_orders: dict[int, Tensor] = {}
     for site in recorded:
         if site in kept:
             if fitted_any:  # its input in the student differs from the teacher's: refit
@@ -279,6 +327,7 @@ def init_layerwise(
             block_target = None if block_target is None else block_target[:, order]
             if sequential:  # undone now: the next sites are fitted on this order
                 permute_inputs(block.chain, block.consumer, order)
+                input_orders[id(block.consumer)] = order
             else:  # undone after all fits: the consumer is fitted on the teacher's order
                 pending.append((block.chain, block.consumer, order))
         was_training = module.training
@@ -289,6 +338,14 @@ def init_layerwise(
             module.train(was_training)
         if block_target is not None:
             _fit_block(module, block.chain, x, block_target, block_steps, lr, dtype)
+        if output_fit and _stands_in(replacement, *recorded[site]):
+            permuted = order is not None and block.consumer is not None
+            plugs[site] = Plug(replacement, input_orders.get(id(replacement)),
+                               order if permuted else None)
+            fresh = _output_fit_data(teacher, next(stream)[1].to(where), output_crops)
+            if fresh is not None:
+                fit_to_output(teacher, plugs, site, *fresh, output_steps,
+                              lr * OUTPUT_LR_FACTOR, dtype)
         errors[site] = _rel_error(module, x, target)
         fitted_any = True
     for chain, consumer, perm in pending:  # after all fits: consumers were fitted in order
