@@ -155,17 +155,19 @@ class WeightReadAttention(nn.Module):
 
 
 class UntraceableBlock(nn.Module):
-    """A parent fx cannot trace (an int() of a shape), calling its attention by keyword."""
+    """A parent fx cannot trace (an int() of a shape), calling its attention by keyword; an
+    unshifted block passes no mask at the size it was built for, and a mask at any other
+    (as SwinIR's do)."""
 
-    def __init__(self, shifted: bool) -> None:
+    def __init__(self, shifted: bool, tokens: int = 64) -> None:
         super().__init__()
         self.attn = WeightReadAttention()
-        self.shifted = shifted
+        self.shifted, self.tokens = shifted, tokens
 
     def forward(self, x):
         tokens = int(x.shape[1])
-        mask = torch.zeros(tokens, tokens) if self.shifted else None
-        return x + self.attn(x, mask=mask)
+        masked = self.shifted or tokens != self.tokens
+        return x + self.attn(x, mask=torch.zeros(tokens, tokens) if masked else None)
 
 
 def test_a_linear_applied_through_its_weight_is_factored_where_it_is_applied():
@@ -174,13 +176,17 @@ def test_a_linear_applied_through_its_weight_is_factored_where_it_is_applied():
     x = torch.randn(2, 64, 48)
     light = lwcompile.lighten(model, (x,))
     rows = {r.site: r for r in light.lwcompile_report.rows}
-    for block in ("0", "1"):  # mask None (a concrete argument the graph asserts) and a tensor
-        row = rows[f"{block}.attn.qkv"]
-        assert row.decided_by == "low-rank-linear", row
-        assert (row.params_before, row.params_after) == (48 * 144, 12 * (48 + 144))
-        assert isinstance(light.get_submodule(f"{block}.attn.qkv"), LowRankLinear)
-        assert rows[f"{block}.attn.proj"].decided_by == "low-rank-linear"
+    row = rows["1.attn.qkv"]  # the attention given a mask is traced: its qkv is a site
+    assert row.decided_by == "low-rank-linear", row
+    assert (row.params_before, row.params_after) == (48 * 144, 12 * (48 + 144))
+    assert isinstance(light.get_submodule("1.attn.qkv"), LowRankLinear)
+    # given mask=None, the attention stays eager code (a None baked into a graph would fail
+    # at the other size); its qkv is never called, so it is no site and stays as it was
+    assert "0.attn.qkv" not in rows and type(light.get_submodule("0.attn.qkv")) is nn.Linear
+    assert rows["0.attn.proj"].decided_by == "low-rank-linear"
     assert light(x).shape == x.shape
+    other_size = torch.randn(2, 32, 48)  # block 0 now passes a mask
+    assert light(other_size).shape == other_size.shape
     # the rewrite is where the forward applies the layer: factors of full rank give the
     # original's output (the per-call bias is added to the factored product)
     exact = lwcompile.lighten(model, (x,), rule_params={"low-rank-linear": {

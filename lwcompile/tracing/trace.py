@@ -154,9 +154,10 @@ def record_calls(
 def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list[Any]]:
     """Bind a call to ``forward``'s parameters; non-tensor arguments become concrete args.
 
-    None is concrete too (``if mask is not None`` then takes the branch eager took): fx
-    makes the graph assert that argument is None, so a call that passes a tensor fails
-    loudly instead of running the wrong branch."""
+    None stays an argument of the graph: a forward that tests ``if mask is not None`` then
+    fails to trace and stays eager code, because the same call may pass a tensor at another
+    input size (SwinIR computes a mask for the unshifted blocks when the size differs from
+    the one it was built for), where a graph specialised to None would fail."""
     sig = inspect.signature(module.forward)
     bound = sig.bind(*call.args, **call.kwargs)
     bound.apply_defaults()
@@ -164,7 +165,7 @@ def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list
         k: v for k, v in bound.arguments.items()
         if sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                       inspect.Parameter.KEYWORD_ONLY)
-        and not isinstance(v, torch.Tensor)
+        and not isinstance(v, torch.Tensor) and v is not None
     }
     return concrete, list(bound.arguments.values())
 
@@ -216,7 +217,6 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
                 graph = tracer.trace(module, concrete_args=concrete or None)
                 constants = _tensor_constants(graph, module)
             strip_string_annotations(graph)  # else the GraphModule cannot be pickled
-            _concrete_parameter_names(graph, concrete)
             positional_module_calls(graph, module)
             linear_weight_calls(graph, module)
             with preserved_state(module):
@@ -238,9 +238,7 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
                           strict=False)
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    # a None baked in is asserted by the graph, so it may still be installed (see above)
-    specialised = any(v is not None for v in concrete.values())
-    return Attempt(name, module, gm, opaque, values_for_graph, specialised=specialised)
+    return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
 
 
 def _tensor_constants(graph: fx.Graph, module: nn.Module) -> dict[str, Any]:
@@ -250,15 +248,6 @@ def _tensor_constants(graph: fx.Graph, module: nn.Module) -> dict[str, Any]:
     are kept here and given back only while the GraphModule copies them."""
     return {n.target: getattr(module, n.target) for n in graph.find_nodes(op="get_attr")
             if n.target.startswith("_tensor_constant") and hasattr(module, n.target)}
-
-
-def _concrete_parameter_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
-    """fx names the parameter of a concrete argument ``mask_1``; give it back its name, so
-    that the parent's call ``self.attn(x, mask=...)`` still binds to the installed graph."""
-    for node in graph.find_nodes(op="placeholder"):
-        original = node.target.removesuffix("_1")
-        if original != node.target and original in concrete:
-            node.target = original
 
 
 def hooked_submodules(module: nn.Module) -> set[str]:
