@@ -166,11 +166,11 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float,
                         help=f"student budget B in CPU seconds (default {DEFAULT_BUDGET})")
     parser.add_argument("--init-steps", type=int, default=50)
-    parser.add_argument("--init-output-steps", type=int,
-                        help="init_layerwise(output_steps=N) (default: the library's); 0 "
-                             "fits each site to its own layer only")
-    parser.add_argument("--no-init-refit-kept", action="store_true",
-                        help="init_layerwise(refit_kept=False): keep the teacher's output conv")
+    parser.add_argument("--init-output-steps", type=int, default=0,
+                        help="init_layerwise(output_steps=N): fit each site to the teacher's "
+                             "output too")
+    parser.add_argument("--init-refit-kept", action="store_true",
+                        help="init_layerwise(refit_kept=True): re-solve the kept output conv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: committed)")
@@ -201,12 +201,7 @@ def main() -> None:
 
 def init_options(args: argparse.Namespace) -> dict:
     """The ``init_layerwise`` options the command line sets (the rest: the library's)."""
-    options: dict = {}
-    if args.init_output_steps is not None:
-        options["output_steps"] = args.init_output_steps
-    if args.no_init_refit_kept:
-        options["refit_kept"] = False
-    return options
+    return {"output_steps": args.init_output_steps, "refit_kept": args.init_refit_kept}
 
 
 def print_table(name: str, result: dict) -> None:

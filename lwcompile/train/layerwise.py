@@ -209,8 +209,8 @@ def init_layerwise(
     sequential: bool = True,
     block_steps: int = 0,
     bn_batches: int = 0,
-    refit_kept: bool = True,
-    output_steps: int = 50,
+    refit_kept: bool = False,
+    output_steps: int = 0,
     output_crops: int = 8,
     device: Any = None,
     amp: str | None = None,
@@ -238,7 +238,7 @@ def init_layerwise(
     it; then, with ``block_steps`` > 0, each replacement is refined by that many Adam steps
     through the per-channel modules that follow it (its BatchNorm and activation, with their
     running statistics) against the teacher's output there: block-wise reconstruction as in
-    post-training quantisation. With ``refit_kept`` (the default), a dense conv the student
+    post-training quantisation. With ``refit_kept``, a dense conv the student
     kept from the teacher (such as DnCNN's output conv) that reads the output of a fitted
     site is solved by least squares on its input in the student, against its output in the
     teacher: a residual net's output conv turns a small error in its features into a large
@@ -246,14 +246,16 @@ def init_layerwise(
     are re-estimated at the end as a cumulative average over that many batches; off by
     default, since every fit above targets the teacher's activations as the teacher's own
     statistics normalise them.
-    With ``output_steps`` > 0 (sequential only; 50 by default), each replacement, once
+    With ``output_steps`` > 0 (sequential only), each replacement, once
     fitted to its layer, takes that many Adam steps at ``lr`` x ``OUTPUT_LR_FACTOR``
     against the teacher's *output* on ``output_crops`` fresh crops, run through the teacher
     with this and the earlier replacements plugged in (``output_fit.py``): its error is then
     weighed by what the teacher's downstream layers make of it, and the last sites are
     fitted to what the student will output. Where the teacher returns more than one tensor
-    this is skipped. What it buys, alone and before ``distill``, is measured in
-    docs/quality.md; ``output_steps=0, refit_kept=False`` gives the layer fits alone.
+    this is skipped. Off by default: it pays where layer errors compound through a deep
+    conv net (DnCNN, with ``refit_kept``) and costs a teacher pass per step, which a
+    transformer whose low-rank factors are already fitted in closed form does not repay
+    (both measured in docs/quality.md).
     ``sequential=False`` fits every site on the teacher's activations (independent fits).
 
     With ``centre_heavy``, a replacement whose fitting asks for another order of its output
