@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..measure.snapshot import preserved_state
+from .fx_helpers import linear_arguments
 
 _TAG = "_lwcompile_origins"
 
@@ -151,12 +152,11 @@ class _FlowMode(TorchFunctionMode):
         return out
 
     def _functional_linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        bound = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
-        name = self.weight_of.get(id(bound.get("weight")))
+        x, weight, _ = linear_arguments(args, kwargs)
+        name = self.weight_of.get(id(weight))
         if name is None or name in self.inside or self.flow.paused:
             return
         self.flow.calls[name] += 1
-        x = bound.get("input")
         if name not in self.flow.shapes and isinstance(x, torch.Tensor):
             self.flow.shapes[name] = ((x.shape,), out.shape)
         _tag(out, _origins(out) | {name})

@@ -108,18 +108,23 @@ def positional_module_calls(graph: fx.Graph, root: nn.Module) -> None:
 _LINEARS = (F.linear, torch._C._nn.linear)
 
 
-def linear_weight_calls(graph: fx.Graph, root: nn.Module) -> int:
+def linear_arguments(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """``(input, weight, bias)`` of a call of ``F.linear`` (a builtin, so
+    ``inspect.signature`` cannot bind it), whether passed by position or by keyword."""
+    bound = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+    return bound.get("input"), bound.get("weight"), bound.get("bias")
+
+
+def linear_weight_calls(graph: fx.Graph, root: nn.Module) -> None:
     """Write ``linear(x, <m>.weight, b)`` as ``m(x) + b`` (``m(x)`` where ``b`` is None)
-    wherever ``m`` is a plain ``nn.Linear`` without a bias of its own; return how many.
+    wherever ``m`` is a plain ``nn.Linear`` without a bias of its own.
 
     The forward reads the layer's weight instead of calling it, so without this the layer
     is never a module call and no rule sees it. ``m(x) + b`` is the same affine map."""
-    done = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS:
             continue
-        bound = dict(zip(("input", "weight", "bias"), node.args, strict=False)) | node.kwargs
-        x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+        x, weight, bias = linear_arguments(node.args, node.kwargs)
         owner_path = (weight.target.removesuffix(".weight") if isinstance(weight, fx.Node)
                       and weight.op == "get_attr" and weight.target.endswith(".weight")
                       else None)
@@ -136,8 +141,6 @@ def linear_weight_calls(graph: fx.Graph, root: nn.Module) -> int:
         graph.erase_node(node)
         if not weight.users:
             graph.erase_node(weight)
-        done += 1
-    return done
 
 
 def channel_concat_parts(node: object) -> list[fx.Node] | None:
