@@ -1,11 +1,13 @@
-"""preserved_state: whatever a forward assigns to its modules is undone afterwards."""
+"""preserved_state: whatever a forward assigns to its modules is undone afterwards; eval_mode:
+modes come back module by module."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from lwcompile.measure.snapshot import preserved_state
+from lwcompile.measure.snapshot import eval_mode, preserved_state
 
 
 class Assigns(nn.Module):
@@ -42,3 +44,14 @@ def test_every_attribute_table_and_child_is_restored():
         for key in ("_parameters", "_buffers", "_modules"):
             assert attributes[key] is before[name][key]  # the tables themselves, refilled
             assert dict(attributes[key]) == dict(before[name][key])
+
+
+def test_eval_mode_gives_every_submodule_back_its_own_mode():
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Sequential(nn.BatchNorm2d(2)))
+    model[1].eval()  # a frozen part in eval mode inside a model in training mode
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, False]
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failing run")
+    assert [m.training for m in model.modules()] == [True, True, False, False]

@@ -1,4 +1,5 @@
-"""Snapshot and restore module attributes around anything that runs a user's forward.
+"""Snapshot and restore module attributes around anything that runs a user's forward, and
+modes around a run in eval mode (``eval_mode``).
 
 Some forwards assign attributes (``self.mean = self.mean.type_as(x)``, fused weights):
 tracing would capture Proxies there and fake-tensor counting would leave fake tensors.
@@ -32,3 +33,18 @@ def preserved_state(module: nn.Module) -> Iterator[None]:
             for key, table in zip(_TABLES, tables, strict=True):
                 attributes[key].clear()
                 attributes[key].update(table)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block, then give every submodule back the mode
+    it had (not its root's: a model may hold frozen, eval-mode parts)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+

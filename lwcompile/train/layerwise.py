@@ -20,6 +20,7 @@ from torch import Tensor, fx, nn
 
 from .. import arguments as check
 from ..errors import LwCompileError
+from ..measure.snapshot import eval_mode
 from ..report import APPLIED
 from .blocks import Block, block_after, permute_inputs
 from .checks import run_on_batch, teacher_has_sites, training_arguments
@@ -79,13 +80,11 @@ def _record(teacher: nn.Module, sites: list[str], inputs: list[Tensor]
         return fn
 
     handles = [teacher.get_submodule(s).register_forward_hook(hook(s)) for s in sites]
-    was_training = teacher.training
-    teacher.eval()
     try:
-        for x in inputs:
-            teacher(x)
+        with eval_mode(teacher):
+            for x in inputs:
+                teacher(x)
     finally:
-        teacher.train(was_training)
         for h in handles:
             h.remove()
     return {s: (torch.cat(xs), torch.cat(ys)) for s, (xs, ys) in seen.items() if xs}
@@ -127,17 +126,15 @@ def _student_inputs(student: nn.Module, name: str, inputs: list[Tensor],
         raise _Reached
 
     handle = student.get_submodule(name).register_forward_pre_hook(hook)
-    was_training = student.training
-    student.eval()
     try:
-        for x in inputs:
-            try:
-                with autocast(x.device, amp):
-                    student(x)
-            except _Reached:
-                pass
+        with eval_mode(student):
+            for x in inputs:
+                try:
+                    with autocast(x.device, amp):
+                        student(x)
+                except _Reached:
+                    pass
     finally:
-        student.train(was_training)
         handle.remove()
     return torch.cat(seen)
 
@@ -172,12 +169,8 @@ def _output_fit_data(teacher: nn.Module, batch: Tensor, crops: int
     """``crops`` crops of ``batch`` and the teacher's output on them, or None when the
     teacher returns something other than one tensor."""
     x = batch[:crops]
-    was_training = teacher.training
-    teacher.eval()
-    try:
+    with eval_mode(teacher):
         y = teacher(x)
-    finally:
-        teacher.train(was_training)
     return (x, y.detach().float()) if isinstance(y, Tensor) else None
 
 
@@ -185,12 +178,8 @@ def _output_fit_data(teacher: nn.Module, batch: Tensor, crops: int
 def _stands_in(replacement: nn.Module, x: Tensor, y: Tensor) -> bool:
     """Does the replacement take the teacher layer's input to an output shaped like the
     layer's (not so for a rewrite that also stands in for a following pixel shuffle)?"""
-    was_training = replacement.training
-    replacement.eval()
-    try:
+    with eval_mode(replacement):
         return replacement(x[:1]).shape[1:] == y.shape[1:]
-    finally:
-        replacement.train(was_training)
 
 
 def init_layerwise(

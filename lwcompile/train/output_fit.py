@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..measure.snapshot import eval_mode
 from .fitting import adam_steps
 
 
@@ -72,8 +73,8 @@ def plugged(teacher: nn.Module, plugs: dict[str, Plug], trained: nn.Module | Non
     for site, plug in plugs.items():
         teacher.set_submodule(site, _Plugged(plug))
     keep = {id(p) for p in trained.parameters()} if trained is not None else set()
-    others = [teacher, *(plug.replacement for plug in plugs.values())]
-    frozen = [p for m in others for p in m.parameters() if p.requires_grad and id(p) not in keep]
+    # the plugs' replacements are inside the teacher now
+    frozen = [p for p in teacher.parameters() if p.requires_grad and id(p) not in keep]
     for p in frozen:
         p.requires_grad_(False)
     try:
@@ -85,29 +86,11 @@ def plugged(teacher: nn.Module, plugs: dict[str, Plug], trained: nn.Module | Non
             teacher.set_submodule(site, original)
 
 
-class _Hybrid(nn.Module):
-    """The teacher with plugs, as a module ``adam_steps`` can drive."""
-
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.teacher(x)
-
-
 def fit_to_output(teacher: nn.Module, plugs: dict[str, Plug], site: str, inputs: Tensor,
                   target: Tensor, steps: int, lr: float, amp: torch.dtype | None) -> None:
     """``steps`` Adam steps on the parameters of ``plugs[site]``'s replacement so that the
-    teacher with ``plugs`` maps ``inputs`` to ``target`` (the teacher's own output)."""
+    teacher with ``plugs`` maps ``inputs`` to ``target`` (the teacher's own output). All in
+    eval mode, as the student will run: BatchNorms use their statistics."""
     replacement = plugs[site].replacement
-    was_training, teacher_training = replacement.training, teacher.training
-    replacement.eval()  # as the student will run: BatchNorms inside use their statistics
-    teacher.eval()
-    try:
-        with plugged(teacher, plugs, trained=replacement):
-            adam_steps(_Hybrid(teacher), replacement.parameters(), inputs, target, steps, lr,
-                       amp)
-    finally:
-        replacement.train(was_training)
-        teacher.train(teacher_training)
+    with eval_mode(teacher, replacement), plugged(teacher, plugs, trained=replacement):
+        adam_steps(teacher, replacement.parameters(), inputs, target, steps, lr, amp)
