@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +47,7 @@ def test_linear_layers_become_two_thin_ones_and_small_ones_are_refused_with_a_re
     (refused,) = report.not_applied
     assert (refused.site, refused.outcome, refused.decided_by) == (
         "position", REFUSED, "low-rank-linear")
-    assert "fewer than 32" in refused.reason
+    assert "fewer than 16" in refused.reason
     assert isinstance(light.get_submodule("fc1"), LowRankLinear)
     assert light(*inputs).shape == model(*inputs).shape
 
@@ -176,23 +179,54 @@ def test_a_linear_applied_through_its_weight_is_factored_where_it_is_applied():
     x = torch.randn(2, 64, 48)
     light = lwcompile.lighten(model, (x,))
     rows = {r.site: r for r in light.lwcompile_report.rows}
-    row = rows["1.attn.qkv"]  # the attention given a mask is traced: its qkv is a site
-    assert row.decided_by == "low-rank-linear", row
-    assert (row.params_before, row.params_after) == (48 * 144, 12 * (48 + 144))
-    assert isinstance(light.get_submodule("1.attn.qkv"), LowRankLinear)
-    # given mask=None, the attention stays eager code (a None baked into a graph would fail
-    # at the other size); its qkv is never called, so it is no site and stays as it was
-    assert "0.attn.qkv" not in rows and type(light.get_submodule("0.attn.qkv")) is nn.Linear
-    assert rows["0.attn.proj"].decided_by == "low-rank-linear"
+    for block in ("0", "1"):  # mask=None (block 0) or a mask (block 1): both traced
+        row = rows[f"{block}.attn.qkv"]
+        assert row.decided_by == "low-rank-linear", row
+        assert (row.params_before, row.params_after) == (48 * 144, 12 * (48 + 144))
+        assert isinstance(light.get_submodule(f"{block}.attn.qkv"), LowRankLinear)
     assert light(x).shape == x.shape
     other_size = torch.randn(2, 32, 48)  # block 0 now passes a mask
     assert light(other_size).shape == other_size.shape
     # the rewrite is where the forward applies the layer: factors of full rank give the
-    # original's output (the per-call bias is added to the factored product)
+    # original's output (the per-call bias is added to the factored product), at the size
+    # traced and, through the guarded graph's fallback to the block's own forward, at another
     exact = lwcompile.lighten(model, (x,), rule_params={"low-rank-linear": {
         "rank_ratio": 1, "min_saving": 0.1}})
+    assert isinstance(exact.get_submodule("0.attn.qkv"), LowRankLinear)
     with torch.no_grad():
-        torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)
+        for inputs in (x, other_size):
+            torch.testing.assert_close(exact(inputs), model(inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_traced_with_a_none_argument_runs_the_original_forward_when_it_is_not():
+    """The graph of block 0's attention holds while its mask is None; it keeps the module's
+    own forward (and all its members) for calls that pass one, through copy and pickle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(UntraceableBlock(shifted=False), UntraceableBlock(shifted=True))
+    x, other_size = torch.randn(2, 64, 48), torch.randn(2, 32, 48)
+    light = lwcompile.lighten(model, (x,))
+    attn = light.get_submodule("0.attn")
+    assert isinstance(attn, torch.fx.GraphModule)
+    assert {"qkv", "proj"} <= dict(attn.named_children()).keys()
+    assert {"q_bias", "v_bias"} <= dict(attn.named_parameters(recurse=False)).keys()
+    calls = []
+    hook = attn.qkv.register_forward_hook(lambda *_: calls.append("graph"))
+    with torch.no_grad():
+        light(x)
+        assert calls == ["graph"]  # the graph calls the factored layer
+        light(other_size)
+        assert calls == ["graph"]  # the original forward reads its weight instead
+        hook.remove()
+        expected = light(other_size), light(x)
+        for again in (copy.deepcopy(light), _pickled(light)):
+            torch.testing.assert_close((again(other_size), again(x)), expected)
+
+
+def _pickled(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def test_the_reference_run_counts_a_weight_application_as_one_call_of_the_layer():

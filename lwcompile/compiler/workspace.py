@@ -9,7 +9,9 @@ Algorithm:
    graph becomes the root), with the module's plain attributes, methods, class constants
    and hooks (``tracing.like_original``); only installed graphs may be edited as graphs.
    A region traced with some arguments fixed (``specialised``) is for analysis only and
-   is not installed.
+   is not installed. One traced with arguments fixed only to None is installed behind a
+   guard that runs its module's own forward when they are not None (``like_original``);
+   it is rewritten module by module, not edited as a graph, so both paths see each swap.
 4. If the parent code of an installed sub-region needs more than its GraphModule offers
    (methods, properties), the original modules go back (``uninstall_subregions``) and
    rewriting inside them happens module by module.
@@ -40,6 +42,8 @@ class Workspace:
     traced: TracedModel
     #: region name -> GraphModule installed in ``root`` (only these may be edited as graphs)
     installed: dict[str, fx.GraphModule]
+    #: region name -> GraphModule installed behind a None guard (rewritten module by module)
+    guarded: dict[str, fx.GraphModule] = field(default_factory=dict)
     #: outcomes of shape checks, by what decides them (``structure_key``s, shapes, dtype)
     shape_checks: dict[tuple, Checked] = field(default_factory=dict)
     #: rewritten site -> what checking its replacement found
@@ -66,16 +70,18 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Che
     traced = trace_model(root, args, kwargs, output, check, checked_root,
                          both_modes=model.training)
     installed: dict[str, fx.GraphModule] = {}
+    guarded: dict[str, fx.GraphModule] = {}
     for region in traced.regions:
         if not region.traced or region.specialised:
             continue
         gm = like_original(region.graph_module, region.module,
-                           {k: v for k, v in region.frozen.items() if "." not in k})
+                           {k: v for k, v in region.frozen.items() if "." not in k},
+                           none_only=region.none_only)
         if region.name == "":
             root = gm
         else:
             root.set_submodule(region.name, gm)
-        installed[region.name] = gm
+        (guarded if region.none_only else installed)[region.name] = gm
     if not installed and not traced.opaque_leaves and not any(
         r.traced for r in traced.regions
     ):
@@ -83,7 +89,7 @@ def prepare(model: nn.Module, args: tuple, kwargs: dict, output: Any, check: Che
             "no part of the model could be traced or visited: "
             + "; ".join(traced.log or ["the model has no submodules to visit"])
         )
-    return Workspace(root, traced, installed)
+    return Workspace(root, traced, installed, guarded=guarded)
 
 
 def installed_graphs_run(ws: Workspace, args: tuple, kwargs: dict) -> str:
@@ -93,7 +99,7 @@ def installed_graphs_run(ws: Workspace, args: tuple, kwargs: dict) -> str:
     properties). Only sub-region installs can break that way; the root's graph was checked
     against eager when it was traced.
     """
-    if all(name == "" for name in ws.installed):
+    if all(name == "" for name in [*ws.installed, *ws.guarded]):
         return ""
     try:
         with preserved_state(ws.root), torch.no_grad():
@@ -112,3 +118,6 @@ def uninstall_subregions(ws: Workspace) -> None:
     for name in [n for n in ws.installed if n]:
         ws.root.set_submodule(name, ws.traced.region(name).module)
         del ws.installed[name]
+    for name in [n for n in ws.guarded if n]:
+        ws.root.set_submodule(name, ws.traced.region(name).module)
+    ws.guarded.clear()

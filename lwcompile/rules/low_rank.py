@@ -31,6 +31,11 @@ def factored_weights(in_features: int, out_features: int, rank: int) -> int:
     return rank * (in_features + out_features)
 
 
+#: the fewest inputs or outputs either low-rank rule factors (features or channels): below
+#: it the rank would be a handful and the saving small
+MIN_SIDE = 16
+
+
 def rank_or_refusal(n_in: int, n_out: int, *, rank_ratio: int, min_size: int,
                     min_saving: float, unit: str, per: str) -> int | Refuse:
     """The rank both low-rank rules factor an ``n_in -> n_out`` map to, or why not: a side
@@ -66,6 +71,16 @@ class LowRankLinear(nn.Sequential):
         super().__init__()
         self.reduce = nn.Linear(in_features, rank, bias=False)
         self.expand = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The out x in matrix the factors compute, so that code applying a Linear through
+        its weight (``F.linear(x, self.qkv.weight, bias)``) still runs (at the dense cost)."""
+        return self.expand.weight @ self.reduce.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.expand.bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:

@@ -7,8 +7,8 @@ fc1/fc2), applied at every token; kxk-conv rules never reach them. A rank-r fact
 and ``init_layerwise`` refits them by reduced-rank regression on the teacher's tokens
 (``rules/low_rank.py``).
 
-It refuses layers with fewer than ``min_features`` inputs or outputs (e.g. relative-position
-MLPs fed 2 coordinates: the rank would be tiny and the saving nothing) and any layer where
+It refuses layers with fewer than ``min_features`` inputs or outputs (16, as ``low-rank-1x1``:
+relative-position MLPs fed 2 coordinates would get a rank of nothing) and any layer where
 the factors would not be at least ``min_saving`` times cheaper than the original.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lwcompile import Match, NoMatch, Refuse, Rule, Site
-from lwcompile.rules.low_rank import LowRankLinear, rank_or_refusal
+from lwcompile.rules.low_rank import MIN_SIDE, LowRankLinear, rank_or_refusal
 
 
 @dataclass
@@ -30,7 +30,7 @@ class LowRankLinearRule(Rule):
 
     #: rank = min(in_features, out_features) // rank_ratio
     rank_ratio: int = 4
-    min_features: int = 32
+    min_features: int = MIN_SIDE
     #: the factors must cost at most 1 / min_saving of the original's multiply-adds
     min_saving: float = 1.5
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lwcompile import Match, NoMatch, Refuse, Rule, Site
-from lwcompile.rules.low_rank import LowRankPointwise, rank_or_refusal
+from lwcompile.rules.low_rank import MIN_SIDE, LowRankPointwise, rank_or_refusal
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LowRankPointwiseRule(Rule):
 
     #: rank = min(in_channels, out_channels) // rank_ratio
     rank_ratio: int = 4
-    min_channels: int = 16
+    min_channels: int = MIN_SIDE
     #: the factors must cost at most 1 / min_saving of the original's multiply-adds
     min_saving: float = 1.5
 

@@ -10,11 +10,18 @@ Methods come from the original's class and run with the GraphModule as ``self``:
 that call ``forward``/``self(...)`` run the traced graph. What cannot carry over: a
 method using zero-argument ``super()`` (the GraphModule is no instance of that class), and
 ``isinstance(result, OriginalClass)``, which stays False.
+
+A graph traced with some arguments fixed to None (``none_only``) holds only while they are
+None. It is installed behind a guard: a call passing any of them runs the original class's
+``forward`` instead, with the GraphModule as ``self``. For that, the GraphModule also keeps
+every child, parameter and buffer of the original (fx keeps only those its graph reads), and
+submodules swapped in later must be drop-in replacements of the originals.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 import warnings
 from typing import Any
@@ -23,13 +30,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import LwCompileWarning
+from ..errors import LwCompileError, LwCompileWarning
 
 #: nn.Module's hook dictionaries, copied as they are
 HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
          "_backward_pre_hooks")
 _EXTRAS = "_lwcompile_extras"
+_MEMBERS = "_lwcompile_members"
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -62,12 +70,17 @@ def class_members(cls: type) -> dict[str, Any]:
 
 
 def like_original(gm: fx.GraphModule, original: nn.Module | None,
-                  frozen: dict[str, Any] | None = None) -> fx.GraphModule:
+                  frozen: dict[str, Any] | None = None,
+                  none_only: tuple[str, ...] = ()) -> fx.GraphModule:
     """Give ``gm`` the plain attributes, class members and hooks of ``original`` (None: keep
     only what ``gm`` already has, e.g. hooks added to it), kept through deepcopy and pickle.
     ``frozen`` names attributes tracing froze into the graph: setting one on ``gm`` warns
-    that it has no effect."""
+    that it has no effect. ``none_only``: the parameters of ``forward`` the graph was traced
+    with fixed to None; ``gm`` then runs the original's ``forward`` when one is not None."""
     extras = gm.__dict__.get(_EXTRAS) or {"cls": None, "frozen": {}}
+    if none_only and original is not None:
+        _give_members(gm, _members(original))
+        extras["none_only"] = _positions(type(original).forward, none_only)
     if original is not None:
         for key, value in plain_attributes(original).items():
             if key not in gm.__dict__:
@@ -90,12 +103,68 @@ def _apply_class(gm: fx.GraphModule, extras: dict[str, Any]) -> None:
     members = class_members(extras["cls"]) if extras["cls"] is not None else {}
     members.update(_lwcompile_kept=True, __deepcopy__=_deepcopy, __reduce__=_reduce,
                    __setattr__=_setattr, __module__=fx.GraphModule.__module__)
+    if extras.get("none_only"):
+        members.update(recompile=_recompile_guarded)
     name = type(gm).__name__
     kept = type(name, (fx.GraphModule,), members)
     impl = type("GraphModuleImpl", (kept,), {"__qualname__": "GraphModuleImpl"})
     impl.__name__ = name
     gm.__class__ = impl
     gm.recompile()
+
+
+def _members(module: nn.Module) -> dict[str, Any]:
+    """``module``'s own children, parameters and buffers, by name."""
+    return {**module._modules, **module._parameters, **module._buffers}
+
+
+def _give_members(gm: fx.GraphModule, members: dict[str, Any]) -> None:
+    """``members`` (children, parameters and buffers of the original) as ``gm``'s own, the
+    same objects: where fx made a stand-in module for a path the graph reads, the original
+    replaces it, and the graph still reaches the same leaves."""
+    for name, value in members.items():
+        if value is None:
+            continue
+        for table in (gm._modules, gm._parameters, gm._buffers):
+            table.pop(name, None)
+        if isinstance(value, nn.Module):
+            gm._modules[name] = value
+        elif isinstance(value, nn.Parameter):
+            gm._parameters[name] = value
+        else:
+            gm._buffers[name] = value
+
+
+def _positions(forward: Any, names: tuple[str, ...]) -> dict[str, int]:
+    """Each parameter's position among ``forward``'s arguments (after ``self``)."""
+    params = list(inspect.signature(forward).parameters)[1:]
+    return {name: params.index(name) for name in names}
+
+
+def _recompile_guarded(self: fx.GraphModule) -> Any:
+    """fx's recompile, then the None guard around the graph's ``forward`` it generated."""
+    code = fx.GraphModule.recompile(self)
+    cls = type(self)
+    cls._graph_forward = cls.forward
+    cls.forward = _guarded_forward
+    return code
+
+
+def _guarded_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    """The traced graph while the arguments it was traced with as None are None; otherwise
+    the original class's ``forward``."""
+    extras = self.__dict__[_EXTRAS]
+    for name, position in extras["none_only"].items():
+        value = kwargs[name] if name in kwargs else (
+            args[position] if position < len(args) else None)
+        if value is None:
+            continue
+        if extras["cls"] is None:
+            raise LwCompileError(
+                f"{type(self).__name__} was traced with {name}=None and its class could not "
+                f"be saved with it, so a call passing {name} cannot run")
+        return extras["cls"].forward(self, *args, **kwargs)
+    return self._graph_forward(*args, **kwargs)
 
 
 def _setattr(self: fx.GraphModule, name: str, value: Any) -> None:
@@ -113,6 +182,8 @@ def _carried(gm: fx.GraphModule) -> dict[str, Any]:
     carried.update({k: v for k, v in gm.__dict__.items()
                     if k == _EXTRAS or (not k.startswith("_") and not isinstance(
                         v, (nn.Module, torch.Tensor)) and k not in ("training", "meta"))})
+    if gm.__dict__.get(_EXTRAS, {}).get("none_only"):
+        carried[_MEMBERS] = _members(gm)  # fx keeps only what the graph reads
     return carried
 
 
@@ -120,6 +191,8 @@ def _restore(gm: fx.GraphModule, carried: dict[str, Any]) -> fx.GraphModule:
     for name, value in carried.items():
         if name in HOOKS:
             getattr(gm, name).update(value)
+        elif name == _MEMBERS:
+            _give_members(gm, value)
         else:
             gm.__dict__[name] = value
     _apply_class(gm, gm.__dict__.get(_EXTRAS) or {"cls": None, "frozen": {}})

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
 
 from ..errors import one_line
 from ..measure.snapshot import preserved_state
@@ -69,6 +70,9 @@ class Region:
     #: traced with some non-tensor arguments fixed: the graph is for analysis only and is
     #: never installed in the result (it would bake those values in).
     specialised: bool = False
+    #: traced with these arguments fixed to None (and nothing else fixed): installed behind
+    #: a guard that runs the module's own forward when one of them is not None
+    none_only: tuple[str, ...] = ()
     #: the memory of the graph's checking run, call by call (replayed calls allocate their
     #: output like computed ones): what the result's peak is composed from. A
     #: ``measure.cost.Timeline`` the graph check recorded (tracing does not count memory),
@@ -154,10 +158,11 @@ def record_calls(
 def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list[Any]]:
     """Bind a call to ``forward``'s parameters; non-tensor arguments become concrete args.
 
-    None stays an argument of the graph: a forward that tests ``if mask is not None`` then
-    fails to trace and stays eager code, because the same call may pass a tensor at another
-    input size (SwinIR computes a mask for the unshifted blocks when the size differs from
-    the one it was built for), where a graph specialised to None would fail."""
+    None is concrete too (``if mask is not None`` then takes the branch eager took). The
+    same call may pass a tensor at another input size (SwinIR computes a mask for its
+    unshifted blocks when the size differs from the one it was built for), so such a graph
+    is installed behind a guard that runs the module's own forward when it does
+    (``like_original``, ``none_only``)."""
     sig = inspect.signature(module.forward)
     bound = sig.bind(*call.args, **call.kwargs)
     bound.apply_defaults()
@@ -165,7 +170,7 @@ def _split_concrete(module: nn.Module, call: Call) -> tuple[dict[str, Any], list
         k: v for k, v in bound.arguments.items()
         if sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                       inspect.Parameter.KEYWORD_ONLY)
-        and not isinstance(v, torch.Tensor) and v is not None
+        and not isinstance(v, torch.Tensor)
     }
     return concrete, list(bound.arguments.values())
 
@@ -182,6 +187,9 @@ class Attempt:
     #: the recorded call's arguments, as the graph takes them
     values: list[Any] = field(default_factory=list)
     specialised: bool = False
+    #: parameters fixed to None while tracing (and nothing else fixed): the graph holds
+    #: only while they are None
+    none_only: tuple[str, ...] = ()
     failure: str = ""  # why it could not be traced
 
     @property
@@ -196,7 +204,7 @@ class Attempt:
 
     def accepted(self, timeline: Any) -> tuple[Region, set[str]]:
         return Region(self.name, self.module, self.graph_module, specialised=self.specialised,
-                      timeline=timeline), self.opaque
+                      none_only=self.none_only, timeline=timeline), self.opaque
 
 
 def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = False) -> Attempt:
@@ -217,6 +225,7 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
                 graph = tracer.trace(module, concrete_args=concrete or None)
                 constants = _tensor_constants(graph, module)
             strip_string_annotations(graph)  # else the GraphModule cannot be pickled
+            _concrete_parameter_names(graph, concrete)
             positional_module_calls(graph, module)
             linear_weight_calls(graph, module)
             with preserved_state(module):
@@ -238,7 +247,23 @@ def trace_graph(name: str, module: nn.Module, call: Call, both_modes: bool = Fal
                           strict=False)
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(concrete))
+    fixed = {k for k, v in concrete.items() if v is not None}
+    none_only = () if fixed else tuple(concrete)
+    return Attempt(name, module, gm, opaque, values_for_graph, specialised=bool(fixed),
+                   none_only=none_only)
+
+
+def _concrete_parameter_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx names the parameter of a concrete argument ``mask_1``; give it back its name, so
+    that the parent's call ``self.attn(x, mask=...)`` still binds to the installed graph.
+    fx's assertions that a None argument is None go: the graph is installed behind a guard
+    that checks it (or not installed), and fx cannot re-trace them when unpickling."""
+    for node in graph.find_nodes(op="placeholder"):
+        original = node.target.removesuffix("_1")
+        if original != node.target and original in concrete:
+            node.target = original
+    for node in graph.find_nodes(op="call_function", target=_assert_is_none):
+        graph.erase_node(node)
 
 
 def _tensor_constants(graph: fx.Graph, module: nn.Module) -> dict[str, Any]:
@@ -278,6 +303,7 @@ def _code_in(module: nn.Module, training: bool, opaque: set[str],
             module.train(training)
             graph = _LeafTracer(opaque).trace(module, concrete_args=concrete or None)
         strip_string_annotations(graph)
+        _concrete_parameter_names(graph, concrete)
         positional_module_calls(graph, module)
         linear_weight_calls(graph, module)
         return graph.python_code("self").src
