@@ -64,6 +64,9 @@ def register(command: Command) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="average the weights (e.g. 0.999) and save the average")
+    p.add_argument("--features", type=float, default=0.0, metavar="WEIGHT",
+                   help="also match the teacher at the end of every rewritten block, with "
+                        "this weight (intermediate-feature distillation; 0: off)")
     p.add_argument("--no-init", action="store_true",
                    help="skip the layer-wise initialisation of a fresh run")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -172,7 +175,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         channels=channels, degrade=degrade, checkpoint=checkpoint, resume=args.resume,
         progress=not args.quiet, seed=args.seed, lr_schedule=schedule, stop_when=stop_when,
         device=args.device, amp=args.amp, val_data=val, val_every=args.val_every,
-        best_checkpoint=best, ema=args.ema, workers=args.workers,
+        best_checkpoint=best, ema=args.ema, workers=args.workers, features=args.features,
         on_validation=lambda step, s: history.append({"step": step, "psnr": s.psnr,
                                                       "ssim": s.ssim}))
     student.to("cpu")

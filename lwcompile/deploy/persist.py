@@ -31,6 +31,7 @@ from .. import arguments as check
 from ..errors import ArgumentError, NotAModuleError, one_line
 from ..report import Report, Row, Summary
 from ..rule import Rule
+from ..train.features import CHANNEL_ORDERS
 from . import light_plan, pickle_file, rebuild, weights_file
 from .file_errors import (
     NotSavableError,
@@ -81,7 +82,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, report: Report | Non
     header = {"lwcompile_version": light_plan.lwcompile_version(),
               "torch_version": torch.__version__, "class_name": type(model).__name__,
               "params": _params(model), "architecture": architecture(model),
-              "report": report.to_dict() if isinstance(report, Report) else None}
+              "report": report.to_dict() if isinstance(report, Report) else None,
+              "channel_orders": getattr(model, CHANNEL_ORDERS, None)}
     if format == "pickle":
         pickle_file.write(path, model, header)
         return path
@@ -206,6 +208,8 @@ def load(path: str | os.PathLike[str], original: nn.Module | None = None, *,
             model.to(map_location)
     if getattr(model, "lwcompile_report", None) is None and header["report"] is not None:
         model.lwcompile_report = report_from_dict(header["report"])
+    if header.get("channel_orders"):  # as init_layerwise left them (train/features.py)
+        setattr(model, CHANNEL_ORDERS, header["channel_orders"])
     return model
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import random
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from .checkpoint import restore, rng_state, save_checkpoint
 from .checks import run_on_batch, same_output_shape, training_arguments
 from .data import Degrade, image_channels, model_inputs
 from .device import amp_dtype, autocast, grad_scaler, process_group_backend, resolve_device
+from .features import CHANNEL_ORDERS, Features, boundaries
+from .layerwise import applied_sites
 from .normalization import has_batch_norm, update_bn_statistics
 from .progress import progress as progress_bar
 from .schedule import Schedule, schedule_for, weight_average
@@ -70,6 +73,7 @@ def distill(
     bn_batches: int = 8,
     workers: int = 0,
     on_validation: Callable[[int, Scores], None] | None = None,
+    features: float = 0.0,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
 
@@ -94,6 +98,10 @@ def distill(
     ``best_checkpoint`` receives the weights (re-estimated statistics included) of the best
     PSNR so far. At the end the student's own BatchNorm statistics are re-estimated the
     same way (``bn_batches=0``: left as training left them).
+
+    ``features`` > 0 adds intermediate-feature distillation: at the end of every rewritten
+    block, the student's feature is matched to the teacher's (squared error relative to the
+    teacher's mean square, averaged over blocks, times ``features``; ``features.py``).
 
     Step ``s`` always sees the same batch and noise (generators seeded from
     ``(seed, rank, s)``), and the checkpoint holds weights, optimiser, step, RNG state, EMA
@@ -121,6 +129,8 @@ def distill(
     check.integer("distill", "workers", workers, minimum=0)
     check.function("distill", "stop_when", stop_when)
     check.function("distill", "on_validation", on_validation)
+    if check.tolerance("distill", "features", features) and not math.isfinite(features):
+        raise ArgumentError(f"distill: features must be a finite weight >= 0, got {features}")
     schedule = schedule_for("distill", lr_schedule, steps)
     where = resolve_device("distill", device, student)
     dtype = amp_dtype("distill", amp, where)
@@ -151,6 +161,8 @@ def distill(
     if path is not None and resume and path.exists():
         state = restore(path, student, opt)
         start, history = state["step"], list(state.get("history", []))
+        if state.get("channel_orders"):
+            setattr(student, CHANNEL_ORDERS, state["channel_orders"])
         if average is not None and "ema" in state:
             average.load_state_dict(state["ema"])
         if "scaler" in state and scaler.is_enabled():
@@ -160,7 +172,8 @@ def distill(
     def save(step: int) -> None:
         if path is not None and rank == 0:
             state = {"student": student.state_dict(), "optimizer": opt.state_dict(),
-                     "step": step, **rng_state(), "seed": seed, "history": history}
+                     "step": step, **rng_state(), "seed": seed, "history": history,
+                     "channel_orders": getattr(student, CHANNEL_ORDERS, None)}
             if average is not None:
                 state["ema"] = average.state_dict()
             if scaler.is_enabled():
@@ -201,6 +214,9 @@ def distill(
     last_psnr = history[-1]["psnr"] if history else None
     bar = progress_bar(start, steps, progress and rank == 0)
     done = start
+    # after a resume, which restores the channel orders init_layerwise recorded
+    seen = Features(boundaries(student, teacher, applied_sites(student, teacher))
+                    if features else [])
     try:
         stream = model_inputs(data, teacher, channels, degrade, batch_size, crop, seed, start,
                               rank, workers=workers, pin_memory=where.type == "cuda")
@@ -215,12 +231,17 @@ def distill(
             if schedule is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr * schedule(step)
+            seen.clear()
             with torch.no_grad(), autocast(where, dtype):
                 target = run_on_batch("distill", "teacher", teacher, x)
             with autocast(where, dtype):
                 output = run_on_batch("distill", "student", model, x)
             same_output_shape("distill", output, target)
             value = criterion(output.float(), target.float())
+            inside = seen.loss() if features else None
+            if inside is not None:
+                value = value + features * inside
+            seen.clear()
             opt.zero_grad(set_to_none=True)
             scaler.scale(value).backward()
             scaler.step(opt)
@@ -240,6 +261,7 @@ def distill(
             save(done)
         _finish(student, average, bn_inputs if bn_batches else None, where, dtype)
     finally:
+        seen.close()
         bar(None, None, None)
         teacher.train(teacher_was_training)
         student.train(student_was_training)

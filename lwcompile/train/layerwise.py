@@ -26,6 +26,7 @@ from .blocks import Block, block_after, permute_inputs
 from .checks import run_on_batch, teacher_has_sites, training_arguments
 from .data import Degrade, model_inputs
 from .device import amp_dtype, autocast, resolve_device
+from .features import CHANNEL_ORDERS
 from .fitting import FitTask, adam_steps, fitting_for, solve_conv
 from .normalization import update_bn_statistics
 from .output_fit import Plug, fit_to_output
@@ -44,7 +45,7 @@ class FitErrors(dict[str, float]):
         self.before: dict[str, float] = {}
 
 
-def _applied_sites(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+def applied_sites(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
     """The rewritten sites, each with the name of its replacement in the student: from the
     report (a pair rewrite such as conv + pixel shuffle puts it under a new name), or (a
     deepcopy of a GraphModule drops the report) the names where the student holds a module
@@ -271,7 +272,7 @@ def init_layerwise(
     check.integer("init_layerwise", "output_crops", output_crops, minimum=1)
     where = resolve_device("init_layerwise", device, student)
     dtype = amp_dtype("init_layerwise", amp, where)
-    sites = _applied_sites(student, teacher)
+    sites = applied_sites(student, teacher)
     teacher_has_sites("init_layerwise", teacher, sites)
     student.to(where)
     teacher.to(where)
@@ -289,6 +290,8 @@ def init_layerwise(
     plugs: dict[str, Plug] = {}
     #: consumers whose input channels were permuted (by id), with the order
     input_orders: dict[int, Tensor] = {}
+    #: replacements whose block's output channels were permuted (by name), with the order
+    block_orders: dict[str, list[int]] = {}
     for site in recorded:
         if site in kept:
             if fitted_any:  # its input in the student differs from the teacher's: refit
@@ -314,6 +317,7 @@ def init_layerwise(
             if sequential and block_steps and block.chain else None
         order = fitting.channel_order(module, original) if centre_heavy and whole else None
         if order is not None and block.consumer is not None:
+            block_orders[name] = order.tolist()
             target = target[:, order]
             block_target = None if block_target is None else block_target[:, order]
             if sequential:  # undone now: the next sites are fitted on this order
@@ -341,6 +345,7 @@ def init_layerwise(
         fitted_any = True
     for chain, consumer, perm in pending:  # after all fits: consumers were fitted in order
         permute_inputs(chain, consumer, perm)
+    setattr(student, CHANNEL_ORDERS, block_orders)  # for feature distillation (features.py)
     if bn_batches:
         update_bn_statistics(student, (x for _, x in itertools.islice(
             model_inputs(data, teacher, channels, degrade, batch_size, crop, seed + 7919),
