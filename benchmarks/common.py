@@ -21,6 +21,7 @@ from examples.dncnn import DnCNN
 from examples.srresnet import SRResNet
 from lwcompile.files import write_atomic
 from lwcompile.train.data import HELD_OUT, Degrade, add_noise, batches, downscale, load_images
+from lwcompile.train.layout import Layout
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
@@ -61,6 +62,9 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
     ``amp="bf16"`` runs the forward pass under CPU bf16 autocast (weights and optimiser stay
     fp32), as ``distill(amp="bf16")`` does, so that both sides of a comparison get it.
 
+    Like ``distill``, it trains in channels-last memory order where the model runs in it
+    (``lwcompile.train.layout``), so that both sides of a comparison get it.
+
     ``freeze_bn`` keeps BatchNorms in eval mode (running statistics fixed), the usual way to
     fine-tune an already trained network on small batches.
 
@@ -85,6 +89,7 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
                  "cpu_seconds": time.process_time() - start}
         write_atomic(checkpoint, lambda f: torch.save(state, f))
 
+    layout = Layout("train_supervised", None, model)
     model.train()
     if freeze_bn:
         for module in model.modules():
@@ -100,7 +105,7 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
         g = torch.Generator().manual_seed(10_000_019 * seed + step)
         with torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
-            restored = model(task.degrade(clean, g))
+            restored = model(layout.batch(task.degrade(clean, g)))
         loss = F.mse_loss(restored.float(), clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,6 +120,7 @@ def train_supervised(model: nn.Module, task: Task, budget_s: float, *, lr: float
             last_save = time.time()
     if checkpoint is not None:
         save()
+    layout.restore()
     model.eval()
     return step
 

@@ -36,6 +36,7 @@ from .data import Degrade, image_channels, model_inputs
 from .device import amp_dtype, autocast, grad_scaler, process_group_backend, resolve_device
 from .features import CHANNEL_ORDERS, Features, boundaries
 from .layerwise import applied_sites
+from .layout import Layout
 from .normalization import has_batch_norm, update_bn_statistics
 from .progress import progress as progress_bar
 from .schedule import Schedule, schedule_for, weight_average
@@ -74,6 +75,7 @@ def distill(
     workers: int = 0,
     on_validation: Callable[[int, Scores], None] | None = None,
     features: float = 0.0,
+    channels_last: bool | None = None,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
 
@@ -103,6 +105,10 @@ def distill(
     block, the student's feature is matched to the teacher's (squared error relative to the
     teacher's mean square, averaged over blocks, times ``features``; ``features.py``).
 
+    ``channels_last`` trains both models in channels-last memory order (faster convs on
+    oneDNN and cuDNN; ``layout.py``): None, the default, where the student has 2-D convs and
+    both models run that way; the models' weights get their own layout back at the end.
+
     Step ``s`` always sees the same batch and noise (generators seeded from
     ``(seed, rank, s)``), and the checkpoint holds weights, optimiser, step, RNG state, EMA
     and validation history, all on CPU tensors: a run resumed from its checkpoint, on this
@@ -129,6 +135,7 @@ def distill(
     check.integer("distill", "workers", workers, minimum=0)
     check.function("distill", "stop_when", stop_when)
     check.function("distill", "on_validation", on_validation)
+    check.flag("distill", "channels_last", channels_last, optional=True)
     if check.tolerance("distill", "features", features) and not math.isfinite(features):
         raise ArgumentError(f"distill: features must be a finite weight >= 0, got {features}")
     schedule = schedule_for("distill", lr_schedule, steps)
@@ -215,6 +222,7 @@ def distill(
     bar = progress_bar(start, steps, progress and rank == 0)
     done = start
     # after a resume, which restores the channel orders init_layerwise recorded
+    layout = Layout("distill", channels_last, student, teacher)
     seen = Features(boundaries(student, teacher, applied_sites(student, teacher))
                     if features else [])
     try:
@@ -227,7 +235,7 @@ def distill(
             if item is None:
                 break
             step, x = item
-            x = x.to(where, non_blocking=True)
+            x = layout.batch(x.to(where, non_blocking=True))
             if schedule is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr * schedule(step)
@@ -262,6 +270,7 @@ def distill(
         _finish(student, average, bn_inputs if bn_batches else None, where, dtype)
     finally:
         seen.close()
+        layout.restore()
         bar(None, None, None)
         teacher.train(teacher_was_training)
         student.train(student_was_training)
