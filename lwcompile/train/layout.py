@@ -24,6 +24,7 @@ from ..measure.snapshot import eval_mode
 
 
 def _four_d(models: tuple[nn.Module, ...]) -> list[Tensor]:
+    """The 4-D parameters and buffers of ``models`` (conv weights), each once."""
     seen: dict[int, Tensor] = {}
     for model in models:
         for t in [*model.parameters(), *model.buffers()]:
