@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--init-output-steps", type=int, default=0,
                         help="init_layerwise(output_steps=N): fit each site to the teacher's "
                              "output too")
+    parser.add_argument("--init-block-steps", type=int, default=0,
+                        help="init_layerwise(block_steps=N): refine each replacement through "
+                             "the BatchNorm/activation after it")
     parser.add_argument("--init-refit-kept", action="store_true",
                         help="init_layerwise(refit_kept=True): re-solve the kept output conv")
     parser.add_argument("--distill-features", type=float, default=0.0,
@@ -207,7 +210,8 @@ def main() -> None:
 
 def init_options(args: argparse.Namespace) -> dict:
     """The ``init_layerwise`` options the command line sets (the rest: the library's)."""
-    return {"output_steps": args.init_output_steps, "refit_kept": args.init_refit_kept}
+    return {"output_steps": args.init_output_steps, "refit_kept": args.init_refit_kept,
+            "block_steps": args.init_block_steps}
 
 
 def print_table(name: str, result: dict) -> None:
