@@ -44,24 +44,29 @@ class Layout:
         self.auto = option is None
         wanted = option if option is not None else any(
             isinstance(m, nn.Conv2d) for m in student.modules())
-        self._restore: list[Tensor] = []
+        self._restore: list[tuple[Tensor, tuple[int, ...]]] = []
         self.on = False
         if wanted:
             self._switch()
 
     def _switch(self) -> None:
+        # restrided even where is_contiguous(channels_last) already holds (a 1x1 or a
+        # depthwise weight has a size-1 dim, so both layouts "hold" but the strides differ
+        # and oneDNN goes by the strides), as ``Module.to(memory_format=...)`` does
         with torch.no_grad():
             for t in _four_d(self.models):
-                if not t.is_contiguous(memory_format=torch.channels_last):
-                    t.data = t.data.contiguous(memory_format=torch.channels_last)
-                    self._restore.append(t)
+                switched = t.data.to(memory_format=torch.channels_last)
+                if switched.stride() != t.stride():
+                    self._restore.append((t, t.stride()))
+                    t.data = switched
         self.on = True
 
     def restore(self) -> None:
-        """Every weight switched back to the standard layout."""
+        """Every switched weight back in its own strides."""
         with torch.no_grad():
-            for t in self._restore:
-                t.data = t.data.contiguous()
+            for t, stride in self._restore:
+                own = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+                t.data = own.copy_(t.data)
         self._restore.clear()
         self.on = False
 
