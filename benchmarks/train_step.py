@@ -25,6 +25,7 @@ import lwcompile
 from benchmarks.common import DENOISE
 from benchmarks.speed import machine, table, write_json
 from lwcompile.measure.profile import time_interleaved
+from lwcompile.train.layout import Layout
 
 CALLS = 5  # per timed sample: one step is short
 
@@ -32,9 +33,7 @@ CALLS = 5  # per timed sample: one step is short
 def student_step(base: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
                  channels_last: bool, bf16: bool) -> Callable[[], None]:
     student = copy.deepcopy(base).train()
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = Layout("train_step", channels_last, student).batch(x)  # as distill switches it
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
 
     def step() -> None:

@@ -221,8 +221,8 @@ def distill(
     last_psnr = history[-1]["psnr"] if history else None
     bar = progress_bar(start, steps, progress and rank == 0)
     done = start
-    # after a resume, which restores the channel orders init_layerwise recorded
     layout = Layout("distill", channels_last, student, teacher)
+    # after a resume, which restores the channel orders init_layerwise recorded
     seen = Features(boundaries(student, teacher, applied_sites(student, teacher))
                     if features else [])
     try:
@@ -246,7 +246,7 @@ def distill(
                 output = run_on_batch("distill", "student", model, x)
             same_output_shape("distill", output, target)
             value = criterion(output.float(), target.float())
-            inside = seen.loss() if features else None
+            inside = seen.loss()  # None without boundaries (features=0)
             if inside is not None:
                 value = value + features * inside
             seen.clear()
