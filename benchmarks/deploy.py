@@ -194,6 +194,10 @@ def main() -> None:
     parser.add_argument("--quality-seconds", type=float, default=120.0,
                         help="CPU seconds of init + distillation per light student; 0 skips "
                              "the quality part")
+    parser.add_argument("--quality-task", choices=("denoise", "sr"), action="append",
+                        help="the quality part's tasks (default: both)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the latency part (only the quality part runs)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     set_threads(THREADS)
@@ -207,7 +211,7 @@ def main() -> None:
              f"{info.get('executorch')}; medians of {args.runs} interleaved rounds, "
              f"{args.pause_ms:g} ms idle before each call")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only or NETWORKS:
+        for name in [] if args.no_latency else args.only or NETWORKS:
             row = latency(name, forms, args.runs, Path(tmp), args.pause_ms / 1000)
             results["networks"].append(row)
             print(f"\n{name} {row['input']} -- {label}")
@@ -218,7 +222,8 @@ def main() -> None:
                 print(f"best vs best, {scope}: {ratio}x (original {best['original']}, "
                       f"light {best['light']})")
         if args.quality_seconds > 0:
-            for task in (DENOISE, SR2):
+            tasks = {"denoise": DENOISE, "sr": SR2}
+            for task in [tasks[t] for t in args.quality_task or tasks]:
                 q = quality(task, forms, args.quality_seconds, Path(tmp))
                 results["quality"].append(q)
                 print(f"\n{task.name}: PSNR on held-out images (dB)")

@@ -257,6 +257,38 @@ def test_mobile_int8_lowers_to_xnnpack_and_is_measured(which, tmp_path):
     got = [load_pte(export.path)(*a)[0] for a in args]
     # the report measures the converted pt2e model; XNNPACK's kernels round alike
     assert psnr(reference, got) == pytest.approx(report.psnr_db, abs=1.0)
+    # both activation calibrations were measured and the closer one kept
+    from lwcompile.deploy import int8_xnnpack
+
+    assert set(report.calibration_psnr_db) == set(int8_xnnpack.CALIBRATIONS)
+    best = max(report.calibration_psnr_db, key=report.calibration_psnr_db.get)
+    assert report.calibration_method == best
+    assert report.psnr_db == pytest.approx(report.calibration_psnr_db[best], abs=1e-6)
+
+
+def test_percentile_range_clips_rare_outliers_and_averages_batches():
+    pytest.importorskip("torchao")
+    from lwcompile.deploy.percentile_observer import PercentileObserver, percentile_range
+
+    x = torch.linspace(0, 1, 20_001)
+    x[:5], x[-5:] = -100.0, 100.0  # five outliers at each end: 0.025 % of the values
+    low, high = percentile_range(x, 99.95)
+    # 0.05 % of 20,001 values is 10: the 10th smallest and the 10th largest
+    assert float(low) == float(x.sort().values[9]) and float(high) == float(x.sort().values[-11])
+    assert -0.001 < float(low) < 0.001 and 0.999 < float(high) < 1.0
+    observer = PercentileObserver(dtype=torch.qint8, quant_min=-128, quant_max=127,
+                                  percentile=99.95)
+    observer(x)
+    observer(2 * x)  # a second batch: the range is the mean of both batches' percentiles
+    assert float(observer.max_val) == pytest.approx(1.5 * float(high))
+    assert float(observer.min_val) == pytest.approx(1.5 * float(low))
+    scale, _ = observer.calculate_qparams()
+    assert float(scale) < 0.02  # min/max over the outliers would give (200 + 200) / 255
+    observer.reset_min_max_vals()
+    observer(x)
+    assert float(observer.max_val) == float(high)
+    with pytest.raises(ValueError, match="percentile"):
+        PercentileObserver(percentile=30)
 
 
 @pytest.mark.slow

@@ -30,6 +30,9 @@ DEFAULT_MAX_FLOAT_LAYERS = 3
 #: a layer stays float only if restoring it raises the PSNR by at least this (dB): a layer
 #: that helps less is not where the error comes from, and float costs it the int8 speed
 MIN_GAIN_DB = 0.1
+#: the percentile calibration both runtimes try beside their default: activation ranges clip
+#: the top and bottom 0.05 % of the calibration values
+CALIBRATION_PERCENTILE = 99.95
 
 #: runs the quantised model on one tuple of inputs and returns its (first) output
 Runner = Callable[[tuple], Tensor]
@@ -165,6 +168,23 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
         restorations.append((best, psnr))
     report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
                         len(inputs), restorations, sensitivity, all_int8)
+    return kept, report
+
+
+def choose_calibration(quantizers: dict[str, Quantize], candidates: Sequence[str],
+                       inputs: list[tuple], reference: list[Tensor], target_psnr: float,
+                       max_float_layers: int, calibration_count: int) -> tuple[Any, Int8Report]:
+    """Quantise everything once per activation calibration in ``quantizers`` (name ->
+    quantise function), keep the one whose all-int8 model is closest to float, then choose
+    the float layers with it (``choose_float_layers``); the report names the calibration
+    kept and the all-int8 PSNR each gave."""
+    scores = {name: score(quantize(frozenset())[0], inputs, reference)[0]
+              for name, quantize in quantizers.items()}
+    best = max(scores, key=lambda name: scores[name])
+    kept, report = choose_float_layers(quantizers[best], candidates, inputs, reference,
+                                       target_psnr, max_float_layers, calibration_count)
+    report.calibration_method = best
+    report.calibration_psnr_db = scores
     return kept, report
 
 

@@ -33,7 +33,8 @@ INSTALL_HINT = "pip install lwcompile[export]"
 #: activation-range calibrations tried: name -> (onnxruntime CalibrationMethod name, options)
 CALIBRATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
-    "percentile-99.95": ("Percentile", {"CalibPercentile": 99.95}),
+    f"percentile-{int8.CALIBRATION_PERCENTILE:g}": (
+        "Percentile", {"CalibPercentile": int8.CALIBRATION_PERCENTILE}),
 }
 
 
@@ -129,13 +130,9 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         return quantize
 
     try:
-        scores = {name: int8.score(quantizer(name)(frozenset())[0], held, reference)[0]
-                  for name in CALIBRATIONS}
-        best = max(scores, key=lambda name: scores[name])
-        data, report = int8.choose_float_layers(
-            quantizer(best), convs, held, reference, target_psnr, max_float_layers, len(calib))
-        report.calibration_method = best
-        report.calibration_psnr_db = scores
+        data, report = int8.choose_calibration(
+            {name: quantizer(name) for name in CALIBRATIONS}, convs, held, reference,
+            target_psnr, max_float_layers, len(calib))
     finally:
         for f in work.iterdir():
             f.unlink()

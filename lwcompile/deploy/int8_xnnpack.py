@@ -1,7 +1,11 @@
 """int8 for XNNPACK through PyTorch 2 export quantisation (pt2e): ``XNNPACKQuantizer`` with
-its symmetric per-channel config (int8 weights per output channel, int8 activations from
-histogram observers), calibrated on real inputs, then converted to quantize/dequantize pairs
-that ExecuTorch's XNNPACK partitioner lowers to its int8 kernels.
+its symmetric per-channel config (int8 weights per output channel, int8 activations),
+calibrated on real inputs, then converted to quantize/dequantize pairs that ExecuTorch's
+XNNPACK partitioner lowers to its int8 kernels.
+
+Activation ranges are calibrated two ways (``CALIBRATIONS``), as for onnxruntime: the
+quantiser's own histogram observer and high percentiles (``percentile_observer``); the one
+whose all-int8 model measures closer to float is kept.
 
 A conv kept float is left out of the annotation by a filter on the module path each graph
 node records (``nn_module_stack``); its float output is what the next quantised op reads.
@@ -10,6 +14,7 @@ node records (``nn_module_stack``); its float output is what the next quantised 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,6 +25,8 @@ from ..train.data import Degrade
 from . import int8, int8_inputs
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
+#: activation-range calibrations tried (the quantiser's default is its histogram observer)
+CALIBRATIONS = ("histogram", f"percentile-{int8.CALIBRATION_PERCENTILE:g}")
 
 
 def _pt2e() -> tuple[Any, Any, Any, Any]:
@@ -34,6 +41,22 @@ def _pt2e() -> tuple[Any, Any, Any, Any]:
             f"int8 mobile export needs ExecuTorch (and torchao), which is not installed "
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
     return XNNPACKQuantizer, get_symmetric_quantization_config, prepare_pt2e, convert_pt2e
+
+
+def _activation_config(config: Any, calibration: str) -> Any:
+    """``config`` with its activation observers set for ``calibration`` (a ``CALIBRATIONS``
+    name)."""
+    if calibration == "histogram":
+        return config
+    from .percentile_observer import PercentileObserver
+
+    def observed(spec: Any) -> Any:
+        observer = PercentileObserver.with_args(eps=2**-12,
+                                                percentile=int8.CALIBRATION_PERCENTILE)
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=observer)
+
+    return dataclasses.replace(config, input_activation=observed(config.input_activation),
+                               output_activation=observed(config.output_activation))
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
@@ -71,28 +94,31 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
-    config = config_for(is_per_channel=True)
     pristine = graph_module
 
-    def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
-        quantizer = XNNPACKQuantizer().set_global(config)
-        if excluded:
-            quantizer.set_filter_function(lambda n: _module_path(n) not in excluded)
-        prepared = prepare_pt2e(copy.deepcopy(pristine), quantizer)
-        with torch.no_grad():
-            for args in calib:
-                prepared(*args)
-        converted = convert_pt2e(prepared)
+    def quantizer(calibration_name: str) -> int8.Quantize:
+        config = _activation_config(config_for(is_per_channel=True), calibration_name)
 
-        def run(args: tuple) -> Tensor:
+        def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
+            quantizer = XNNPACKQuantizer().set_global(config)
+            if excluded:
+                quantizer.set_filter_function(lambda n: _module_path(n) not in excluded)
+            prepared = prepare_pt2e(copy.deepcopy(pristine), quantizer)
             with torch.no_grad():
-                return int8.first_output(converted(*args))
+                for args in calib:
+                    prepared(*args)
+            converted = convert_pt2e(prepared)
 
-        return run, converted
+            def run(args: tuple) -> Tensor:
+                with torch.no_grad():
+                    return int8.first_output(converted(*args))
 
-    converted, report = int8.choose_float_layers(
-        quantize, conv_layers(graph_module), held, reference, target_psnr, max_float_layers,
-        len(calib))
+            return run, converted
+        return quantize
+
+    converted, report = int8.choose_calibration(
+        {name: quantizer(name) for name in CALIBRATIONS}, conv_layers(graph_module), held,
+        reference, target_psnr, max_float_layers, len(calib))
     int8.refuse_below(report, min_psnr)
     return converted, report
 
