@@ -43,6 +43,10 @@ class Site:
     pixel_shuffle_factor: int | None = None
     #: the output reaches a channel concat (e.g. a U-Net skip) through pointwise ops only
     feeds_concat: bool = False
+    #: reads a model input / writes the model's output with no other learned layer between
+    #: (seen in a real forward); None where unknown
+    reads_input: bool | None = None
+    writes_output: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -239,6 +239,9 @@ def test_image_output_squeeze_starts_exact_when_the_conv_reads_a_low_rank_subspa
     torch.testing.assert_close(replacement(x), conv(x), rtol=1e-4, atol=1e-4)
     assert not rule.match(Site("body", nn.Conv2d(32, 3, 3, padding=1), site.input_shapes,
                                site.output_shape))  # 3x3: left to the image-boundary guard
+    # the same conv inside the network (another layer reads its output) writes no image
+    inside = Site("tail", conv, site.input_shapes, site.output_shape, writes_output=False)
+    assert "not an image-writing conv" in rule.match(inside).reason
 
 
 def test_image_output_squeeze_takes_a_subpixel_conv_that_writes_the_image():

@@ -40,7 +40,7 @@ from ..measure.cost import Measured, count_params
 from ..measure.inputs import run_example
 from ..report import ROLLED_BACK, Report, Summary
 from ..rule import Guard, Rule
-from ..tracing.flow import DataFlow, flow_recording, note_output
+from ..tracing.flow import DataFlow, flow_recording, note_inputs, note_output
 from ..tracing.fx_helpers import one_at_a_time
 from ..tracing.skips import concat_skips
 from ..tracing.trace import Call, Region, is_leaf, trace_graph
@@ -139,6 +139,7 @@ def reference_run(model: nn.Module, args: tuple, kwargs: dict, inferred: bool,
     with timed(seconds, "reference run"), \
             flow_recording(reference, watched(reference, types)) as flow, \
             graph_check.during(reference, flow):
+        note_inputs(args, kwargs)
         run = run_example(reference, args, kwargs, inferred)
         note_output(flow, run.output)
     if graph_check.paired:  # the graph's share of the run is the graph check's

@@ -71,5 +71,7 @@ def find_sites(ws: Workspace, types: tuple[type[nn.Module], ...], flow: DataFlow
         sites.append(Site(name, ws.root.get_submodule(name), shapes, out, node, region,
                           editable, feeds_pixel_shuffle=name in flow.feeds_pixel_shuffle,
                           pixel_shuffle_factor=flow.pixel_shuffle_factor.get(name),
-                          feeds_concat=name in flow.feeds_concat))
+                          feeds_concat=name in flow.feeds_concat,
+                          reads_input=name in flow.reads_input,
+                          writes_output=name in flow.writes_output))
     return sites

@@ -60,6 +60,9 @@ class ImageOutputSqueezeRule(Rule):
         phases = (site.pixel_shuffle_factor or 1) ** 2 if site.feeds_pixel_shuffle else 1
         if conv.out_channels > self.max_out_channels * phases:
             return NoMatch(f"{conv.out_channels} output channels: not an image-writing conv")
+        if site.writes_output is False:
+            return NoMatch("its output reaches the model's output only through other layers: "
+                           "not an image-writing conv")
         k_h, k_w = conv.kernel_size
         if k_h != k_w:
             return NoMatch(f"kernel {k_h}x{k_w} is not square")

@@ -8,6 +8,15 @@ Any op that mixes neighbouring pixels clears the tag. When a tagged tensor enter
 shuffle, its tagged modules are recorded as feeding one. This works identically in traced
 graphs, opaque code and replacement modules, and needs no tracing at all.
 
+A second tag follows every op, pointwise or not, and is replaced at each watched module's
+output by that module alone: it tells which watched modules read the model's inputs and
+which write its output with no other learned layer in between, the layers that face the
+image. Watched modules that keep the channel count pass the tag on as well
+(``channel_preserving``): between the image and the first layer that widens it to features
+(or the last that narrows features to it) there may be a colour shift (RCAN's mean-shift
+1x1 conv) or the depthwise half of a separable conv, and the layer after them still faces
+the image.
+
 Known blind spot: a pixel shuffle hand-written with ``view``/``permute`` (or einops) is not
 recognised as one.
 """
@@ -30,6 +39,10 @@ from ..measure.snapshot import preserved_state
 from .fx_helpers import linear_arguments
 
 _TAG = "_lwcompile_origins"
+#: the second tag: the watched modules (or ``INPUT``) a tensor comes from through any ops
+_SOURCES = "_lwcompile_sources"
+#: the model's inputs, as a source
+INPUT = "<input>"
 
 #: torch functions / Tensor methods (by ``__name__``) that do not mix neighbouring pixels
 POINTWISE = frozenset("""
@@ -72,19 +85,19 @@ def tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from tensors(v)
 
 
-def _origins(value: Any) -> frozenset[str]:
-    return frozenset().union(*(getattr(t, _TAG, frozenset()) for t in tensors(value)))
+def _origins(value: Any, tag: str = _TAG) -> frozenset[str]:
+    return frozenset().union(*(getattr(t, tag, frozenset()) for t in tensors(value)))
 
 
 _tagged: list[weakref.ref] = []  # so tags never outlive a run (ops may return a parameter)
 
 
-def _tag(value: Any, origins: frozenset[str]) -> None:
+def _tag(value: Any, origins: frozenset[str], tag: str = _TAG) -> None:
     for t in tensors(value):
-        if not origins and not hasattr(t, _TAG):
+        if not origins and not hasattr(t, tag):
             continue  # nothing to record, nothing to clear
         try:
-            setattr(t, _TAG, origins)
+            setattr(t, tag, origins)
             _tagged.append(weakref.ref(t))
         except (AttributeError, RuntimeError, TypeError):  # some subclasses refuse
             pass
@@ -93,20 +106,26 @@ def _tag(value: Any, origins: frozenset[str]) -> None:
 def _untag_all() -> None:
     while _tagged:
         t = _tagged.pop()()
-        if t is not None and hasattr(t, _TAG):
-            delattr(t, _TAG)
+        for tag in (_TAG, _SOURCES):
+            if t is not None and hasattr(t, tag):
+                delattr(t, tag)
 
 
 @dataclass
 class DataFlow:
     """What one forward showed: watched modules that feed a pixel shuffle, a concat or the
-    model's output (through pointwise ops only)."""
+    model's output (through pointwise ops only), and those that face the image."""
 
     feeds_pixel_shuffle: set[str] = field(default_factory=set)
     #: watched module -> upscale factor of the (first) pixel shuffle it feeds
     pixel_shuffle_factor: dict[str, int] = field(default_factory=dict)
     feeds_concat: set[str] = field(default_factory=set)
     feeds_output: set[str] = field(default_factory=set)
+    #: watched modules that read a model input through ops of no other watched module
+    reads_input: set[str] = field(default_factory=set)
+    #: watched modules whose output reaches the model's output through ops of no other
+    #: watched module (pixel shuffles and resizes included)
+    writes_output: set[str] = field(default_factory=set)
     #: watched module -> (input shapes, output shape) of its first call, in call order
     shapes: dict[str, tuple[tuple[torch.Size, ...], torch.Size | None]] = field(
         default_factory=dict)
@@ -135,6 +154,7 @@ class _FlowMode(TorchFunctionMode):
         if name == "__get__" or not isinstance(out, (torch.Tensor, tuple, list)):
             return out
         origins = _origins((args, kwargs))
+        _tag(out, _origins((args, kwargs), _SOURCES), _SOURCES)
         if name in CONCAT:
             self.flow.feeds_concat |= origins
         if name in PIXEL_SHUFFLE:
@@ -159,7 +179,27 @@ class _FlowMode(TorchFunctionMode):
         self.flow.calls[name] += 1
         if name not in self.flow.shapes and isinstance(x, torch.Tensor):
             self.flow.shapes[name] = ((x.shape,), out.shape)
-        _tag(out, _origins(out) | {name})
+        _called(self.flow, name, x, out)
+
+
+def channel_preserving(module: nn.Module | None) -> bool:
+    """Whether ``module`` gives as many channels (features) as it takes."""
+    if module is None:
+        return False
+    if isinstance(module, nn.Linear):
+        return module.in_features == module.out_features
+    return getattr(module, "in_channels", None) == getattr(module, "out_channels", False)
+
+
+def _called(flow: DataFlow, name: str, inputs: Any, out: Any,
+            module: nn.Module | None = None) -> None:
+    """Record that watched module ``name`` read ``inputs`` and produced ``out``."""
+    sources = _origins(inputs, _SOURCES)
+    if INPUT in sources:
+        flow.reads_input.add(name)
+    _tag(out, _origins(out) | {name})
+    passed_on = sources if channel_preserving(module) else frozenset()
+    _tag(out, frozenset({name}) | passed_on, _SOURCES)
 
 
 def structure_key(module: nn.Module) -> tuple:
@@ -188,7 +228,8 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
     """Record the data flow of whatever runs ``model`` inside the block.
 
     Lets a forward that is needed anyway (lighten's reference run) record the flow too.
-    Set ``feeds_output`` inside the block (``note_output``): tags are gone after it.
+    Mark the model's inputs inside the block (``note_inputs``) before running it, and set
+    ``feeds_output`` there (``note_output``): tags are gone after it.
     """
     flow = DataFlow()
     modules = dict(model.named_modules())
@@ -212,7 +253,7 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
                     tuple(a.shape for a in (*inputs, *kwargs.values())
                           if isinstance(a, torch.Tensor)),
                     out.shape if isinstance(out, torch.Tensor) else None)
-            _tag(out, _origins(out) | {name})
+            _called(flow, name, (inputs, kwargs), out, _m)
         handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
         if id(getattr(modules[name], "weight", None)) in weight_of:
             handles.append(modules[name].register_forward_pre_hook(enter))
@@ -225,9 +266,16 @@ def flow_recording(model: nn.Module, watch: Iterable[str] | None = None) -> Iter
         _untag_all()
 
 
+def note_inputs(*inputs: Any) -> None:
+    """Mark the tensors in ``inputs`` (the model's arguments) as model inputs (inside
+    ``flow_recording``, before the forward)."""
+    _tag(inputs, frozenset({INPUT}), _SOURCES)
+
+
 def note_output(flow: DataFlow, output: Any) -> None:
     """Record which watched modules reach the model's output (inside ``flow_recording``)."""
     flow.feeds_output = set(_origins(output))
+    flow.writes_output = set(_origins(output, _SOURCES) - {INPUT})
 
 
 def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
@@ -244,5 +292,6 @@ def record_flow(model: nn.Module, args: tuple, kwargs: dict | None = None,
     if watch is not None:
         watch = check.strings("record_flow", "watch", watch)
     with preserved_state(model), torch.no_grad(), flow_recording(model, watch) as flow:
+        note_inputs(args, kwargs)
         note_output(flow, model(*args, **(kwargs or {})))
     return flow
