@@ -1,4 +1,5 @@
-"""Runtime data flow: which module outputs reach a pixel shuffle, seen from one real forward.
+"""Runtime data flow, seen from one real forward: which module outputs reach a pixel shuffle,
+and which modules face the image.
 
 fx cannot see inside code it failed to trace, so a guard asking "does this conv feed a
 pixel shuffle?" would be blind there. Instead we run the model once under a
@@ -121,10 +122,11 @@ class DataFlow:
     pixel_shuffle_factor: dict[str, int] = field(default_factory=dict)
     feeds_concat: set[str] = field(default_factory=set)
     feeds_output: set[str] = field(default_factory=set)
-    #: watched modules that read a model input through ops of no other watched module
+    #: watched modules that read a model input with no watched module between that changes
+    #: the channel count (any other op may be: pools, resizes, concats)
     reads_input: set[str] = field(default_factory=set)
-    #: watched modules whose output reaches the model's output through ops of no other
-    #: watched module (pixel shuffles and resizes included)
+    #: watched modules whose output reaches the model's output with no watched module
+    #: between that changes the channel count (pixel shuffles and resizes may be)
     writes_output: set[str] = field(default_factory=set)
     #: watched module -> (input shapes, output shape) of its first call, in call order
     shapes: dict[str, tuple[tuple[torch.Size, ...], torch.Size | None]] = field(
