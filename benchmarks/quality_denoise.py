@@ -61,9 +61,10 @@ def example(task: Task) -> tuple[torch.Tensor]:
 
 def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: float,
                   seed: int, ema: float | None = None, amp: str | None = None,
-                  features: float = 0.0) -> int:
+                  **options: float) -> int:
     """Distil until ``budget_s`` CPU seconds are spent (cosine lr over the budget's fraction,
-    as ``train_supervised``); returns the steps taken."""
+    as ``train_supervised``); ``options`` go to ``distill`` (``features``, ``ground_truth``).
+    Returns the steps taken."""
     used = cpu_budget(budget_s)
     taken = 0
 
@@ -75,14 +76,14 @@ def timed_distill(student: nn.Module, teacher: nn.Module, task: Task, budget_s: 
     distill(student, teacher, steps=10**9, stop_when=lambda: used() >= 1, lr_schedule=schedule,
             channels=task.channels, degrade=task.degrade, batch_size=task.batch_size,
             crop=task.crop, loss="mse", progress=False, seed=seed, ema=ema, amp=amp,
-            features=features)
+            **options)
     return taken
 
 
 def run(task_name: str, budget_s: float, init_steps: int, seed: int,
         teacher_path: Path | None, extra: bool, ema: float | None = None,
         scratch_row: bool = True, scratch_only: bool = False, amp: str | None = None,
-        init_options: dict | None = None, features: float = 0.0) -> dict:
+        init_options: dict | None = None, distill_options: dict | None = None) -> dict:
     task = TASKS[task_name]
     teacher = task.build()
     teacher.load_state_dict(torch.load(teacher_path or task.weights, weights_only=True))
@@ -128,7 +129,7 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
     supervised = copy.deepcopy(student)
     c0 = time.process_time() - init_cpu
     steps = timed_distill(student, teacher, task, budget_s - init_cpu, seed, ema, amp,
-                          features)
+                          **(distill_options or {}))
     record("light, layer-wise init + distill B", student, c0, params=n_params(student),
            steps=steps)
 
@@ -140,7 +141,7 @@ def run(task_name: str, budget_s: float, init_steps: int, seed: int,
                params=n_params(supervised), steps=steps)
     return {"task": task.name, "budget_cpu_seconds": budget_s, "init_steps": init_steps,
             "seed": seed, "ema": ema, "amp": amp, "init_options": init_options,
-            "distill_features": features, "threads": torch.get_num_threads(),
+            "distill_options": distill_options, "threads": torch.get_num_threads(),
             "held_out": "centre crops (<=256) of lwcompile.data.HELD_OUT",
             "rows": rows, "gaps_db": gaps(rows), "machine": machine()}
 
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--distill-features", type=float, default=0.0,
                         help="distill(features=W): match the teacher at every rewritten "
                              "block's end too")
+    parser.add_argument("--distill-ground-truth", type=float, default=0.0,
+                        help="distill(ground_truth=W): mix in the clean target with weight W")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher", type=Path, help="teacher weights (default: committed)")
@@ -201,7 +204,9 @@ def main() -> None:
         results[name] = run(name, budget, args.init_steps, args.seed, args.teacher,
                             not args.no_extra, args.ema, not args.no_scratch,
                             args.scratch_only, args.amp,
-                            init_options(args), args.distill_features)
+                            init_options(args),
+                            {"features": args.distill_features,
+                             "ground_truth": args.distill_ground_truth})
         results[name]["wall_seconds"] = round(time.time() - t0, 1)
         print_table(name, results[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)

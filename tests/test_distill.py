@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import signal
 import subprocess
@@ -260,3 +261,66 @@ def test_layerwise_init_fits_the_sub_pixel_upsampler_against_the_shuffled_conv_o
     assert site in errors and errors[site] < 0.2 * errors.before[site]
     # a random teacher's sub-pixel phases are beyond bilinear + LIST: the fit is partial
     assert held_out_error(light) < 0.2 * before
+
+
+def test_ground_truth_mixes_the_clean_target_into_the_loss(pair):
+    teacher, light = pair
+    data = smooth_images(16, seed=2)
+    kw = dict(data=data, degrade=add_noise(25), batch_size=4, crop=32, progress=False,
+              lr=1e-3, seed=3, steps=4, bn_batches=0, channels_last=False)
+    teacher_only = distill(copy.deepcopy(light), teacher, **kw)
+    assert_same_state(distill(copy.deepcopy(light), teacher, ground_truth=0.0, **kw),
+                      teacher_only)  # 0: the default, exactly
+    # 1: the teacher's outputs weigh nothing, so another teacher trains the same student
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    target_only = distill(copy.deepcopy(light), teacher, ground_truth=1.0, **kw)
+    assert_same_state(distill(copy.deepcopy(light), other, ground_truth=1.0, **kw), target_only)
+    # and it trains against the clean crops: the same steps by hand give the same weights
+    by_hand = copy.deepcopy(light).train()
+    opt = torch.optim.Adam(by_hand.parameters(), lr=1e-3)
+    from lwcompile.train.data import model_examples
+
+    stream = model_examples(data, teacher, 1, add_noise(25), 4, 32, 3)
+    for _, x, clean in itertools.islice(stream, 4):
+        loss = F.l1_loss(by_hand(x), clean)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sa, sb = by_hand.state_dict(), target_only.state_dict()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+    half = distill(copy.deepcopy(light), teacher, ground_truth=0.5, **kw)
+    for model in (teacher_only, target_only):
+        with pytest.raises(AssertionError):
+            assert_same_state(half, model)
+
+
+def test_ground_truth_needs_targets_and_a_weight_in_0_1(pair):
+    teacher, light = pair
+    student = copy.deepcopy(light)
+    before = copy.deepcopy(student.state_dict())
+    # clean images without a degradation: inputs only, no targets
+    with pytest.raises(lwcompile.ArgumentError, match="ground_truth needs clean targets"):
+        distill(student, teacher, smooth_images(8, seed=1), steps=2, batch_size=4, crop=32,
+                progress=False, ground_truth=0.5)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    for bad in (-0.1, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(lwcompile.ArgumentError, match="ground_truth must be a weight"):
+            distill(student, teacher, smooth_images(8, seed=1), steps=1, progress=False,
+                    ground_truth=bad)
+
+
+def test_model_examples_give_the_data_own_targets(tmp_path):
+    from lwcompile.train.data import model_examples
+
+    x, y = torch.rand(8, 1, 16, 16), torch.rand(8, 1, 16, 16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    (_, got_x, got_y), = itertools.islice(
+        model_examples(loader, DnCNN(features=8, depth=3), 1, None, 4, None, 0), 1)
+    assert torch.equal(got_x, x[:4]) and torch.equal(got_y, y[:4])
+    # an image tensor without a degradation has no target
+    (_, _, none), = itertools.islice(
+        model_examples(x, DnCNN(features=8, depth=3), 1, None, 4, 8, 0), 1)
+    assert none is None

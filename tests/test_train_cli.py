@@ -93,3 +93,15 @@ def test_bad_device_and_missing_degradation_are_refusals(workdir, capsys):
     code, _, err = run_cli(capsys, "eval", "light.safetensors", "--teacher",
                            "lwc_tiny_denoiser:build", "--data", "empty_missing", "--noise", "5")
     assert code == 1 and "not a folder" in err
+
+
+def test_ground_truth_flag_reaches_distill(workdir, capsys):
+    base = ["distill", "light.safetensors", "--teacher", "lwc_tiny_denoiser:build", "--data",
+            "train", "--noise", "25", "--crop", "24", "--batch-size", "4", "--steps", "2",
+            "-q"]
+    code, _, err = run_cli(capsys, *base, "-o", "gt.safetensors", "--ground-truth", "0.5")
+    assert code == 0, err
+    assert (workdir / "gt.safetensors").is_file()
+    code, _, err = run_cli(capsys, *base, "-o", "bad.safetensors", "--ground-truth", "2")
+    assert code == 1 and "ground_truth must be a weight in [0, 1]" in err
+    assert not (workdir / "bad.safetensors").exists()

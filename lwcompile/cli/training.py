@@ -67,6 +67,10 @@ def register(command: Command) -> None:
     p.add_argument("--features", type=float, default=0.0, metavar="WEIGHT",
                    help="also match the teacher at the end of every rewritten block, with "
                         "this weight (intermediate-feature distillation; 0: off)")
+    p.add_argument("--ground-truth", type=float, default=0.0, metavar="WEIGHT",
+                   help="mix in the clean target with this weight in [0, 1] (the image the "
+                        "degradation flags were applied to, or the --data image of a --low "
+                        "pair; 0: the teacher only)")
     p.add_argument("--no-init", action="store_true",
                    help="skip the layer-wise initialisation of a fresh run")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -176,6 +180,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.quiet, seed=args.seed, lr_schedule=schedule, stop_when=stop_when,
         device=args.device, amp=args.amp, val_data=val, val_every=args.val_every,
         best_checkpoint=best, ema=args.ema, workers=args.workers, features=args.features,
+        ground_truth=args.ground_truth,
         on_validation=lambda step, s: history.append({"step": step, "psnr": s.psnr,
                                                       "ssim": s.ssim}))
     student.to("cpu")

@@ -53,6 +53,14 @@ def same_output_shape(where: str, output: Tensor, target: Tensor) -> None:
                             "was lightened from?")
 
 
+def fits_target(where: str, output: Tensor, target: Tensor) -> None:
+    """The student's output must have the shape of the data's clean target."""
+    if output.shape != target.shape:
+        raise TrainingError(f"{where}: the student's output {_shape(output)} differs from the "
+                            f"data's target {_shape(target)}: ground_truth needs targets at "
+                            "the output's size")
+
+
 def teacher_has_sites(where: str, teacher: nn.Module, sites: Any) -> None:
     """Every site the student's report rewrote must exist in the teacher."""
     names = {name for name, _ in teacher.named_modules()}

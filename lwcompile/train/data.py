@@ -13,6 +13,7 @@ import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +152,8 @@ def batches(
     rank: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
-) -> Iterator[Tensor]:
+    with_targets: bool = False,
+) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor | None]]:
     """Endless batches (N,channels,crop,crop) in [0, 1], the first one being step ``start``.
 
     ``data`` is None (scikit-image's ``TRAIN`` images), a folder of images (read when drawn,
@@ -162,6 +164,10 @@ def batches(
     ``workers`` DataLoader processes for folders and datasets; a DataLoader is replayed as
     is, cycled over epochs, and skips ``start`` batches on resume (exact only if the
     loader's order is reproducible).
+
+    ``with_targets`` gives ``(batch, target)`` pairs instead: the second element of a pair
+    batch (the high image of ``PairedFolders``, the clean image of an ``ImageFolder`` with a
+    degradation, a DataLoader's second tensor), None where the data has none.
     """
     from .datasets import ImageFolder, PairedFolders, step_loader  # they import this module
 
@@ -170,7 +176,7 @@ def batches(
     if isinstance(data, (ImageFolder, PairedFolders)):
         loader = step_loader(data, batch_size=batch_size, seed=seed, rank=rank, start=start,
                              workers=workers, pin_memory=pin_memory)
-        return _replay(loader, channels, 0)
+        return _replay(loader, channels, 0, with_targets)
     if isinstance(data, Tensor) and data.dim() == 4:
         images = to_channels(data, channels)
     elif isinstance(data, Tensor):
@@ -180,25 +186,33 @@ def batches(
     elif isinstance(data, (str, Path)):
         images = load_folder(data, channels)
     elif isinstance(data, Iterable):
-        return _replay(data, channels, start)
+        return _replay(data, channels, start, with_targets)
     else:
         raise LwCompileError(f"unsupported data {type(data).__name__}: give None, a folder, "
                              "a (N,C,H,W) tensor or a DataLoader")
     if crop is not None and isinstance(images, Tensor) and min(images.shape[-2:]) <= crop:
         crop = None  # tensor of patches already: sample whole ones
-    return (random_crops(images, batch_size, crop, step_generator(seed, rank, step))
-            for step in itertools.count(start))
+    crops = (random_crops(images, batch_size, crop, step_generator(seed, rank, step))
+             for step in itertools.count(start))
+    return ((batch, None) for batch in crops) if with_targets else crops
 
 
-def _replay(loader: Iterable, channels: int, start: int) -> Iterator[Tensor]:
+def _replay(loader: Iterable, channels: int, start: int,
+            with_targets: bool = False) -> Iterator[Any]:
     i = 0
     while True:
         seen = False
         for batch in loader:
             seen = True
             if i >= start:
-                yield to_channels(batch[0] if isinstance(batch, (tuple, list)) else batch,
-                                  channels)
+                pair = isinstance(batch, (tuple, list))
+                first = to_channels(batch[0] if pair else batch, channels)
+                if not with_targets:
+                    yield first
+                else:
+                    second = batch[1] if pair and len(batch) > 1 else None
+                    yield first, (second if not isinstance(second, Tensor)
+                                  else to_channels(second, channels))
             i += 1
         if not seen or iter(loader) is loader:  # empty, or a one-shot iterator: stop
             return
@@ -215,9 +229,23 @@ def image_channels(teacher: nn.Module) -> int:
 def model_inputs(data: str | Path | Tensor | Iterable | None, teacher: nn.Module,
                  channels: int | None, degrade: Degrade | None, batch_size: int,
                  crop: int | None, seed: int, start: int = 0, rank: int = 0,
-                 workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, Tensor]]:
+                 workers: int = 0, pin_memory: bool = False
+                 ) -> Iterator[tuple[int, Tensor]]:
     """(step, model input) pairs: ``batches`` of ``data`` passed through ``degrade``, whose
     noise is also seeded by the step; ``channels`` defaults to ``image_channels(teacher)``."""
+    for step, x, _ in model_examples(data, teacher, channels, degrade, batch_size, crop, seed,
+                                     start, rank, workers, pin_memory):
+        yield step, x
+
+
+def model_examples(data: str | Path | Tensor | Iterable | None, teacher: nn.Module,
+                   channels: int | None, degrade: Degrade | None, batch_size: int,
+                   crop: int | None, seed: int, start: int = 0, rank: int = 0,
+                   workers: int = 0, pin_memory: bool = False
+                   ) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """(step, model input, target) triples, as ``model_inputs`` with the clean image each
+    input was made from (the crop before ``degrade``, or the data's own target: ``batches``
+    with ``with_targets``); the target is None where the data has none."""
     from .datasets import PairedFolders
 
     if isinstance(data, PairedFolders) and degrade is not None:
@@ -225,10 +253,12 @@ def model_inputs(data: str | Path | Tensor | Iterable | None, teacher: nn.Module
                              "degrade=None with PairedFolders")
     stream = batches(data, channels=channels or image_channels(teacher),
                      batch_size=batch_size, crop=crop, seed=seed, start=start, rank=rank,
-                     workers=workers, pin_memory=pin_memory)
-    for step, clean in enumerate(stream, start):
-        yield step, clean if degrade is None else degrade(
-            clean, step_generator(seed + 1, rank, step))
+                     workers=workers, pin_memory=pin_memory, with_targets=True)
+    for step, (first, target) in enumerate(stream, start):
+        if degrade is None:
+            yield step, first, target
+        else:
+            yield step, degrade(first, step_generator(seed + 1, rank, step)), first
 
 
 def add_noise(sigma: float) -> Degrade:

@@ -31,8 +31,8 @@ from torch import nn
 from .. import arguments as check
 from ..errors import ArgumentError, DestinationError
 from .checkpoint import restore, rng_state, save_checkpoint
-from .checks import run_on_batch, same_output_shape, training_arguments
-from .data import Degrade, image_channels, model_inputs
+from .checks import fits_target, run_on_batch, same_output_shape, training_arguments
+from .data import Degrade, image_channels, model_examples, model_inputs
 from .device import amp_dtype, autocast, grad_scaler, process_group_backend, resolve_device
 from .features import CHANNEL_ORDERS, Features, boundaries
 from .layerwise import applied_sites
@@ -76,6 +76,7 @@ def distill(
     on_validation: Callable[[int, Scores], None] | None = None,
     features: float = 0.0,
     channels_last: bool | None = None,
+    ground_truth: float = 0.0,
 ) -> nn.Module:
     """Train ``student`` in place to reproduce ``teacher``'s outputs; returns it.
 
@@ -104,6 +105,12 @@ def distill(
     ``features`` > 0 adds intermediate-feature distillation: at the end of every rewritten
     block, the student's feature is matched to the teacher's (squared error relative to the
     teacher's mean square, averaged over blocks, times ``features``; ``features.py``).
+
+    ``ground_truth`` (a weight in [0, 1]) mixes in the clean target where the data has one
+    (the image before ``degrade``, the high image of ``PairedFolders``, a DataLoader's second
+    tensor): the loss is ``(1 - w)`` times the loss against the teacher plus ``w`` times the
+    loss against the target. The teacher's outputs carry its own errors; on smooth images,
+    where those dominate, the target keeps the student from copying them.
 
     ``channels_last`` trains both models in channels-last memory order (faster convs on
     oneDNN and cuDNN; ``layout.py``): None, the default, where the student has 2-D convs and
@@ -138,6 +145,10 @@ def distill(
     check.flag("distill", "channels_last", channels_last, optional=True)
     if check.tolerance("distill", "features", features) and not math.isfinite(features):
         raise ArgumentError(f"distill: features must be a finite weight >= 0, got {features}")
+    if (isinstance(ground_truth, bool) or not isinstance(ground_truth, (int, float))
+            or not 0.0 <= ground_truth <= 1.0):
+        raise ArgumentError(f"distill: ground_truth must be a weight in [0, 1], got "
+                            f"{ground_truth!r}")
     schedule = schedule_for("distill", lr_schedule, steps)
     where = resolve_device("distill", device, student)
     dtype = amp_dtype("distill", amp, where)
@@ -226,15 +237,20 @@ def distill(
     seen = Features(boundaries(student, teacher, applied_sites(student, teacher))
                     if features else [])
     try:
-        stream = model_inputs(data, teacher, channels, degrade, batch_size, crop, seed, start,
-                              rank, workers=workers, pin_memory=where.type == "cuda")
+        stream = model_examples(data, teacher, channels, degrade, batch_size, crop, seed,
+                                start, rank, workers=workers, pin_memory=where.type == "cuda")
         for _ in range(start, steps):
             if stop_when is not None and stop_when():
                 break
             item = next(stream, None)
             if item is None:
                 break
-            step, x = item
+            step, x, clean = item
+            if ground_truth and clean is None:
+                raise ArgumentError(
+                    "distill: ground_truth needs clean targets, and this data has none: give "
+                    "degrade= (the clean crops are the targets), PairedFolders, or a DataLoader "
+                    "of (input, target) batches")
             x = layout.batch(x.to(where, non_blocking=True))
             if schedule is not None:
                 for group in opt.param_groups:
@@ -246,6 +262,11 @@ def distill(
                 output = run_on_batch("distill", "student", model, x)
             same_output_shape("distill", output, target)
             value = criterion(output.float(), target.float())
+            if ground_truth:
+                clean = clean.to(where, non_blocking=True)
+                fits_target("distill", output, clean)
+                value = (1 - ground_truth) * value + ground_truth * criterion(output.float(),
+                                                                               clean.float())
             inside = seen.loss()  # None without boundaries (features=0)
             if inside is not None:
                 value = value + features * inside
