@@ -324,3 +324,12 @@ def test_model_examples_give_the_data_own_targets(tmp_path):
     (_, _, none), = itertools.islice(
         model_examples(x, DnCNN(features=8, depth=3), 1, None, 4, 8, 0), 1)
     assert none is None
+
+
+def test_ground_truth_of_another_shape_is_a_training_error(pair):
+    teacher, light = pair
+    x, y = torch.rand(8, 1, 16, 16), torch.rand(8, 1, 32, 32)  # targets at twice the size
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(lwcompile.TrainingError, match="differs from the data's target 4x1x32x32"):
+        distill(copy.deepcopy(light), teacher, loader, steps=1, progress=False,
+                ground_truth=0.5)
