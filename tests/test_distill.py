@@ -320,6 +320,11 @@ def test_model_examples_give_the_data_own_targets(tmp_path):
     (_, got_x, got_y), = itertools.islice(
         model_examples(loader, DnCNN(features=8, depth=3), 1, None, 4, None, 0), 1)
     assert torch.equal(got_x, x[:4]) and torch.equal(got_y, y[:4])
+    # a second element that is not an image (names, labels) is no target
+    named = [(x[:4], ["a", "b", "c", "d"])]
+    (_, _, no_target), = itertools.islice(
+        model_examples(named, DnCNN(features=8, depth=3), 1, None, 4, None, 0), 1)
+    assert no_target is None
     # an image tensor without a degradation has no target
     (_, _, none), = itertools.islice(
         model_examples(x, DnCNN(features=8, depth=3), 1, None, 4, 8, 0), 1)

@@ -50,7 +50,7 @@ def _activation_config(config: Any, calibration: str) -> Any:
         return config
     from .percentile_observer import PercentileObserver
 
-    def observed(spec: Any) -> Any:
+    def observed(spec: Any) -> Any:  # eps as the quantiser's own activation observers
         observer = PercentileObserver.with_args(eps=2**-12,
                                                 percentile=int8.CALIBRATION_PERCENTILE)
         return dataclasses.replace(spec, observer_or_fake_quant_ctr=observer)
@@ -100,10 +100,10 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
         config = _activation_config(config_for(is_per_channel=True), calibration_name)
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
-            quantizer = XNNPACKQuantizer().set_global(config)
+            annotator = XNNPACKQuantizer().set_global(config)
             if excluded:
-                quantizer.set_filter_function(lambda n: _module_path(n) not in excluded)
-            prepared = prepare_pt2e(copy.deepcopy(pristine), quantizer)
+                annotator.set_filter_function(lambda n: _module_path(n) not in excluded)
+            prepared = prepare_pt2e(copy.deepcopy(pristine), annotator)
             with torch.no_grad():
                 for args in calib:
                     prepared(*args)

@@ -209,10 +209,10 @@ def _replay(loader: Iterable, channels: int, start: int,
                 first = to_channels(batch[0] if pair else batch, channels)
                 if not with_targets:
                     yield first
-                else:
-                    second = batch[1] if pair and len(batch) > 1 else None
-                    yield first, (second if not isinstance(second, Tensor)
-                                  else to_channels(second, channels))
+                    continue
+                second = batch[1] if pair and len(batch) > 1 else None
+                yield first, (to_channels(second, channels) if isinstance(second, Tensor)
+                              else None)  # labels or names are no image target
             i += 1
         if not seen or iter(loader) is loader:  # empty, or a one-shot iterator: stop
             return
