@@ -75,9 +75,9 @@ def _pte_runner(path: Path) -> Runner:
 
 
 def build_form(form: str, model: nn.Module, inputs: tuple, folder: Path, name: str,
-               degrade: Any = None) -> Runner:
+               degrade: Any = None, qat_steps: int = 0) -> Runner:
     """A callable running ``model`` on tensors as ``form`` deploys it (exports go to
-    ``folder``)."""
+    ``folder``); int8 forms fine-tune for ``qat_steps`` first."""
     if form == "eager":
         return lambda *args: model(*args)
     if form == "channels_last":
@@ -89,11 +89,17 @@ def build_form(form: str, model: nn.Module, inputs: tuple, folder: Path, name: s
     runtime, precision = form.split("-")
     if runtime == "ort":
         path = export_onnx(model, inputs, folder / f"{name}-{precision}.onnx",
-                           precision=precision, degrade=degrade)
-        return _ort_runner(path)
+                           precision=precision, degrade=degrade,
+                           qat_steps=qat_steps if precision == "int8" else 0)
+        run = _ort_runner(path)
+        run.int8_report = path.int8_report
+        return run
     exported = export_mobile(model, inputs, folder / f"{name}-{precision}.pte",
-                             precision=precision, degrade=degrade, verify=False)
-    return _pte_runner(exported.path)
+                             precision=precision, degrade=degrade, verify=False,
+                             qat_steps=qat_steps if precision == "int8" else 0)
+    run = _pte_runner(exported.path)
+    run.int8_report = exported.int8_report
+    return run
 
 
 def set_threads(threads: int) -> None:
@@ -158,9 +164,11 @@ def _student(task: Task, teacher: nn.Module, seconds: float, example: tuple) -> 
     return light.eval()
 
 
-def quality(task: Task, forms: list[str], seconds: float, folder: Path) -> dict:
+def quality(task: Task, forms: list[str], seconds: float, folder: Path,
+            qat_steps: int = 0) -> dict:
     """PSNR of fp32 and int8 deployments of the trained teacher and its light student on
-    the held-out images, and each int8 form's cost against its own fp32."""
+    the held-out images, and each int8 form's cost against its own fp32. The student's int8
+    exports fine-tune for ``qat_steps`` first (the teacher's are post-training only)."""
     teacher = load_teacher(task)
     side = task.crop // 2 if task.channels == 3 else task.crop
     student = _student(task, teacher, seconds, (torch.rand(1, task.channels, side, side),))
@@ -168,17 +176,21 @@ def quality(task: Task, forms: list[str], seconds: float, folder: Path) -> dict:
     inputs = (pairs[0][0],)
     assert all(x.shape == inputs[0].shape for x, _ in pairs), "held-out crops differ in size"
     rows: dict[str, dict[str, float]] = {}
+    reports: dict[str, dict] = {}
     for model_name, model in (("teacher", teacher), ("light", student)):
         psnr = {}
         for form in [f for f in forms if f[:3] in ("ort", "xnn")]:
             run = build_form(form, model, inputs, folder, f"{task.name}-{model_name}",
-                             task.degrade)
+                             task.degrade, qat_steps if model_name == "light" else 0)
             psnr[form] = round(score(run, task, pairs)["psnr"], 3)
+            if getattr(run, "int8_report", None) is not None:
+                reports[f"{model_name} {form}"] = run.int8_report.to_dict()
         psnr["eager"] = round(score(model, task, pairs)["psnr"], 3)
         for form in [f for f in psnr if f.endswith("int8")]:
             psnr[f"{form} cost dB"] = round(psnr[form.replace("int8", "fp32")] - psnr[form], 3)
         rows[model_name] = psnr
-    return {"task": task.name, "student_cpu_seconds": seconds, "psnr": rows}
+    return {"task": task.name, "student_cpu_seconds": seconds, "student_qat_steps": qat_steps,
+            "psnr": rows, "int8_reports": reports}
 
 
 def main() -> None:
@@ -195,6 +207,9 @@ def main() -> None:
                              "the quality part")
     parser.add_argument("--quality-task", choices=("denoise", "sr"), action="append",
                         help="the quality part's tasks (default: both)")
+    parser.add_argument("--qat-steps", type=int, default=0,
+                        help="quantisation-aware fine-tuning steps before each int8 export of "
+                             "the light students (export's qat_steps; default 0)")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency part (only the quality part runs)")
     args = parser.parse_args()
@@ -223,7 +238,7 @@ def main() -> None:
         if args.quality_seconds > 0:
             tasks = {"denoise": DENOISE, "sr": SR2}
             for task in [tasks[t] for t in args.quality_task or tasks]:
-                q = quality(task, forms, args.quality_seconds, Path(tmp))
+                q = quality(task, forms, args.quality_seconds, Path(tmp), args.qat_steps)
                 results["quality"].append(q)
                 print(f"\n{task.name}: PSNR on held-out images (dB)")
                 keys = sorted({k for r in q["psnr"].values() for k in r})

@@ -94,9 +94,10 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.run is commands.lighten and args.data is not None and not args.distill:
         parser.error("--data is only used with --distill")
     if (args.run is commands.export and args.precision == "fp32"
-            and (args.calibration is not None or args.min_psnr is not None)):
-        parser.error("--calibration and --min-psnr are only used with --precision int8 or "
-                     "auto")
+            and (args.calibration is not None or args.min_psnr is not None
+                 or args.qat_steps)):
+        parser.error("--calibration, --min-psnr and --qat-steps are only used with "
+                     "--precision int8 or auto")
     if args.run is commands.export and args.precision == "auto" and not args.tune:
         parser.error("--precision auto needs --tune (it times fp32 against int8)")
     if (args.run is commands.export and not (args.mobile or args.onnx)
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images to calibrate int8 on (default: scikit-image's)")
     p.add_argument("--min-psnr", type=float, metavar="DB",
                    help="refuse (write nothing) if int8's PSNR against float is below DB")
+    p.add_argument("--qat-steps", type=int, default=0, metavar="N",
+                   help="fine-tune the weights under simulated int8 for N steps first; kept "
+                        "only if the int8 output measures closer to float (default 0)")
     p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
                    help="a rule of your own that MODEL's plan names (never imported from "
                         "the file itself); repeatable")

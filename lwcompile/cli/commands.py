@@ -72,7 +72,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         model, args.precision = tuned.model, tuned.precision
     with stage(f"exporting {type(model).__name__} to {where}", args.quiet):
         int8 = {"precision": args.precision, "calibration": args.calibration,
-                "min_psnr": args.min_psnr}
+                "min_psnr": args.min_psnr,
+                "qat_steps": args.qat_steps if args.precision == "int8" else 0}
         if mobile:
             written = lwcompile.export_mobile(model, inputs, args.output, **int8)
             return {"model": args.model, "runtime": "executorch-xnnpack",

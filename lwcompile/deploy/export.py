@@ -114,7 +114,8 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 degrade: Degrade | None = None, min_psnr: float | None = None,
                 target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                 max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
-                calibration_count: int = 8, evaluation_count: int = 4) -> OnnxFile:
+                calibration_count: int = 8, evaluation_count: int = 4,
+                qat_steps: int = 0) -> OnnxFile:
     """Write an eval copy of ``model`` to ``path`` as one self-contained ONNX file, in
     ``emit_fast``'s form plus ``onnxruntime_forms`` unless ``fast=False`` (what lwcompile emits is
     fast by default).
@@ -131,7 +132,11 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     ``HELD_OUT`` images by default, else of ``calibration`` drawn apart). Below
     ``target_psnr`` dB up to ``max_float_layers`` convs, the most sensitive measured, stay
     float; below ``min_psnr`` it raises ``Int8QualityError`` and writes nothing. The
-    returned path's ``int8_report`` holds the measurement. The file is written atomically.
+    returned path's ``int8_report`` holds the measurement. ``qat_steps`` > 0 first
+    fine-tunes the exported form's weights under simulated int8 (uint8 activations, as
+    onnxruntime's) for that many steps (``deploy.int8_finetune``), so that they lose less
+    when quantised; the report still measures against ``model``. The file is written
+    atomically.
     """
     if not isinstance(model, torch.export.ExportedProgram):
         check.module("export_onnx", "model", model)
@@ -141,6 +146,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         check.flag("export_onnx", name, value)
     _check_opset(opset, dynamo or isinstance(model, torch.export.ExportedProgram))
     int8.check_precision(precision)
+    qat_steps = int8.check_qat_steps("export_onnx", qat_steps, precision)
     if precision == "int8":
         if isinstance(model, torch.export.ExportedProgram):
             raise int8.Int8Error("int8 export needs the nn.Module (to measure it against "
@@ -148,7 +154,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         with blamed_on_inputs("export_onnx", model, args):
             return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
                                 target_psnr, max_float_layers, calibration_count,
-                                evaluation_count, calibration, degrade)
+                                evaluation_count, calibration, degrade, qat_steps)
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
         written = Path(tmp) / "model.onnx"  # the destination is written whole or not at all
         if isinstance(model, torch.export.ExportedProgram):
@@ -177,22 +183,28 @@ def _check_opset(opset: Any, new_exporter: bool) -> None:
 def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,
                  dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
                  max_float_layers: int, calibration_count: int, evaluation_count: int,
-                 calibration: Any, degrade: Degrade | None) -> OnnxFile:
-    """Float export to a temporary file, quantised and measured; written only if accepted."""
-    from .int8_onnx import quantize_onnx
+                 calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
+    """Float export to a temporary file (fine-tuned for int8 first with ``qat_steps``),
+    quantised and measured; written only if accepted."""
+    from .int8_onnx import quantization_aware, quantize_onnx
 
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
-        float_path = Path(tmp) / "float.onnx"
+        float_path, tuned_path = Path(tmp) / "float.onnx", None
         _write_onnx(model, args, float_path, dynamic_hw, opset, dynamo, fast)
         reference = copy.deepcopy(model).eval()
+        if qat_steps:
+            tuned = quantization_aware(_for_onnx(model, args, fast), reference, args,
+                                       calibration, degrade, qat_steps)
+            tuned_path = Path(tmp) / "tuned.onnx"
+            _write_onnx(tuned, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
         data, report = quantize_onnx(
             float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
             min_psnr=min_psnr,
             target_psnr=max(target_psnr, min_psnr or target_psnr),
             max_float_layers=max_float_layers, calibration_count=calibration_count,
-            evaluation_count=evaluation_count)
+            evaluation_count=evaluation_count, tuned_path=tuned_path)
     write_atomic(path, lambda f: f.write(data))
     path.int8_report = report
     return path

@@ -202,6 +202,16 @@ def refuse_below(report: Int8Report, min_psnr: float | None) -> None:
         "calibration data like the deployment's, or export fp32)", report)
 
 
+def check_qat_steps(where: str, steps: Any, precision: str) -> int:
+    """``steps`` of quantisation-aware fine-tuning: an int >= 0, and 0 unless int8."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise Int8Error(f"{where}: qat_steps must be an int >= 0, got {steps!r}")
+    if steps and precision != "int8":
+        raise Int8Error(f"{where}: qat_steps={steps} fine-tunes for int8, but precision is "
+                        f"{precision!r}")
+    return steps
+
+
 def validate_options(min_psnr: float | None, target_psnr: float, max_float_layers: int,
                      calibration_count: int, evaluation_count: int) -> None:
     if calibration_count < 1 or evaluation_count < 1:

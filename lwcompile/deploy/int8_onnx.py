@@ -9,6 +9,10 @@ calibrated, the whole model quantised and scored against float on the held-out i
 the best kept. Its ranges are cached (``calibration_cache_path``), so the greedy search of
 ``int8.choose_float_layers`` requantises with convs excluded (``nodes_to_exclude``) without
 calibrating again.
+
+Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme with torchao's
+x86 quantiser, whose QAT configuration quantises as onnxruntime does here (uint8 per-tensor
+activations, int8 per-channel symmetric weights, a conv's ReLU fused before quantising).
 """
 
 from __future__ import annotations
@@ -82,9 +86,12 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
                   names: Sequence[str], calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
-                  evaluation_count: int) -> tuple[bytes, int8.Int8Report]:
+                  evaluation_count: int, tuned_path: Path | None = None
+                  ) -> tuple[bytes, int8.Int8Report]:
     """The int8 form of the float ONNX file ``float_path`` (exported from ``model``) as bytes,
-    with its measured report; raises ``Int8QualityError`` below ``min_psnr``."""
+    with its measured report; raises ``Int8QualityError`` below ``min_psnr``. With
+    ``tuned_path`` (the same graph with weights fine-tuned for int8), both are quantised and
+    the one closer to ``model`` is kept."""
     onnx, _ = _onnxruntime()
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -101,9 +108,15 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     work = Path(tempfile.mkdtemp(prefix="lwcompile-int8-"))
     feeds = _feeds(calib, names)
 
-    def quantizer(calibration_name: str) -> int8.Quantize:
+    sources = {"": float_path}
+    if tuned_path is not None:
+        from .int8_finetune import TUNED
+
+        sources[TUNED] = tuned_path
+
+    def quantizer(calibration_name: str, source: Path) -> int8.Quantize:
         method, options = CALIBRATIONS[calibration_name]
-        cache = work / f"calibration-{calibration_name}.json"
+        cache = work / f"calibration-{calibration_name}-{source.stem}.json"
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, bytes]:
             out = work / "model.int8.onnx"
@@ -111,7 +124,7 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
             logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # the histogram's progress
-                    quantize_static(str(float_path), str(out), _Reader(list(feeds)),
+                    quantize_static(str(source), str(out), _Reader(list(feeds)),
                                     quant_format=QuantFormat.QDQ, per_channel=True,
                                     activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8,
@@ -131,7 +144,8 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
 
     try:
         data, report = int8.choose_calibration(
-            {name: quantizer(name) for name in CALIBRATIONS}, convs, held, reference,
+            {name + suffix: quantizer(name, source) for suffix, source in sources.items()
+             for name in CALIBRATIONS}, convs, held, reference,
             target_psnr, max_float_layers, len(calib))
     finally:
         for f in work.iterdir():
@@ -139,3 +153,52 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         work.rmdir()
     int8.refuse_below(report, min_psnr)
     return data, report
+
+
+#: the module class the x86 quantiser looks for, per ATen op it quantises as a pattern
+_SOURCE_CLASS = {torch.ops.aten.conv2d.default: nn.Conv2d, torch.ops.aten.relu.default: nn.ReLU,
+                 torch.ops.aten.linear.default: nn.Linear}
+
+
+def _one_source_per_op(graph: torch.fx.GraphModule) -> None:
+    """Record each op as its own source, of the class its op implies. The x86 quantiser
+    groups ops by the module they came from, and lwcompile's exact forms break that
+    grouping: one ReLU module sunk into both parts of a concat is one source with two
+    outputs, and the add that sums a conv split over a concat's parts keeps the conv's
+    module. Each op is quantised on its own either way."""
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        node.meta.pop("torch_fn", None)
+        node.meta.pop("source_fn_stack", None)
+        kind = _SOURCE_CLASS.get(node.target)
+        if kind is None:
+            node.meta.pop("nn_module_stack", None)
+        else:
+            node.meta["nn_module_stack"] = {node.name: (node.name, kind)}
+
+
+def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: tuple,
+                       calibration: Any, degrade: Degrade | None, steps: int) -> nn.Module:
+    """``module`` (the form written to ONNX) with its weights fine-tuned for ``steps`` under
+    simulated onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs
+    drawn as the calibration is."""
+    try:
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError as exc:
+        raise int8.Int8Error(
+            f"quantisation-aware fine-tuning needs torchao, which is not installed "
+            f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
+    from .int8_finetune import finetune, load_values
+
+    inputs = int8_inputs.calibration_inputs(calibration, example_inputs, steps, degrade)
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(is_qat=True))
+    graph = torch.export.export(module, example_inputs).module()
+    _one_source_per_op(graph)
+    tuned = finetune(graph, reference, inputs, quantizer, steps)
+    load_values(module, dict(tuned.state_dict()))
+    return module

@@ -7,6 +7,9 @@ Activation ranges are calibrated two ways (``CALIBRATIONS``), as for onnxruntime
 quantiser's own histogram observer and high percentiles (``percentile_observer``); the one
 whose all-int8 model measures closer to float is kept.
 
+With ``qat_steps``, the deployed graph is first fine-tuned under the quantiser's QAT
+configuration (``int8_finetune``), then calibrated and measured as any other.
+
 A conv kept float is left out of the annotation by a filter on the module path each graph
 node records (``nn_module_stack``); its float output is what the next quantised op reads.
 """
@@ -85,18 +88,27 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                   example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
-                  evaluation_count: int) -> tuple[torch.fx.GraphModule, int8.Int8Report]:
+                  evaluation_count: int, qat_steps: int = 0
+                  ) -> tuple[torch.fx.GraphModule, int8.Int8Report]:
     """``graph_module`` (from ``torch.export.export(...).module()`` of ``model`` or of an
     equivalent form) quantised and converted, with its report measured against ``model``;
-    raises ``Int8QualityError`` below ``min_psnr``."""
+    raises ``Int8QualityError`` below ``min_psnr``. ``qat_steps`` > 0 fine-tunes it under
+    fake int8 first (``int8_finetune``)."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
-    pristine = graph_module
+    weights = {"": graph_module}
+    if qat_steps:
+        from .int8_finetune import TUNED, finetune
 
-    def quantizer(calibration_name: str) -> int8.Quantize:
+        qat_config = config_for(is_per_channel=True, is_qat=True)
+        train = int8_inputs.calibration_inputs(calibration, example_inputs, qat_steps, degrade)
+        weights[TUNED] = finetune(graph_module, model, train,
+                                  XNNPACKQuantizer().set_global(qat_config), qat_steps)
+
+    def quantizer(calibration_name: str, pristine: torch.fx.GraphModule) -> int8.Quantize:
         config = _activation_config(config_for(is_per_channel=True), calibration_name)
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
@@ -117,7 +129,8 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
         return quantize
 
     converted, report = int8.choose_calibration(
-        {name: quantizer(name) for name in CALIBRATIONS}, conv_layers(graph_module), held,
+        {name + suffix: quantizer(name, graph) for suffix, graph in weights.items()
+         for name in CALIBRATIONS}, conv_layers(graph_module), held,
         reference, target_psnr, max_float_layers, len(calib))
     int8.refuse_below(report, min_psnr)
     return converted, report

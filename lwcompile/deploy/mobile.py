@@ -100,7 +100,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                   min_psnr: float | None = None,
                   target_psnr: float = int8.DEFAULT_TARGET_PSNR,
                   max_float_layers: int = int8.DEFAULT_MAX_FLOAT_LAYERS,
-                  calibration_count: int = 8, evaluation_count: int = 4) -> MobileExport:
+                  calibration_count: int = 8, evaluation_count: int = 4,
+                  qat_steps: int = 0) -> MobileExport:
     """Write ``model`` as an XNNPACK-delegated ExecuTorch program to ``path``.
 
     An eval copy of the model is exported (BatchNorm with running statistics, as deployed);
@@ -117,7 +118,10 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     ``export_onnx`` is, and measured against the float model on held-out crops
     (``int8_report``); the same
     ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
-    nothing written). The file is written atomically.
+    nothing written). ``qat_steps`` > 0 first fine-tunes the deployed graph's weights under
+    simulated int8 for that many steps (``deploy.int8_finetune``; one example-sized input
+    per step, drawn as the calibration is), so that they lose less when quantised; the report
+    still measures against ``model``. The file is written atomically.
     """
     check.module("export_mobile", "model", model)
     example_inputs = check.inputs("export_mobile", "example_inputs", example_inputs)
@@ -127,6 +131,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     int8.check_precision(precision)
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
+    qat_steps = int8.check_qat_steps("export_mobile", qat_steps, precision)
     exir, XnnpackPartitioner = _executorch()
     if precision == "int8":
         from .int8_xnnpack import quantize_pt2e
@@ -149,7 +154,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                     exported.module(), model, example_inputs, calibration, degrade=degrade,
                     min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
                     max_float_layers=max_float_layers, calibration_count=calibration_count,
-                    evaluation_count=evaluation_count)
+                    evaluation_count=evaluation_count, qat_steps=qat_steps)
                 exported = torch.export.export(quantized, example_inputs)
             lowered = exir.to_edge_transform_and_lower(
                 exported, transform_passes=[_fold_constants_pass()],

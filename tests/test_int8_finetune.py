@@ -1,0 +1,179 @@
+"""Quantisation-aware fine-tuning before int8 export (``qat_steps``, ``deploy.int8_finetune``)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+from lwcompile.deploy import int8, int8_finetune, int8_inputs, int8_onnx
+from lwcompile.deploy.export import _for_onnx, export_onnx
+from tests.lightened import inputs, light
+
+pytest.importorskip("torchao")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _xnnpack_quantizer(qat: bool):
+    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    config = quantizer.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+    return quantizer.XNNPACKQuantizer().set_global(config)
+
+
+def _deployed(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
+    """The graph ``export_mobile`` quantises: BatchNorms folded, concats sunk."""
+    from lwcompile.deploy.aten_rewrites import xnnpack_forms
+
+    with torch.no_grad():
+        graph = torch.export.export(copy.deepcopy(model), example).module()
+        assert xnnpack_forms(graph)
+        return torch.export.export(graph, example).module()
+
+
+def _int8_psnr(graph: torch.fx.GraphModule, reference: nn.Module, calib: list[tuple],
+               held: list[tuple]) -> float:
+    """PSNR of the post-training int8 form of ``graph`` against ``reference`` on ``held``."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(copy.deepcopy(graph), _xnnpack_quantizer(qat=False))
+    with torch.no_grad():
+        for args in calib:
+            prepared(*args)
+        converted = convert_pt2e(prepared)
+        return int8.compare(int8.float_outputs(reference, held),
+                            [converted(*a) for a in held])[0]
+
+
+def test_trainable_makes_folded_buffers_trainable_but_not_batchnorm_statistics():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    model.register_buffer("folded", torch.ones(4))
+    model.register_buffer("count", torch.zeros(1, dtype=torch.long))
+    tuned, names = int8_finetune.trainable(model)
+    assert set(names) == {"0.weight", "0.bias", "1.weight", "1.bias", "folded"}
+    assert "folded" in dict(tuned.named_parameters())
+    assert {"1.running_mean", "1.running_var", "count"} <= set(dict(tuned.named_buffers()))
+    assert "folded" in dict(model.named_buffers())  # the original is untouched
+
+
+def test_finetune_moves_the_weights_to_where_int8_reproduces_the_reference():
+    """Fine-tuning trains the weights of the deployed graph, through fake int8, towards the
+    reference's outputs: started from perturbed weights, the int8 model it leaves is much
+    closer to the reference than the int8 model of the weights it started from."""
+    torch.manual_seed(0)
+    reference = light("dncnn").eval()
+    example = inputs("dncnn")
+    graph = _deployed(reference, example)
+    with torch.no_grad():
+        for name, value in graph.state_dict().items():
+            if value.is_floating_point() and "running" not in name:
+                value.add_(0.05 * value.abs().mean() * torch.randn_like(value))
+    train = int8_inputs.calibration_inputs(None, example, 64)
+    held = int8_inputs.evaluation_inputs(None, example, 4, 8)
+    before = _int8_psnr(graph, reference, train[:8], held)
+    tuned = int8_finetune.finetune(graph, reference, train, _xnnpack_quantizer(qat=True), 64)
+    after = _int8_psnr(tuned, reference, train[:8], held)
+    assert after > before + 3.0
+    assert isinstance(tuned, torch.fx.GraphModule)
+    assert set(tuned.state_dict()) == set(graph.state_dict())  # the same form, new values
+
+
+def test_load_values_refuses_a_name_the_model_lacks():
+    with pytest.raises(int8_finetune.FinetuneError, match="no place in the model"):
+        int8_finetune.load_values(nn.Conv2d(1, 1, 1), {"other.weight": torch.zeros(1)})
+
+
+def test_the_x86_quantiser_prepares_lwcompiles_fast_form():
+    """The fast form's sunk ReLUs (one module called on each part of a concat) and the adds
+    of a conv split over a concat are quantised op by op."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    example = inputs("dncnn")
+    graph = torch.export.export(_for_onnx(light("dncnn"), example, True), example).module()
+    int8_onnx._one_source_per_op(graph)
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    fake = [m for m in prepared.modules() if type(m).__name__.endswith("FakeQuantize")]
+    assert len(fake) > 10
+
+
+@pytest.fixture(scope="module")
+def onnx_qat(tmp_path_factory):
+    model = light("dncnn")
+    state = copy.deepcopy(model.state_dict())
+    path = export_onnx(model, inputs("dncnn"), tmp_path_factory.mktemp("qat") / "m.onnx",
+                       precision="int8", qat_steps=20, max_float_layers=0)
+    return model, state, path
+
+
+def test_onnx_qat_measures_tuned_and_untuned_weights_and_keeps_the_closer(onnx_qat):
+    model, state, path = onnx_qat
+    report = path.int8_report
+    names = set(int8_onnx.CALIBRATIONS)
+    assert set(report.calibration_psnr_db) == names | {n + int8_finetune.TUNED for n in names}
+    best = max(report.calibration_psnr_db, key=report.calibration_psnr_db.get)
+    assert report.calibration_method == best
+    assert report.psnr_db == pytest.approx(report.calibration_psnr_db[best], abs=1e-6)
+    # the model given is neither trained nor switched
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+
+
+def test_onnx_qat_file_is_measured_against_the_model_given(onnx_qat):
+    model, _, path = onnx_qat
+    report = path.int8_report
+    held = int8_inputs.evaluation_inputs(None, inputs("dncnn"), report.evaluation_count,
+                                         report.calibration_count)
+    session = int8_onnx.session(path, threads=1)
+    got = [torch.from_numpy(session.run(None, {"input_0": a[0].numpy()})[0]) for a in held]
+    psnr, _ = int8.compare(int8.float_outputs(model, held), got)
+    assert psnr == pytest.approx(report.psnr_db, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_mobile_qat_measures_tuned_and_untuned_weights(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy import int8_xnnpack
+
+    export = lwcompile.export_mobile(light("dncnn"), inputs("dncnn"), tmp_path / "m.pte",
+                                     precision="int8", qat_steps=10, max_float_layers=0,
+                                     verify=False)
+    report = export.int8_report
+    names = set(int8_xnnpack.CALIBRATIONS)
+    assert set(report.calibration_psnr_db) == names | {n + int8_finetune.TUNED for n in names}
+    assert report.calibration_method == max(report.calibration_psnr_db,
+                                            key=report.calibration_psnr_db.get)
+    assert export.report.fully_delegated
+
+
+@pytest.mark.parametrize(("steps", "precision", "message"), [
+    (-1, "int8", "qat_steps must be an int >= 0"),
+    (2.5, "int8", "qat_steps must be an int >= 0"),
+    (True, "int8", "qat_steps must be an int >= 0"),
+    (5, "fp32", "precision is 'fp32'"),
+])
+def test_bad_qat_steps_are_refused_and_nothing_is_written(steps, precision, message, tmp_path):
+    model, example = nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),)
+    with pytest.raises(lwcompile.Int8Error, match=message):
+        export_onnx(model, example, tmp_path / "m.onnx", precision=precision, qat_steps=steps)
+    with pytest.raises(lwcompile.Int8Error, match=message):
+        lwcompile.export_mobile(model, example, tmp_path / "m.pte", precision=precision,
+                                qat_steps=steps)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_qat_without_torchao_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(
+        sys.modules, "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", None)
+    with pytest.raises(lwcompile.Int8Error, match=r"pip install lwcompile\[export\]"):
+        export_onnx(light("dncnn"), inputs("dncnn"), tmp_path / "m.onnx", precision="int8",
+                    qat_steps=2)
+    assert not (tmp_path / "m.onnx").exists()
