@@ -393,6 +393,23 @@ def test_export_int8_onnx_reports_its_measured_error(capsys, workdir):
     assert code == 2 and "only used with --precision int8" in err
 
 
+def test_export_int8_qat_steps_measures_the_fine_tuned_weights_too(capsys, workdir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torchao")
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.onnx", "--input",
+                             "1x3x16x16", "--precision", "int8", "--qat-steps", "3", "--json")
+    assert code == 0, err
+    measured = json.loads(out)["export"]["int8"]["calibration_psnr_db"]
+    assert len(measured) == 4 and sum(name.endswith(" after QAT") for name in measured) == 2
+    code, _, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "x.onnx", "--qat-steps",
+                           "3")
+    assert code == 2 and "--qat-steps are only used with --precision int8" in err
+    code, _, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "y.onnx", "--input",
+                           "1x3x16x16", "--precision", "int8", "--qat-steps", "-2")
+    assert code == 1 and "qat_steps must be an int >= 0" in err
+    assert not (workdir / "x.onnx").exists() and not (workdir / "y.onnx").exists()
+
+
 def test_export_needs_a_runtime_it_can_tell(capsys, workdir):
     code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "tiny.bin")
     assert code == 2 and "cannot tell the runtime from 'tiny.bin'" in err and out == ""

@@ -26,6 +26,7 @@ activations), ``export_onnx`` the x86 quantiser (uint8 activations, as onnxrunti
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -87,6 +88,13 @@ def finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: l
     """A copy of ``graph_module`` (``torch.export(...).module()`` of the deployed form) whose
     floating tensors were fine-tuned for ``steps`` under ``quantizer``'s fake quantisation
     to reproduce ``reference``'s first output on ``inputs`` (cycled, one per step)."""
+    with warnings.catch_warnings():  # torch's own deprecation, raised copying export specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return _finetune(graph_module, reference, inputs, quantizer, steps)
+
+
+def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
+              quantizer: Any, steps: int) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 

@@ -183,6 +183,8 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
     """``module`` (the form written to ONNX) with its weights fine-tuned for ``steps`` under
     simulated onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs
     drawn as the calibration is."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # torchao's import warns that this CPU has no triton
     try:
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
@@ -192,6 +194,8 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
         raise int8.Int8Error(
             f"quantisation-aware fine-tuning needs torchao, which is not installed "
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
+    finally:
+        logging.disable(previous)
     from .int8_finetune import finetune, load_values
 
     inputs = int8_inputs.calibration_inputs(calibration, example_inputs, steps, degrade)
