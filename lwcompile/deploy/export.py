@@ -192,11 +192,12 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                           evaluation_count)
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
         float_path, tuned_path = Path(tmp) / "float.onnx", None
-        _write_onnx(model, args, float_path, dynamic_hw, opset, dynamo, fast)
+        deployed = _for_onnx(model, args, fast)  # made once: the tuned file is this form too
+        _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo, fast=False)
         reference = copy.deepcopy(model).eval()
         if qat_steps:
-            tuned = quantization_aware(_for_onnx(model, args, fast), reference, args,
-                                       calibration, degrade, qat_steps)
+            tuned = quantization_aware(copy.deepcopy(deployed), reference, args, calibration,
+                                       degrade, qat_steps)
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(tuned, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
         data, report = quantize_onnx(

@@ -53,14 +53,9 @@ def _tensor_owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _statistics(module: nn.Module) -> set[str]:
-    """Names of BatchNorm running statistics: data, not weights."""
-    names = set()
-    for path, child in module.named_modules():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            names |= {f"{path}.{b}".lstrip(".") for b in ("running_mean", "running_var")}
-    names |= {n for n, _ in module.named_buffers()
-              if n.endswith(("running_mean", "running_var"))}
-    return names
+    """Names of BatchNorm running statistics: data, not weights. Matched by name, which an
+    exported graph keeps where it no longer has the BatchNorm module."""
+    return {n for n, _ in module.named_buffers() if n.endswith(("running_mean", "running_var"))}
 
 
 def trainable(module: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -108,14 +103,14 @@ def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: 
             f"quantisation-aware fine-tuning could not prepare the model: {one_line(exc)}"
         ) from exc
     found = dict(prepared.named_parameters())
-    params = [found[n] for n in names if n in found]
+    params = {n: found[n] for n in names if n in found}  # the tensors the graph still reads
     if not params:
         raise FinetuneError("quantisation-aware fine-tuning found no weights to tune")
     reference = reference.eval()
     with torch.enable_grad():  # exports run under no_grad
-        _train(prepared, reference, inputs, params, steps)
+        _train(prepared, reference, inputs, list(params.values()), steps)
     result = copy.deepcopy(graph_module)
-    load_values(result, {n: found[n].detach() for n in names if n in found})
+    load_values(result, {n: p.detach() for n, p in params.items()})
     return result
 
 
