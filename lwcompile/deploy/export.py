@@ -195,9 +195,9 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
         deployed = _for_onnx(model, args, fast)  # made once: the tuned file is this form too
         _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo, fast=False)
         reference = copy.deepcopy(model).eval()
-        if qat_steps:
-            tuned = quantization_aware(copy.deepcopy(deployed), reference, args, calibration,
-                                       degrade, qat_steps)
+        if qat_steps:  # ``deployed`` is export's own copy, its float file already written
+            tuned = quantization_aware(deployed, reference, args, calibration, degrade,
+                                       qat_steps)
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(tuned, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
         data, report = quantize_onnx(
