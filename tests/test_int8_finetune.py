@@ -76,11 +76,117 @@ def test_finetune_moves_the_weights_to_where_int8_reproduces_the_reference():
     train = int8_inputs.calibration_inputs(None, example, 64)
     held = int8_inputs.evaluation_inputs(None, example, 4, 8)
     before = _int8_psnr(graph, reference, train[:8], held)
-    tuned = int8_finetune.finetune(graph, reference, train, _xnnpack_quantizer(qat=True), 64)
+    tuned = int8_finetune.finetune(graph, reference, train, _xnnpack_quantizer(qat=True),
+                                   64).graph
     after = _int8_psnr(tuned, reference, train[:8], held)
     assert after > before + 3.0
     assert isinstance(tuned, torch.fx.GraphModule)
     assert set(tuned.state_dict()) == set(graph.state_dict())  # the same form, new values
+
+
+def _percentile_prepared(graph: torch.fx.GraphModule, calib: list[tuple]) -> torch.fx.GraphModule:
+    """``graph`` prepared for XNNPACK post-training int8 with percentile ranges, calibrated."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from lwcompile.deploy import int8_xnnpack
+
+    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    config = int8_xnnpack._activation_config(
+        quantizer.get_symmetric_quantization_config(is_per_channel=True),
+        int8_xnnpack.CALIBRATIONS[1])
+    prepared = prepare_pt2e(copy.deepcopy(graph), quantizer.XNNPACKQuantizer().set_global(config))
+    with torch.no_grad():
+        for args in calib:
+            prepared(*args)
+    return prepared
+
+
+def _observer_nodes(prepared: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in prepared.graph.nodes
+            if n.op == "call_module" and str(n.target).startswith("activation_post_process")]
+
+
+def test_learnable_config_starts_activation_ranges_from_percentiles():
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    from lwcompile.deploy.percentile_observer import PercentileObserver
+
+    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    config = quantizer.get_symmetric_quantization_config(is_per_channel=True, is_qat=True)
+    learned = int8_finetune.learnable(config)
+    for spec in (learned.input_activation, learned.output_activation):
+        fake = spec.observer_or_fake_quant_ctr(quant_min=spec.quant_min,
+                                               quant_max=spec.quant_max, dtype=spec.dtype,
+                                               qscheme=spec.qscheme)
+        assert isinstance(fake, LearnableFakeQuantize)
+        assert isinstance(fake.activation_post_process, PercentileObserver)
+    assert learned.weight == config.weight  # weights keep the runtime's own scheme
+
+
+@pytest.fixture(scope="module")
+def learned_ranges():
+    """A light DnCNN's deployed graph fine-tuned with learnable ranges from perturbed
+    weights, with the calibration and held-out inputs it was measured on."""
+    example = inputs("dncnn")
+    torch.manual_seed(0)
+    reference = lwcompile.lighten(original("dncnn"), example).eval()
+    graph = _deployed(reference, example)
+    train = int8_inputs.calibration_inputs(None, example, 64)
+    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    qat = quantizer.XNNPACKQuantizer().set_global(int8_finetune.learnable(
+        quantizer.get_symmetric_quantization_config(is_per_channel=True, is_qat=True)))
+    tuned = int8_finetune.finetune(graph, reference, train, qat, 64, train[:8])
+    return reference, graph, tuned, train[:8], int8_inputs.evaluation_inputs(None, example, 4, 8)
+
+
+def test_finetune_learns_a_range_for_each_quantised_activation(learned_ranges):
+    _, graph, tuned, calib, _ = learned_ranges
+    nodes = {n.name for n in graph.graph.nodes}
+    assert len(tuned.ranges) > 10 and set(tuned.ranges) <= nodes
+    for scale, zero_point in tuned.ranges.values():
+        assert scale > 0 and -128 <= zero_point <= 127
+    start = _percentile_prepared(graph, calib)  # where training started: percentile ranges
+    started = {n.args[0].name: getattr(start, n.target).calculate_qparams()
+               for n in _observer_nodes(start)}
+    moved = [name for name, (scale, _) in tuned.ranges.items()
+             if abs(scale - float(started[name][0])) > 1e-3 * scale]
+    assert len(moved) > len(tuned.ranges) // 2  # the ranges were trained, not only calibrated
+
+
+def test_apply_ranges_makes_conversion_quantise_with_the_learned_ranges(learned_ranges):
+    _, _, tuned, calib, _ = learned_ranges
+    prepared = _percentile_prepared(tuned.graph, calib)
+    applied = int8_finetune.apply_ranges(prepared, tuned.ranges)
+    assert applied > 10
+    checked = 0
+    for node in _observer_nodes(prepared):
+        observer = getattr(prepared, node.target)
+        if node.args[0].name in tuned.ranges and observer.qscheme == torch.per_tensor_affine:
+            scale, zero_point = observer.calculate_qparams()
+            want_scale, want_zero_point = tuned.ranges[node.args[0].name]
+            assert int(zero_point) == want_zero_point
+            assert float(scale) == pytest.approx(want_scale, rel=1e-5)
+            checked += 1
+    assert checked >= applied
+
+
+def test_learned_overrides_find_each_nodes_tensor_in_the_onnx_file(tmp_path):
+    """Ranges keyed by torch node name reach the ONNX tensors that hold the same values."""
+    from lwcompile.deploy.export import _write_onnx
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 2, 3, padding=1)).eval()
+    example = (torch.rand(1, 1, 8, 8),)
+    graph = torch.export.export(model, example).module()
+    computing = [n.name for n in graph.graph.nodes if n.op in ("placeholder", "call_function")]
+    ranges = {name: (0.01 * (i + 1), 3 + i) for i, name in enumerate(computing)}
+    path = tmp_path / "m.onnx"
+    _write_onnx(model, example, path, False, 17, False, fast=False)
+    overrides = int8_onnx.learned_overrides(path, int8_finetune.Tuned(graph, ranges), example,
+                                            ["input_0"])
+    got = sorted((round(float(o[0]["scale"]), 6), int(o[0]["zero_point"]))
+                 for o in overrides.values())
+    assert got == sorted((round(s, 6), z) for s, z in ranges.values())
 
 
 def test_load_values_refuses_a_name_the_model_lacks():
@@ -120,7 +226,7 @@ def test_onnx_qat_measures_tuned_and_untuned_weights_and_keeps_the_closer(onnx_q
     model, state, path = onnx_qat
     report = path.int8_report
     names = set(int8_onnx.CALIBRATIONS)
-    assert set(report.calibration_psnr_db) == names | {n + int8_finetune.TUNED for n in names}
+    assert set(report.calibration_psnr_db) == names | {int8_finetune.LEARNED}
     best = max(report.calibration_psnr_db, key=report.calibration_psnr_db.get)
     assert report.calibration_method == best
     assert report.psnr_db == pytest.approx(report.calibration_psnr_db[best], abs=1e-6)
@@ -150,7 +256,7 @@ def test_mobile_qat_measures_tuned_and_untuned_weights(tmp_path):
                                      verify=False)
     report = export.int8_report
     names = set(int8_xnnpack.CALIBRATIONS)
-    assert set(report.calibration_psnr_db) == names | {n + int8_finetune.TUNED for n in names}
+    assert set(report.calibration_psnr_db) == names | {int8_finetune.LEARNED}
     assert report.calibration_method == max(report.calibration_psnr_db,
                                             key=report.calibration_psnr_db.get)
     assert export.report.fully_delegated

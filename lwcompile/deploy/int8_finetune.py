@@ -1,23 +1,30 @@
-"""Quantisation-aware fine-tuning: float weights that lose less when a runtime quantises them.
+"""Quantisation-aware fine-tuning: float weights and activation ranges that lose less when a
+runtime quantises them.
 
 Post-training int8 rounds every weight and activation of a trained model; a light model,
 whose few thin layers each carry much of the signal, loses more from that than a dense one.
-Fine-tuning the weights *through* simulated int8 (pt2e's ``prepare_qat_pt2e``: fake-quantise
-ops with straight-through gradients, placed where the runtime's quantiser puts them) moves
-them to values that survive the rounding.
+Its loss comes almost all from the activations (per-tensor scales, rare large values), so
+fine-tuning *through* simulated int8 (pt2e's ``prepare_qat_pt2e``: fake-quantise ops with
+straight-through gradients, placed where the runtime's quantiser puts them) trains both the
+weights and, where the quantiser's activations are ``LearnableFakeQuantize`` (``learnable``),
+each activation's scale and zero point (LSQ, Esser et al. 2020).
 
 The algorithm, the same for every runtime:
 
 1. ``torch.export`` the graph the runtime will quantise (the deployed form: BN folded, LIST
    merged), and make every floating tensor it reads trainable except BatchNorm statistics.
-2. Insert fake quantisation with the runtime's quantiser in its QAT configuration.
+2. Insert fake quantisation with the runtime's quantiser in its QAT configuration, and
+   calibrate the activation ranges on the calibration inputs as post-training int8 would
+   (high percentiles): training starts from the model the export would otherwise deploy.
 3. Train for ``steps`` with Adam and a cosine learning rate to reproduce the *float model's
    own* output (self-distillation: no labels, no teacher, and the float model stays the
    reference the export measures against) on calibration-like inputs.
-4. Copy the tuned values back into the float module by name. The runtime's post-training
-   path then calibrates and quantises both the tuned and the untuned weights and keeps the
-   one whose int8 output measures closer to the float model given to the export (never to
-   the tuned one): fine-tuning is kept only where it measurably helps.
+4. Return the tuned values (copied back into the graph by name) and the learned activation
+   ranges, keyed by the graph node each range quantises (``Tuned``). The runtime's
+   post-training path quantises the tuned graph with those ranges (``apply_ranges``) beside
+   its own calibrations of the untuned one, and keeps whichever int8 output measures closer
+   to the float model given to the export (never to the tuned one): fine-tuning is kept
+   only where it measurably helps.
 
 Only the caller knows the runtime: ``int8_xnnpack`` passes ``XNNPACKQuantizer`` (int8
 activations), ``export_onnx`` the x86 quantiser (uint8 activations, as onnxruntime's).
@@ -26,7 +33,9 @@ activations), ``export_onnx`` the x86 quantiser (uint8 activations, as onnxrunti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +48,14 @@ from . import int8
 #: magnitude / 127): Adam's step does not shrink with the loss, so an absolute rate that
 #: suits one model's weights moves another's (smaller) weights by whole grid steps
 RELATIVE_LEARNING_RATE = 0.02
-#: what a calibration's name gets when it ran on the fine-tuned weights
-TUNED = " after QAT"
+#: Adam's peak learning rate of an activation's scale, as a fraction of its calibrated
+#: value, and of its zero point, in int8 steps
+SCALE_LEARNING_RATE = 0.01
+ZERO_POINT_LEARNING_RATE = 0.1
+#: the calibration that uses the ranges learned in fine-tuning
+LEARNED = "learned in QAT"
+#: calibration inputs that set the activation ranges fine-tuning starts from, at most
+CALIBRATION_INPUTS = 8
 
 
 class FinetuneError(int8.Int8Error):
@@ -56,6 +71,34 @@ def _statistics(module: nn.Module) -> set[str]:
     """Names of BatchNorm running statistics: data, not weights. Matched by name, which an
     exported graph keeps where it no longer has the BatchNorm module."""
     return {n for n, _ in module.named_buffers() if n.endswith(("running_mean", "running_var"))}
+
+
+@dataclass
+class Tuned:
+    """What fine-tuning gives: the deployed graph with tuned values, and the learned
+    activation ranges as ``(scale, zero_point)`` by the name of the node whose output each
+    quantises (empty when the quantiser's activation ranges are not learnable)."""
+
+    graph: torch.fx.GraphModule
+    ranges: dict[str, tuple[float, int]]
+
+
+def learnable(config: Any) -> Any:
+    """A pt2e ``QuantizationConfig`` like ``config`` whose activations are quantised with
+    learnable scales and zero points, initialised from high-percentile calibration (the
+    ranges post-training int8 keeps on light models)."""
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    from .percentile_observer import PercentileObserver
+
+    observer = PercentileObserver.with_args(percentile=int8.CALIBRATION_PERCENTILE)
+
+    def learned(spec: Any) -> Any:  # eps as both quantisers' own activation observers
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=LearnableFakeQuantize.with_args(
+            observer=observer, use_grad_scaling=True, eps=2**-12))
+
+    return dataclasses.replace(config, input_activation=learned(config.input_activation),
+                               output_activation=learned(config.output_activation))
 
 
 def trainable(module: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -79,17 +122,21 @@ def trainable(module: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
-             quantizer: Any, steps: int) -> torch.fx.GraphModule:
-    """A copy of ``graph_module`` (``torch.export(...).module()`` of the deployed form) whose
-    floating tensors were fine-tuned for ``steps`` under ``quantizer``'s fake quantisation
-    to reproduce ``reference``'s first output on ``inputs`` (cycled, one per step)."""
+             quantizer: Any, steps: int, calibration: list[tuple] | None = None) -> Tuned:
+    """``graph_module`` (``torch.export(...).module()`` of the deployed form) with its
+    floating tensors, and its activation ranges where ``quantizer`` makes them learnable,
+    fine-tuned for ``steps`` under ``quantizer``'s fake quantisation to reproduce
+    ``reference``'s first output on ``inputs`` (cycled, one per step). The ranges start from
+    a calibration on ``calibration`` (default: the first ``CALIBRATION_INPUTS`` of
+    ``inputs``). ``graph_module`` is not changed."""
     with warnings.catch_warnings():  # torch's own deprecation, raised copying export specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return _finetune(graph_module, reference, inputs, quantizer, steps)
+        return _finetune(graph_module, reference, inputs, quantizer, steps,
+                         calibration or inputs[:CALIBRATION_INPUTS])
 
 
 def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
-              quantizer: Any, steps: int) -> torch.fx.GraphModule:
+              quantizer: Any, steps: int, calibration: list[tuple]) -> Tuned:
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
@@ -102,21 +149,62 @@ def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: 
         raise FinetuneError(
             f"quantisation-aware fine-tuning could not prepare the model: {one_line(exc)}"
         ) from exc
+    learned = _calibrate(prepared, calibration)
     found = dict(prepared.named_parameters())
     params = {n: found[n] for n in names if n in found}  # the tensors the graph still reads
     if not params:
         raise FinetuneError("quantisation-aware fine-tuning found no weights to tune")
+    groups = [{"params": [p], "lr": RELATIVE_LEARNING_RATE * grid_step(p)}
+              for p in params.values()]
+    for fake in learned.values():
+        groups.append({"params": [fake.scale],
+                       "lr": SCALE_LEARNING_RATE * float(fake.scale.detach().abs().max())})
+        groups.append({"params": [fake.zero_point], "lr": ZERO_POINT_LEARNING_RATE})
     reference = reference.eval()
     with torch.enable_grad():  # exports run under no_grad
-        _train(prepared, reference, inputs, list(params.values()), steps)
+        _train(prepared, reference, inputs, groups, steps)
     result = copy.deepcopy(graph_module)
     load_values(result, {n: p.detach() for n, p in params.items()})
-    return result
+    return Tuned(result, _ranges(prepared, learned))
+
+
+def _calibrate(prepared: torch.fx.GraphModule, calibration: list[tuple]) -> dict[str, Any]:
+    """Let every fake-quantise module observe ``calibration`` in float (as post-training
+    calibration does), then switch fake quantisation on, and range learning on for the
+    learnable ones, which are returned by module name."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+    from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
+
+    fakes = {n: m for n, m in prepared.named_modules() if isinstance(m, FakeQuantizeBase)}
+    for fake in fakes.values():
+        fake.disable_fake_quant()
+        fake.enable_observer()
+    with torch.no_grad():
+        for args in calibration:
+            prepared(*args)
+    learned = {n: m for n, m in fakes.items() if isinstance(m, LearnableFakeQuantize)}
+    for fake in fakes.values():
+        fake.enable_fake_quant()
+    for fake in learned.values():
+        fake.enable_range_learning()
+    return learned
+
+
+def _ranges(prepared: torch.fx.GraphModule,
+            learned: dict[str, Any]) -> dict[str, tuple[float, int]]:
+    """The learned ``(scale, zero_point)`` by the name of the node each quantises."""
+    ranges = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target in learned and node.args:
+            producer = node.args[0]
+            if isinstance(producer, torch.fx.Node):
+                scale, zero_point = learned[node.target].calculate_qparams()
+                ranges[producer.name] = (float(scale.flatten()[0]), int(zero_point.flatten()[0]))
+    return ranges
 
 
 def _train(prepared: nn.Module, reference: nn.Module, inputs: list[tuple],
-           params: list[nn.Parameter], steps: int) -> None:
-    groups = [{"params": [p], "lr": RELATIVE_LEARNING_RATE * grid_step(p)} for p in params]
+           groups: list[dict[str, Any]], steps: int) -> None:
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
@@ -132,6 +220,30 @@ def _train(prepared: nn.Module, reference: nn.Module, inputs: list[tuple],
         loss.backward()
         optimizer.step()
         schedule.step()
+
+
+def apply_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, int]]) -> int:
+    """Set the range of every calibrated per-tensor observer in ``prepared`` (a
+    ``prepare_pt2e`` graph of the tuned graph) that quantises a node named in ``ranges`` to
+    the learned one, so that conversion quantises with it; returns how many were set."""
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    done = set()
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or node.target in done or not node.args:
+            continue
+        producer = node.args[0]
+        observer = getattr(prepared, str(node.target), None)
+        if (not isinstance(observer, MinMaxObserver)
+                or observer.qscheme != torch.per_tensor_affine
+                or not isinstance(producer, torch.fx.Node) or producer.name not in ranges):
+            continue
+        scale, zero_point = ranges[producer.name]
+        low, high = observer.quant_min, observer.quant_max
+        observer.min_val.fill_((low - zero_point) * scale)
+        observer.max_val.fill_((high - zero_point) * scale)
+        done.add(node.target)
+    return len(done)
 
 
 def grid_step(tensor: Tensor) -> float:

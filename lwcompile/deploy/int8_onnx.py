@@ -12,7 +12,11 @@ calibrating again.
 
 Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme with torchao's
 x86 quantiser, whose QAT configuration quantises as onnxruntime does here (uint8 per-tensor
-activations, int8 per-channel symmetric weights, a conv's ReLU fused before quantising).
+activations, int8 per-channel symmetric weights, a conv's ReLU fused before quantising), with
+learnable activation ranges. The ranges it learns are keyed by torch graph node; the ONNX
+file names its tensors otherwise, so ``learned_overrides`` finds each node's tensor by value
+(one input through both, the same shape and values) and hands the learned scale and zero
+point to onnxruntime's quantiser as ``TensorQuantOverrides``.
 """
 
 from __future__ import annotations
@@ -86,12 +90,14 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
                   names: Sequence[str], calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
-                  evaluation_count: int, tuned_path: Path | None = None
+                  evaluation_count: int, tuned_path: Path | None = None,
+                  tuned_overrides: dict[str, list[dict[str, Any]]] | None = None
                   ) -> tuple[bytes, int8.Int8Report]:
     """The int8 form of the float ONNX file ``float_path`` (exported from ``model``) as bytes,
     with its measured report; raises ``Int8QualityError`` below ``min_psnr``. With
-    ``tuned_path`` (the same graph with weights fine-tuned for int8), both are quantised and
-    the one closer to ``model`` is kept."""
+    ``tuned_path`` (the same graph with weights fine-tuned for int8) and the activation
+    ranges learned with them (``tuned_overrides``, from ``learned_overrides``), both are
+    quantised and the one closer to ``model`` is kept."""
     onnx, _ = _onnxruntime()
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -108,14 +114,17 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     work = Path(tempfile.mkdtemp(prefix="lwcompile-int8-"))
     feeds = _feeds(calib, names)
 
-    sources = {"": float_path}
+    candidates = {name: (name, float_path, {}) for name in CALIBRATIONS}
     if tuned_path is not None:
-        from .int8_finetune import TUNED
+        from .int8_finetune import LEARNED
 
-        sources[TUNED] = tuned_path
+        candidates[LEARNED] = (list(CALIBRATIONS)[1], tuned_path, tuned_overrides or {})
 
-    def quantizer(calibration_name: str, source: Path) -> int8.Quantize:
+    def quantizer(calibration_name: str, source: Path,
+                  overrides: dict[str, list[dict[str, Any]]]) -> int8.Quantize:
         method, options = CALIBRATIONS[calibration_name]
+        if overrides:
+            options = {**options, "TensorQuantOverrides": overrides}
         cache = work / f"calibration-{calibration_name}-{source.stem}.json"
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, bytes]:
@@ -144,8 +153,8 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
 
     try:
         data, report = int8.choose_calibration(
-            {name + suffix: quantizer(name, source) for suffix, source in sources.items()
-             for name in CALIBRATIONS}, convs, held, reference,
+            {name: quantizer(*candidate) for name, candidate in candidates.items()},
+            convs, held, reference,
             target_psnr, max_float_layers, len(calib))
     finally:
         for f in work.iterdir():
@@ -179,10 +188,12 @@ def _one_source_per_op(graph: torch.fx.GraphModule) -> None:
 
 
 def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: tuple,
-                       calibration: Any, degrade: Degrade | None, steps: int) -> nn.Module:
-    """``module`` (the form written to ONNX) with its weights fine-tuned for ``steps`` under
-    simulated onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs
-    drawn as the calibration is."""
+                       calibration: Any, degrade: Degrade | None, steps: int,
+                       calibration_count: int) -> Any:
+    """``module`` (the form written to ONNX) fine-tuned for ``steps`` under simulated
+    onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs drawn as the
+    calibration is: its tuned values are loaded into ``module`` in place, and the
+    ``int8_finetune.Tuned`` returned holds them with the learned activation ranges."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # torchao's import warns that this CPU has no triton
     try:
@@ -196,13 +207,66 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
     finally:
         logging.disable(previous)
-    from .int8_finetune import finetune, load_values
+    from .int8_finetune import finetune, learnable, load_values
 
     inputs = int8_inputs.calibration_inputs(calibration, example_inputs, steps, degrade)
+    calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count,
+                                           degrade)
     quantizer = X86InductorQuantizer().set_global(
-        get_default_x86_inductor_quantization_config(is_qat=True))
+        learnable(get_default_x86_inductor_quantization_config(is_qat=True)))
     graph = torch.export.export(module, example_inputs).module()
     _one_source_per_op(graph)
-    tuned = finetune(graph, reference, inputs, quantizer, steps)
-    load_values(module, dict(tuned.state_dict()))
-    return module
+    tuned = finetune(graph, reference, inputs, quantizer, steps, calib)
+    load_values(module, dict(tuned.graph.state_dict()))
+    return tuned
+
+
+def _node_values(graph: torch.fx.GraphModule, args: tuple, wanted: set[str]) -> dict[str, Tensor]:
+    """The outputs of the nodes named in ``wanted`` when ``graph`` runs on ``args``."""
+    values: dict[str, Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            out = super().run_node(node)
+            if node.name in wanted and isinstance(out, Tensor):
+                values[node.name] = out.detach()
+            return out
+
+    with torch.no_grad():
+        Recorder(graph).run(*args)
+    return values
+
+
+def _tensor_values(path: Path, args: tuple, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every float tensor of the ONNX file at ``path`` on ``args``, its inputs included."""
+    onnx, ort = _onnxruntime()
+    proto = onnx.load(str(path))
+    known = {o.name for o in proto.graph.output}
+    produced = [out for node in proto.graph.node for out in node.output if out and out not in known]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in produced)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in sess.get_outputs()]
+    feed = _feeds([args], names)[0]
+    values = dict(zip(outputs, sess.run(outputs, feed), strict=True)) | feed
+    return {n: v for n, v in values.items()
+            if isinstance(v, np.ndarray) and v.dtype == np.float32}
+
+
+def learned_overrides(path: Path, tuned: Any, args: tuple,
+                      names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """onnxruntime ``TensorQuantOverrides`` giving each tensor of the ONNX file at ``path``
+    the activation range ``tuned`` (``int8_finetune.Tuned``, whose graph ``path`` was
+    exported from) learned for the graph node that computes the same values on ``args``;
+    tensors no node matches keep onnxruntime's calibration."""
+    nodes = _node_values(tuned.graph, args, set(tuned.ranges))
+    tensors = _tensor_values(path, args, names)
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for node, value in nodes.items():
+        want = value.float().numpy()
+        tolerance = 1e-4 * max(float(np.abs(want).max()), 1e-6)
+        scale, zero_point = tuned.ranges[node]
+        for tensor, got in tensors.items():
+            if got.shape == want.shape and float(np.abs(got - want).max()) <= tolerance:
+                overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
+                                      "zero_point": np.array(zero_point, dtype=np.uint8)}]
+    return overrides

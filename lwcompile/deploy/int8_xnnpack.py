@@ -8,7 +8,8 @@ quantiser's own histogram observer and high percentiles (``percentile_observer``
 whose all-int8 model measures closer to float is kept.
 
 With ``qat_steps``, the deployed graph is first fine-tuned under the quantiser's QAT
-configuration (``int8_finetune``), then calibrated and measured as any other.
+configuration with learnable activation ranges (``int8_finetune``), then quantised with the
+ranges it learned and measured beside the calibrations of the untuned graph.
 
 A conv kept float is left out of the annotation by a filter on the module path each graph
 node records (``nn_module_stack``); its float output is what the next quantised op reads.
@@ -99,16 +100,18 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
-    weights = {"": graph_module}
+    candidates = {name: (name, graph_module, {}) for name in CALIBRATIONS}
     if qat_steps:
-        from .int8_finetune import TUNED, finetune
+        from .int8_finetune import LEARNED, finetune, learnable
 
-        qat_config = config_for(is_per_channel=True, is_qat=True)
+        qat_config = learnable(config_for(is_per_channel=True, is_qat=True))
         train = int8_inputs.calibration_inputs(calibration, example_inputs, qat_steps, degrade)
-        weights[TUNED] = finetune(graph_module, model, train,
-                                  XNNPACKQuantizer().set_global(qat_config), qat_steps)
+        tuned = finetune(graph_module, model, train, XNNPACKQuantizer().set_global(qat_config),
+                         qat_steps, calib)
+        candidates[LEARNED] = (CALIBRATIONS[1], tuned.graph, tuned.ranges)
 
-    def quantizer(calibration_name: str, pristine: torch.fx.GraphModule) -> int8.Quantize:
+    def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,
+                  ranges: dict[str, tuple[float, int]]) -> int8.Quantize:
         config = _activation_config(config_for(is_per_channel=True), calibration_name)
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
@@ -119,6 +122,10 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
             with torch.no_grad():
                 for args in calib:
                     prepared(*args)
+            if ranges:  # the fine-tuned graph, with the ranges it was tuned for
+                from .int8_finetune import apply_ranges
+
+                apply_ranges(prepared, ranges)
             converted = convert_pt2e(prepared)
 
             def run(args: tuple) -> Tensor:
@@ -129,8 +136,8 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
         return quantize
 
     converted, report = int8.choose_calibration(
-        {name + suffix: quantizer(name, graph) for suffix, graph in weights.items()
-         for name in CALIBRATIONS}, conv_layers(graph_module), held,
+        {name: quantizer(*candidate) for name, candidate in candidates.items()},
+        conv_layers(graph_module), held,
         reference, target_psnr, max_float_layers, len(calib))
     int8.refuse_below(report, min_psnr)
     return converted, report
