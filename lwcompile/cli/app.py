@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-psnr", type=float, metavar="DB",
                    help="refuse (write nothing) if int8's PSNR against float is below DB")
     p.add_argument("--qat-steps", type=int, default=0, metavar="N",
-                   help="fine-tune the weights under simulated int8 for N steps first; kept "
-                        "only if the int8 output measures closer to float (default 0)")
+                   help="fine-tune the weights and activation ranges under simulated int8 for "
+                        "N steps first; kept only if the int8 output measures closer to float "
+                        "(default 0)")
     p.add_argument("--rule", action="append", metavar="MODULE:CLASS",
                    help="a rule of your own that MODEL's plan names (never imported from "
                         "the file itself); repeatable")

@@ -133,10 +133,10 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     ``target_psnr`` dB up to ``max_float_layers`` convs, the most sensitive measured, stay
     float; below ``min_psnr`` it raises ``Int8QualityError`` and writes nothing. The
     returned path's ``int8_report`` holds the measurement. ``qat_steps`` > 0 first
-    fine-tunes the exported form's weights under simulated int8 (uint8 activations, as
-    onnxruntime's) for that many steps (``deploy.int8_finetune``), so that they lose less
-    when quantised; the report still measures against ``model``. The file is written
-    atomically.
+    fine-tunes the exported form's weights and activation ranges under simulated int8
+    (uint8 activations, as onnxruntime's) for that many steps (``deploy.int8_finetune``), so
+    that they lose less when quantised; the report still measures against ``model``. The
+    file is written atomically.
     """
     if not isinstance(model, torch.export.ExportedProgram):
         check.module("export_onnx", "model", model)

@@ -118,10 +118,11 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     ``export_onnx`` is, and measured against the float model on held-out crops
     (``int8_report``); the same
     ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
-    nothing written). ``qat_steps`` > 0 first fine-tunes the deployed graph's weights under
-    simulated int8 for that many steps (``deploy.int8_finetune``; one example-sized input
-    per step, drawn as the calibration is), so that they lose less when quantised; the report
-    still measures against ``model``. The file is written atomically.
+    nothing written). ``qat_steps`` > 0 first fine-tunes the deployed graph's weights and
+    activation ranges under simulated int8 for that many steps (``deploy.int8_finetune``;
+    one example-sized input per step, drawn as the calibration is), so that they lose less
+    when quantised; the report still measures against ``model``. The file is written
+    atomically.
     """
     check.module("export_mobile", "model", model)
     example_inputs = check.inputs("export_mobile", "example_inputs", example_inputs)
