@@ -342,3 +342,21 @@ def test_calibration_crops_are_taken_at_the_size_the_degradation_turns_into_the_
     with pytest.raises(int8.CalibrationDataError, match="no crop size gives"):
         int8_inputs.calibration_inputs(None, example, 1,
                                        lambda x, g: x[..., ::3])
+
+
+@pytest.mark.parametrize("saturating", [True, False])
+def test_onnx_int8_weights_use_7_bits_where_the_cpu_would_saturate(saturating, monkeypatch,
+                                                                   tmp_path):
+    """Without VNNI, onnxruntime's uint8 x int8 pair sums fit 16 bits only with 7-bit weights."""
+    monkeypatch.setattr(int8_onnx, "saturating_cpu", lambda: saturating)
+    path = export_onnx(original("dncnn"), inputs("dncnn"), tmp_path / "m.onnx",
+                       precision="int8", max_float_layers=0)
+    assert path.int8_report.weight_bits == (7 if saturating else 8)
+    assert path.int8_report.to_dict()["weight_bits"] == path.int8_report.weight_bits
+    graph = onnx.load(str(path)).graph
+    consumers = {i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.input[:1]}
+    weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer
+               if i.name in consumers and i.data_type == onnx.TensorProto.INT8]
+    assert weights
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest <= 64 if saturating else largest == 127

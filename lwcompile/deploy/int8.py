@@ -75,6 +75,8 @@ class Int8Report:
     #: all-int8 PSNR each gave
     calibration_method: str | None = None
     calibration_psnr_db: dict[str, float] = field(default_factory=dict)
+    #: bits of the int8 weights' range used (7 where the runtime's kernels would saturate)
+    weight_bits: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return {"psnr_db": round(self.psnr_db, 3), "max_abs_error": self.max_abs_error,
@@ -87,11 +89,14 @@ class Int8Report:
                                      else round(self.all_int8_psnr_db, 3)),
                 "calibration_method": self.calibration_method,
                 "calibration_psnr_db": {n: round(p, 3)
-                                        for n, p in self.calibration_psnr_db.items()}}
+                                        for n, p in self.calibration_psnr_db.items()},
+                "weight_bits": self.weight_bits}
 
     def __str__(self) -> str:
         kept = ", ".join(self.float_layers) or "none"
         method = f" ({self.calibration_method})" if self.calibration_method else ""
+        if self.weight_bits != 8:
+            method += f", {self.weight_bits}-bit weights"
         return (f"int8 vs float on {self.evaluation_count} held-out inputs: "
                 f"PSNR {self.psnr_db:.2f} dB, max |error| {self.max_abs_error:.3g}; "
                 f"calibrated on {self.calibration_count}{method}; float layers: {kept}")

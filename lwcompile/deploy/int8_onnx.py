@@ -10,6 +10,12 @@ the best kept. Its ranges are cached (``calibration_cache_path``), so the greedy
 ``int8.choose_float_layers`` requantises with convs excluded (``nodes_to_exclude``) without
 calibrating again.
 
+On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) onnxruntime multiplies uint8 by int8
+with ``VPMADDUBSW``, whose 16-bit pair sums saturate on large activations and weights; there
+the weights are quantised to 7 bits (onnxruntime's ``reduce_range``), which keeps every pair
+sum in range (``saturating_cpu``; the report's ``weight_bits``). The file is still measured on
+this machine, so the report is what this CPU gives.
+
 Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme with torchao's
 x86 quantiser, whose QAT configuration quantises as onnxruntime does here (uint8 per-tensor
 activations, int8 per-channel symmetric weights, a conv's ReLU fused before quantising), with
@@ -44,6 +50,14 @@ CALIBRATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     f"percentile-{int8.CALIBRATION_PERCENTILE:g}": (
         "Percentile", {"CalibPercentile": int8.CALIBRATION_PERCENTILE}),
 }
+
+
+def saturating_cpu() -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels on this CPU can saturate: x86 with AVX2 but
+    no AVX512-VNNI (torch's own capability probe; VNNI's ``VPDPBUSD`` sums in 32 bits)."""
+    avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    return bool(avx2()) and not bool(vnni())
 
 
 def _onnxruntime() -> tuple[Any, Any]:
@@ -113,6 +127,7 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     convs = [n.name for n in onnx.load(str(float_path)).graph.node if n.op_type == "Conv"]
     work = Path(tempfile.mkdtemp(prefix="lwcompile-int8-"))
     feeds = _feeds(calib, names)
+    reduce_range = saturating_cpu()
 
     candidates = {name: (name, float_path, {}) for name in CALIBRATIONS}
     if tuned_path is not None:
@@ -136,7 +151,7 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
                     quantize_static(str(source), str(out), _Reader(list(feeds)),
                                     quant_format=QuantFormat.QDQ, per_channel=True,
                                     activation_type=QuantType.QUInt8,
-                                    weight_type=QuantType.QInt8,
+                                    weight_type=QuantType.QInt8, reduce_range=reduce_range,
                                     nodes_to_exclude=sorted(excluded),
                                     calibrate_method=getattr(CalibrationMethod, method),
                                     extra_options=options, calibration_cache_path=str(cache))
@@ -160,6 +175,7 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
+    report.weight_bits = 7 if reduce_range else 8
     int8.refuse_below(report, min_psnr)
     return data, report
 
