@@ -400,7 +400,8 @@ def test_export_int8_qat_steps_measures_the_fine_tuned_weights_too(capsys, workd
                              "1x3x16x16", "--precision", "int8", "--qat-steps", "3", "--json")
     assert code == 0, err
     measured = json.loads(out)["export"]["int8"]["calibration_psnr_db"]
-    assert len(measured) == 3 and "learned in QAT" in measured
+    assert len(measured) == 4 and "learned in QAT" in measured
+    assert sum(name.endswith(" after QAT") for name in measured) == 1
     code, _, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "x.onnx", "--qat-steps",
                            "3")
     assert code == 2 and "--qat-steps are only used with --precision int8" in err

@@ -54,6 +54,8 @@ SCALE_LEARNING_RATE = 0.01
 ZERO_POINT_LEARNING_RATE = 0.1
 #: the calibration that uses the ranges learned in fine-tuning
 LEARNED = "learned in QAT"
+#: what a calibration's name gets when it ran on the fine-tuned weights
+TUNED = " after QAT"
 #: calibration inputs that set the activation ranges fine-tuning starts from, at most
 CALIBRATION_INPUTS = 8
 
