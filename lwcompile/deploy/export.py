@@ -186,6 +186,7 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                  calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
     """Float export to a temporary file (fine-tuned for int8 first with ``qat_steps``),
     quantised and measured; written only if accepted."""
+    from .int8_inputs import calibration_inputs
     from .int8_onnx import learned_overrides, quantization_aware, quantize_onnx
 
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
@@ -200,7 +201,9 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                                        qat_steps, calibration_count)
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(deployed, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
-            overrides = learned_overrides(tuned_path, tuned, args, _tensor_names(args))
+            # matched on a calibration crop: an example of zeros would make tensors alike
+            probe = calibration_inputs(calibration, args, 1, degrade)[0]
+            overrides = learned_overrides(tuned_path, tuned, probe, _tensor_names(args))
         data, report = quantize_onnx(
             float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
             min_psnr=min_psnr,
