@@ -186,13 +186,12 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                  calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
     """Float export to a temporary file (fine-tuned for int8 first with ``qat_steps``),
     quantised and measured; written only if accepted."""
-    from .int8_inputs import calibration_inputs
-    from .int8_onnx import learned_overrides, quantization_aware, quantize_onnx
+    from .int8_onnx import quantization_aware, quantize_onnx
 
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
-        float_path, tuned_path, overrides = Path(tmp) / "float.onnx", None, None
+        float_path, tuned_path, tuned = Path(tmp) / "float.onnx", None, None
         deployed = _for_onnx(model, args, fast)  # made once: the tuned file is this form too
         _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo, fast=False)
         reference = copy.deepcopy(model).eval()
@@ -201,16 +200,12 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                                        qat_steps, calibration_count)
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(deployed, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
-            # matched on a calibration crop: an example of zeros would make tensors alike
-            probe = calibration_inputs(calibration, args, 1, degrade)[0]
-            overrides = learned_overrides(tuned_path, tuned, probe, _tensor_names(args))
         data, report = quantize_onnx(
             float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
             min_psnr=min_psnr,
             target_psnr=max(target_psnr, min_psnr or target_psnr),
             max_float_layers=max_float_layers, calibration_count=calibration_count,
-            evaluation_count=evaluation_count, tuned_path=tuned_path,
-            tuned_overrides=overrides)
+            evaluation_count=evaluation_count, tuned_path=tuned_path, tuned=tuned)
     write_atomic(path, lambda f: f.write(data))
     path.int8_report = report
     return path

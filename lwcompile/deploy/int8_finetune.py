@@ -192,16 +192,21 @@ def _calibrate(prepared: torch.fx.GraphModule, calibration: list[tuple]) -> dict
     return learned
 
 
+def _quantised_nodes(prepared: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """``(module name, name of the node it quantises)`` for every module call in a pt2e
+    prepared graph that reads a node (observers and fake-quantise modules among them)."""
+    return [(str(node.target), node.args[0].name) for node in prepared.graph.nodes
+            if node.op == "call_module" and node.args and isinstance(node.args[0], torch.fx.Node)]
+
+
 def _ranges(prepared: torch.fx.GraphModule,
             learned: dict[str, Any]) -> dict[str, tuple[float, int]]:
     """The learned ``(scale, zero_point)`` by the name of the node each quantises."""
     ranges = {}
-    for node in prepared.graph.nodes:
-        if node.op == "call_module" and node.target in learned and node.args:
-            producer = node.args[0]
-            if isinstance(producer, torch.fx.Node):
-                scale, zero_point = learned[node.target].calculate_qparams()
-                ranges[producer.name] = (float(scale.flatten()[0]), int(zero_point.flatten()[0]))
+    for module, producer in _quantised_nodes(prepared):
+        if module in learned:
+            scale, zero_point = learned[module].calculate_qparams()
+            ranges[producer] = (float(scale.flatten()[0]), int(zero_point.flatten()[0]))
     return ranges
 
 
@@ -231,20 +236,17 @@ def apply_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, 
     from torchao.quantization.pt2e import MinMaxObserver
 
     done = set()
-    for node in prepared.graph.nodes:
-        if node.op != "call_module" or node.target in done or not node.args:
+    for module, producer in _quantised_nodes(prepared):
+        observer = getattr(prepared, module)
+        if (module in done or producer not in ranges
+                or not isinstance(observer, MinMaxObserver)
+                or observer.qscheme != torch.per_tensor_affine):
             continue
-        producer = node.args[0]
-        observer = getattr(prepared, str(node.target), None)
-        if (not isinstance(observer, MinMaxObserver)
-                or observer.qscheme != torch.per_tensor_affine
-                or not isinstance(producer, torch.fx.Node) or producer.name not in ranges):
-            continue
-        scale, zero_point = ranges[producer.name]
+        scale, zero_point = ranges[producer]
         low, high = observer.quant_min, observer.quant_max
         observer.min_val.fill_((low - zero_point) * scale)
         observer.max_val.fill_((high - zero_point) * scale)
-        done.add(node.target)
+        done.add(module)
     return len(done)
 
 

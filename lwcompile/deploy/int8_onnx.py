@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..errors import one_line
 from ..train.data import Degrade
 from . import int8, int8_inputs
+from .int8_finetune import Tuned
 
 INSTALL_HINT = "pip install lwcompile[export]"
 #: activation-range calibrations tried: name -> (onnxruntime CalibrationMethod name, options)
@@ -105,14 +106,12 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
                   degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
                   evaluation_count: int, tuned_path: Path | None = None,
-                  tuned_overrides: dict[str, list[dict[str, Any]]] | None = None
-                  ) -> tuple[bytes, int8.Int8Report]:
+                  tuned: Tuned | None = None) -> tuple[bytes, int8.Int8Report]:
     """The int8 form of the float ONNX file ``float_path`` (exported from ``model``) as bytes,
     with its measured report; raises ``Int8QualityError`` below ``min_psnr``. With
-    ``tuned_path`` (the same graph with weights fine-tuned for int8), it is quantised too,
-    with the activation ranges learned with it (``tuned_overrides``, from
-    ``learned_overrides``) and with a percentile calibration, and the one closer to
-    ``model`` is kept."""
+    ``tuned_path`` (the same graph with weights fine-tuned for int8, written from ``tuned``),
+    it is quantised too, with the activation ranges learned with it (``learned_overrides``)
+    and with a percentile calibration, and the one closer to ``model`` is kept."""
     onnx, _ = _onnxruntime()
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -131,11 +130,13 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     reduce_range = saturating_cpu()
 
     candidates = {name: (name, float_path, {}) for name in CALIBRATIONS}
-    if tuned_path is not None:
+    if tuned_path is not None and tuned is not None:
         from .int8_finetune import LEARNED, TUNED
 
         percentile = list(CALIBRATIONS)[1]
-        candidates[LEARNED] = (percentile, tuned_path, tuned_overrides or {})
+        # matched on a calibration crop: an example of zeros would make tensors alike
+        overrides = learned_overrides(tuned_path, tuned, calib[0], names)
+        candidates[LEARNED] = (percentile, tuned_path, overrides)
         # onnxruntime quantises more tensors than the x86 quantiser simulates (a conv's
         # output before its ReLU, both inputs of an add), so a fresh calibration of the
         # tuned weights can still measure closer: both are measured
@@ -211,7 +212,7 @@ def _one_source_per_op(graph: torch.fx.GraphModule) -> None:
 
 def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: tuple,
                        calibration: Any, degrade: Degrade | None, steps: int,
-                       calibration_count: int) -> Any:
+                       calibration_count: int) -> Tuned:
     """``module`` (the form written to ONNX) fine-tuned for ``steps`` under simulated
     onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs drawn as the
     calibration is: its tuned values are loaded into ``module`` in place, and the
@@ -274,7 +275,7 @@ def _tensor_values(path: Path, args: tuple, names: Sequence[str]) -> dict[str, n
             if isinstance(v, np.ndarray) and v.dtype == np.float32}
 
 
-def learned_overrides(path: Path, tuned: Any, args: tuple,
+def learned_overrides(path: Path, tuned: Tuned, args: tuple,
                       names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` giving each tensor of the ONNX file at ``path``
     the activation range ``tuned`` (``int8_finetune.Tuned``, whose graph ``path`` was
