@@ -123,24 +123,119 @@ def test_learnable_config_starts_activation_ranges_from_percentiles():
     assert learned.weight == config.weight  # weights keep the runtime's own scheme
 
 
+def _learnable_xnnpack_quantizer():
+    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    return quantizer.XNNPACKQuantizer().set_global(int8_finetune.learnable(
+        quantizer.get_symmetric_quantization_config(is_per_channel=True, is_qat=True)))
+
+
+class _Sizes(nn.Module):
+    """``model``, recording the height and width of every image it is run on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.sizes = model, set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.add(tuple(x.shape[-2:]))
+        return self.model(x)
+
+
 @pytest.fixture(scope="module")
 def learned_ranges():
-    """A light DnCNN's deployed graph fine-tuned with learnable ranges from perturbed
-    weights, with the calibration and held-out inputs it was measured on."""
+    """A light DnCNN's deployed graph fine-tuned with learnable ranges on crops of half the
+    example's side (``finetune_on_crops``, its crop size lowered to fit the small example),
+    with the calibration and held-out inputs it was measured on, and the sizes the graph was
+    exported at and the reference run on while training."""
     example = inputs("dncnn")
     torch.manual_seed(0)
     reference = lwcompile.lighten(original("dncnn"), example).eval()
     graph = _deployed(reference, example)
-    train = int8_inputs.calibration_inputs(None, example, 64)
-    quantizer = pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
-    qat = quantizer.XNNPACKQuantizer().set_global(int8_finetune.learnable(
-        quantizer.get_symmetric_quantization_config(is_per_channel=True, is_qat=True)))
-    tuned = int8_finetune.finetune(graph, reference, train, qat, 64, train[:8])
-    return reference, graph, tuned, train[:8], int8_inputs.evaluation_inputs(None, example, 4, 8)
+    exported_at = []
+
+    def export_at(args: tuple) -> torch.fx.GraphModule:
+        exported_at.append(tuple(args[0].shape[-2:]))
+        return _deployed(reference, args)
+
+    watched = _Sizes(reference)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_finetune, "TRAINING_CROP", example[0].shape[-1] // 2)
+        tuned = int8_finetune.finetune_on_crops(graph, export_at, watched, example, None, None,
+                                                _learnable_xnnpack_quantizer(), 64, 8)
+    calib = int8_inputs.calibration_inputs(None, example, 8)
+    held = int8_inputs.evaluation_inputs(None, example, 4, 8)
+    return reference, graph, tuned, calib, held, exported_at, watched.sizes
+
+
+def test_finetune_on_crops_trains_the_graph_exported_at_the_crop_size(learned_ranges):
+    _, graph, tuned, _, _, exported_at, trained_at = learned_ranges
+    side = inputs("dncnn")[0].shape[-1] // 2
+    assert exported_at == [(side, side)]
+    assert trained_at == {(side, side)}
+    # what comes back is the deployed graph at the example's size, with tuned values
+    assert int8_finetune.same_graph(tuned.graph, graph)
+    changed = [n for n, v in tuned.graph.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, graph.state_dict()[n])]
+    assert len(changed) > 10
+
+
+def test_training_example_cuts_the_image_and_tensors_of_its_size(monkeypatch):
+    monkeypatch.setattr(int8_finetune, "TRAINING_CROP", 16)
+    image, mask, level = torch.rand(2, 3, 40, 30), torch.rand(2, 1, 40, 30), torch.rand(2, 1)
+    small = int8_finetune.training_example((image, mask, level, 0.5))
+    assert [tuple(a.shape) for a in small[:3]] == [(2, 3, 16, 16), (2, 1, 16, 16), (2, 1)]
+    torch.testing.assert_close(small[0], image[..., :16, :16], rtol=0, atol=0)
+    assert small[3] == 0.5
+    assert int8_finetune.training_example((torch.rand(1, 1, 16, 64),)) is None
+    assert int8_finetune.training_example((torch.rand(1, 1, 12, 12),)) is None
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(4, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.body(x)
+
+
+def _wrong_graph(args: tuple) -> torch.fx.GraphModule:
+    with torch.no_grad():
+        return torch.export.export(nn.Conv2d(1, 1, 3, padding=1), args).module()
+
+
+def _no_export(args: tuple) -> torch.fx.GraphModule:
+    raise RuntimeError("this model exports at its example size only")
+
+
+@pytest.mark.parametrize("export_at", [None, _no_export, _wrong_graph])
+def test_finetune_on_crops_trains_at_the_example_size_where_the_crop_graph_is_unusable(
+        export_at, monkeypatch):
+    monkeypatch.setattr(int8_finetune, "TRAINING_CROP", 16)
+    torch.manual_seed(0)
+    model, example = _Tiny().eval(), (torch.rand(1, 1, 32, 32),)
+    with torch.no_grad():
+        graph = torch.export.export(model, example).module()
+    watched = _Sizes(model)
+    tuned = int8_finetune.finetune_on_crops(graph, export_at, watched, example, None, None,
+                                            _learnable_xnnpack_quantizer(), 3, 2)
+    assert watched.sizes == {(32, 32)}
+    assert int8_finetune.same_graph(tuned.graph, graph) and tuned.ranges
+
+
+def test_finetune_refuses_a_training_graph_that_is_another_model():
+    model, example = _Tiny().eval(), (torch.rand(1, 1, 32, 32),)
+    with torch.no_grad():
+        graph = torch.export.export(model, example).module()
+    train = [(torch.rand(1, 1, 16, 16),)]
+    with pytest.raises(int8_finetune.FinetuneError, match="not the deployed graph"):
+        int8_finetune.finetune(graph, model, train, _learnable_xnnpack_quantizer(), 1,
+                               training_graph=_wrong_graph(train[0]))
 
 
 def test_finetune_learns_a_range_for_each_quantised_activation(learned_ranges):
-    _, graph, tuned, calib, _ = learned_ranges
+    _, graph, tuned, calib, *_ = learned_ranges
     nodes = {n.name for n in graph.graph.nodes}
     assert len(tuned.ranges) > 10 and set(tuned.ranges) <= nodes
     for scale, zero_point in tuned.ranges.values():
@@ -154,7 +249,7 @@ def test_finetune_learns_a_range_for_each_quantised_activation(learned_ranges):
 
 
 def test_apply_ranges_makes_conversion_quantise_with_the_learned_ranges(learned_ranges):
-    _, _, tuned, calib, _ = learned_ranges
+    _, _, tuned, calib, *_ = learned_ranges
     prepared = _percentile_prepared(tuned.graph, calib)
     applied = int8_finetune.apply_ranges(prepared, tuned.ranges)
     assert applied > 10

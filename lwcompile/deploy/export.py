@@ -134,8 +134,9 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     float; below ``min_psnr`` it raises ``Int8QualityError`` and writes nothing. The
     returned path's ``int8_report`` holds the measurement. ``qat_steps`` > 0 first
     fine-tunes the exported form's weights and activation ranges under simulated int8
-    (uint8 activations, as onnxruntime's) for that many steps (``deploy.int8_finetune``), so
-    that they lose less when quantised; the report still measures against ``model``. The
+    (uint8 activations, as onnxruntime's) for that many steps (``deploy.int8_finetune``; one
+    input per step, cut to 128x128 where the example is larger), so that they lose less when
+    quantised; the report still measures against ``model``. The
     file is written atomically.
     """
     if not isinstance(model, torch.export.ExportedProgram):

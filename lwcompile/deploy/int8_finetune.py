@@ -18,7 +18,11 @@ The algorithm, the same for every runtime:
    (high percentiles): training starts from the model the export would otherwise deploy.
 3. Train for ``steps`` with Adam and a cosine learning rate to reproduce the *float model's
    own* output (self-distillation: no labels, no teacher, and the float model stays the
-   reference the export measures against) on calibration-like inputs.
+   reference the export measures against) on calibration-like inputs. Where the example
+   input is larger than ``TRAINING_CROP``, training runs on crops of that side, through the
+   same graph exported at that size (``finetune_on_crops``): a step on a quarter of the
+   pixels costs about a quarter as much, and four times as many steps over as many pixels
+   fit the ranges better than one large crop per step.
 4. Return the tuned values (copied back into the graph by name) and the learned activation
    ranges, keyed by the graph node each range quantises (``Tuned``). The runtime's
    post-training path quantises the tuned graph with those ranges (``apply_ranges``) beside
@@ -35,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import one_line
-from . import int8
+from ..train.data import Degrade
+from . import int8, int8_inputs
 
 #: Adam's peak learning rate per tensor, as a fraction of its int8 grid step (its largest
 #: magnitude / 127): Adam's step does not shrink with the loss, so an absolute rate that
@@ -58,6 +64,8 @@ LEARNED = "learned in QAT"
 TUNED = " after QAT"
 #: calibration inputs that set the activation ranges fine-tuning starts from, at most
 CALIBRATION_INPUTS = 8
+#: side of the square crops fine-tuning trains on where the example input is larger
+TRAINING_CROP = 128
 
 
 class FinetuneError(int8.Int8Error):
@@ -123,26 +131,88 @@ def trainable(module: nn.Module) -> tuple[nn.Module, list[str]]:
     return module, names
 
 
+def training_example(example_inputs: tuple) -> tuple | None:
+    """``example_inputs`` with the image (the first tensor) and every tensor of its height and
+    width cut to their top-left ``TRAINING_CROP`` square, or None where the image is no
+    larger than that on either side."""
+    position, image = int8_inputs.image_argument(example_inputs)
+    size = image.shape[-2:]
+    if min(size) <= TRAINING_CROP:
+        return None
+    return tuple(a[..., :TRAINING_CROP, :TRAINING_CROP]
+                 if isinstance(a, Tensor) and a.dim() >= 2 and a.shape[-2:] == size else a
+                 for a in example_inputs)
+
+
+def same_graph(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether ``a`` and ``b`` have the same nodes (names, ops, targets, in order) and the
+    same tensors by name: what training one and loading its values and ranges into the
+    other needs."""
+    def nodes(g: torch.fx.GraphModule) -> list[tuple]:
+        return [(n.name, n.op, str(n.target)) for n in g.graph.nodes]
+
+    return nodes(a) == nodes(b) and a.state_dict().keys() == b.state_dict().keys()
+
+
+def finetune_on_crops(graph_module: torch.fx.GraphModule,
+                      export_at: Callable[[tuple], torch.fx.GraphModule] | None,
+                      reference: nn.Module, example_inputs: tuple, data: Any,
+                      degrade: Degrade | None, quantizer: Any, steps: int,
+                      calibration_count: int) -> Tuned:
+    """``finetune`` on ``steps`` inputs drawn from ``data`` as the calibration is, cut to
+    ``TRAINING_CROP`` where the example is larger: ``export_at(args)`` gives the deployed
+    graph exported at the size of ``args``. The ranges start from a calibration on as many
+    pixels as ``calibration_count`` example inputs hold. Without ``export_at``, or where the
+    graph at the crop size cannot be exported or differs from ``graph_module``, training
+    runs at the example size."""
+    example, training_graph = example_inputs, None
+    small = None if export_at is None else training_example(example_inputs)
+    if small is not None:
+        try:
+            candidate = export_at(small)
+        except Exception:  # noqa: BLE001 -- any export failure: train at the example size
+            candidate = None
+        if candidate is not None and same_graph(candidate, graph_module):
+            example, training_graph = small, candidate
+    ratio = _pixels(example_inputs) // _pixels(example)
+    count = calibration_count * ratio
+    inputs = int8_inputs.calibration_inputs(data, example, max(steps, count), degrade)
+    return finetune(graph_module, reference, inputs[:steps], quantizer, steps, inputs[:count],
+                    training_graph)
+
+
+def _pixels(example_inputs: tuple) -> int:
+    _, image = int8_inputs.image_argument(example_inputs)
+    return image.shape[0] * image.shape[-2] * image.shape[-1]
+
+
 def finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
-             quantizer: Any, steps: int, calibration: list[tuple] | None = None) -> Tuned:
+             quantizer: Any, steps: int, calibration: list[tuple] | None = None,
+             training_graph: torch.fx.GraphModule | None = None) -> Tuned:
     """``graph_module`` (``torch.export(...).module()`` of the deployed form) with its
     floating tensors, and its activation ranges where ``quantizer`` makes them learnable,
     fine-tuned for ``steps`` under ``quantizer``'s fake quantisation to reproduce
     ``reference``'s first output on ``inputs`` (cycled, one per step). The ranges start from
     a calibration on ``calibration`` (default: the first ``CALIBRATION_INPUTS`` of
-    ``inputs``). ``graph_module`` is not changed."""
+    ``inputs``). ``training_graph``, the same graph exported at the size of ``inputs`` (see
+    ``same_graph``), is the one trained where given; the values and ranges learned are
+    returned for ``graph_module``, which is not changed."""
     with warnings.catch_warnings():  # torch's own deprecation, raised copying export specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         return _finetune(graph_module, reference, inputs, quantizer, steps,
-                         calibration or inputs[:CALIBRATION_INPUTS])
+                         calibration or inputs[:CALIBRATION_INPUTS],
+                         graph_module if training_graph is None else training_graph)
 
 
 def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
-              quantizer: Any, steps: int, calibration: list[tuple]) -> Tuned:
+              quantizer: Any, steps: int, calibration: list[tuple],
+              training_graph: torch.fx.GraphModule) -> Tuned:
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    tuned, names = trainable(graph_module)
+    if not same_graph(training_graph, graph_module):
+        raise FinetuneError("the training graph is not the deployed graph at another size")
+    tuned, names = trainable(training_graph)
     try:
         # BatchNorm keeps its running statistics while the weights train: the deployed
         # model normalises with them, and a batch of one crop has no statistics of its own

@@ -30,7 +30,7 @@ from ..train.data import (
 from .int8 import CalibrationDataError
 
 
-def _image_argument(example_inputs: Sequence[Any]) -> tuple[int, Tensor]:
+def image_argument(example_inputs: Sequence[Any]) -> tuple[int, Tensor]:
     """The position and value of the image input: the first tensor argument, 4-D."""
     for i, a in enumerate(example_inputs):
         if isinstance(a, Tensor):
@@ -151,7 +151,7 @@ def calibration_inputs(data: Any, example_inputs: Sequence[Any], count: int,
                        degrade: Degrade | None = None) -> list[tuple]:
     """``count`` model inputs from ``data`` (as ``distill`` takes it, with its ``degrade``)
     at the example's size: crops taken at the size ``degrade`` turns into it."""
-    position, example = _image_argument(example_inputs)
+    position, example = image_argument(example_inputs)
     example = _before_degrade(example, degrade)
     try:
         inputs = _as_inputs(_crops(data, example, 0, "calibration data"), example_inputs,
@@ -170,7 +170,7 @@ def evaluation_inputs(data: Any, example_inputs: Sequence[Any], count: int,
     """``count`` held-out inputs: crops of ``HELD_OUT`` images when ``data`` is None, else
     crops of ``data`` drawn with another seed (a DataLoader: the batches after the first
     ``skip``, those the calibration used, when it has more)."""
-    position, example = _image_argument(example_inputs)
+    position, example = image_argument(example_inputs)
     example = _before_degrade(example, degrade)
     if data is None:
         stream = _bundled_crops(HELD_OUT, example, 1, "held-out")

@@ -214,9 +214,10 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
                        calibration: Any, degrade: Degrade | None, steps: int,
                        calibration_count: int) -> Tuned:
     """``module`` (the form written to ONNX) fine-tuned for ``steps`` under simulated
-    onnxruntime int8 to reproduce ``reference`` (``int8_finetune``), on inputs drawn as the
-    calibration is: its tuned values are loaded into ``module`` in place, and the
-    ``int8_finetune.Tuned`` returned holds them with the learned activation ranges."""
+    onnxruntime int8 to reproduce ``reference`` (``int8_finetune.finetune_on_crops``), on
+    inputs drawn as the calibration is: its tuned values are loaded into ``module`` in
+    place, and the ``int8_finetune.Tuned`` returned holds them with the learned activation
+    ranges."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # torchao's import warns that this CPU has no triton
     try:
@@ -230,16 +231,17 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
     finally:
         logging.disable(previous)
-    from .int8_finetune import finetune, learnable, load_values
+    from .int8_finetune import finetune_on_crops, learnable, load_values
 
-    inputs = int8_inputs.calibration_inputs(calibration, example_inputs, steps, degrade)
-    calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count,
-                                           degrade)
+    def export_at(args: tuple) -> torch.fx.GraphModule:
+        graph = torch.export.export(module, args).module()
+        _one_source_per_op(graph)
+        return graph
+
     quantizer = X86InductorQuantizer().set_global(
         learnable(get_default_x86_inductor_quantization_config(is_qat=True)))
-    graph = torch.export.export(module, example_inputs).module()
-    _one_source_per_op(graph)
-    tuned = finetune(graph, reference, inputs, quantizer, steps, calib)
+    tuned = finetune_on_crops(export_at(example_inputs), export_at, reference, example_inputs,
+                              calibration, degrade, quantizer, steps, calibration_count)
     load_values(module, dict(tuned.graph.state_dict()))
     return tuned
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,12 +90,14 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                   example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
                   target_psnr: float, max_float_layers: int, calibration_count: int,
-                  evaluation_count: int, qat_steps: int = 0
+                  evaluation_count: int, qat_steps: int = 0,
+                  export_at: Callable[[tuple], torch.fx.GraphModule] | None = None
                   ) -> tuple[torch.fx.GraphModule, int8.Int8Report]:
     """``graph_module`` (from ``torch.export.export(...).module()`` of ``model`` or of an
     equivalent form) quantised and converted, with its report measured against ``model``;
     raises ``Int8QualityError`` below ``min_psnr``. ``qat_steps`` > 0 fine-tunes it under
-    fake int8 first (``int8_finetune``)."""
+    fake int8 first (``int8_finetune``), on smaller crops where ``export_at(args)`` gives
+    the same graph exported at the size of ``args``."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
@@ -102,12 +105,13 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     reference = int8.float_outputs(model, held)
     candidates = {name: (name, graph_module, {}) for name in CALIBRATIONS}
     if qat_steps:
-        from .int8_finetune import LEARNED, finetune, learnable
+        from .int8_finetune import LEARNED, finetune_on_crops, learnable
 
         qat_config = learnable(config_for(is_per_channel=True, is_qat=True))
-        train = int8_inputs.calibration_inputs(calibration, example_inputs, qat_steps, degrade)
-        tuned = finetune(graph_module, model, train, XNNPACKQuantizer().set_global(qat_config),
-                         qat_steps, calib)
+        tuned = finetune_on_crops(graph_module, export_at, model,
+                                  example_inputs, calibration, degrade,
+                                  XNNPACKQuantizer().set_global(qat_config), qat_steps,
+                                  calibration_count)
         candidates[LEARNED] = (CALIBRATIONS[1], tuned.graph, tuned.ranges)
 
     def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,

@@ -120,7 +120,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     ``target_psnr``, ``max_float_layers`` and ``min_psnr`` (below it: ``Int8QualityError``,
     nothing written). ``qat_steps`` > 0 first fine-tunes the deployed graph's weights and
     activation ranges under simulated int8 for that many steps (``deploy.int8_finetune``;
-    one example-sized input per step, drawn as the calibration is), so that they lose less
+    one input per step, drawn as the calibration is, cut to 128x128 where the example is
+    larger), so that they lose less
     when quantised; the report still measures against ``model``. The file is written
     atomically.
     """
@@ -143,19 +144,14 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     example_inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in example_inputs)
     try:
         with torch.no_grad():
-            exported = torch.export.export(model, example_inputs)
-            forms = Counter()
-            if optimize:
-                module = exported.module()
-                forms = xnnpack_forms(module)
-                if forms:
-                    exported = torch.export.export(module, example_inputs)
+            exported, forms = _deployed(model, example_inputs, optimize)
             if precision == "int8":
                 quantized, int8_report = quantize_pt2e(
                     exported.module(), model, example_inputs, calibration, degrade=degrade,
                     min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
                     max_float_layers=max_float_layers, calibration_count=calibration_count,
-                    evaluation_count=evaluation_count, qat_steps=qat_steps)
+                    evaluation_count=evaluation_count, qat_steps=qat_steps,
+                    export_at=lambda args: _deployed(model, args, optimize)[0].module())
                 exported = torch.export.export(quantized, example_inputs)
             lowered = exir.to_edge_transform_and_lower(
                 exported, transform_passes=[_fold_constants_pass()],
@@ -177,6 +173,20 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
                         int8_report)
+
+
+def _deployed(model: nn.Module, args: tuple,
+              optimize: bool) -> tuple[torch.export.ExportedProgram, Counter[str]]:
+    """``model`` exported at the size of ``args`` in the form XNNPACK gets (with
+    ``optimize``, rewritten by ``xnnpack_forms`` and exported again), and the forms used."""
+    exported = torch.export.export(model, args)
+    forms: Counter[str] = Counter()
+    if optimize:
+        module = exported.module()
+        forms = xnnpack_forms(module)
+        if forms:
+            exported = torch.export.export(module, args)
+    return exported, forms
 
 
 def load_pte(path: str | Path) -> Callable[..., list[Tensor]]:
