@@ -284,6 +284,26 @@ def test_learned_overrides_find_each_nodes_tensor_in_the_onnx_file(tmp_path):
     assert got == sorted((round(s, 6), z) for s, z in ranges.values())
 
 
+@pytest.mark.parametrize("saturating", [True, False])
+def test_onnx_qat_trains_the_weight_bits_the_export_writes(saturating, monkeypatch):
+    """Where onnxruntime's kernels saturate the export writes 7-bit weights (|q| <= 64), so
+    fine-tuning simulates 7-bit weights there and 8-bit elsewhere."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        get_default_x86_inductor_quantization_config,
+    )
+
+    monkeypatch.setattr(int8_onnx, "saturating_cpu", lambda: saturating)
+    config = int8_onnx.qat_config(get_default_x86_inductor_quantization_config(is_qat=True))
+    weight = config.weight
+    assert (weight.quant_min, weight.quant_max) == ((-64, 64) if saturating else (-128, 127))
+    fake = weight.observer_or_fake_quant_ctr(quant_min=weight.quant_min,
+                                             quant_max=weight.quant_max, dtype=weight.dtype,
+                                             qscheme=weight.qscheme, ch_axis=weight.ch_axis)
+    fake(torch.tensor([[-1.0], [0.5]]).reshape(2, 1, 1, 1))
+    scale, _ = fake.calculate_qparams()
+    torch.testing.assert_close(scale, torch.tensor([1.0, 0.5]) / (64 if saturating else 127.5))
+
+
 def test_load_values_refuses_a_name_the_model_lacks():
     with pytest.raises(int8_finetune.FinetuneError, match="no place in the model"):
         int8_finetune.load_values(nn.Conv2d(1, 1, 1), {"other.weight": torch.zeros(1)})

@@ -18,16 +18,18 @@ this machine, so the report is what this CPU gives.
 
 Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme with torchao's
 x86 quantiser, whose QAT configuration quantises as onnxruntime does here (uint8 per-tensor
-activations, int8 per-channel symmetric weights, a conv's ReLU fused before quantising), with
-learnable activation ranges. The ranges it learns are keyed by torch graph node; the ONNX
-file names its tensors otherwise, so ``learned_overrides`` finds each node's tensor by value
-(one input through both, the same shape and values) and hands the learned scale and zero
-point to onnxruntime's quantiser as ``TensorQuantOverrides``.
+activations, int8 per-channel symmetric weights, 7-bit where the export writes 7-bit, a
+conv's ReLU fused before quantising), with learnable activation ranges. The ranges it
+learns are keyed by torch graph node; the ONNX file names its tensors otherwise, so
+``learned_overrides`` finds each node's tensor by value (one input through both, the same
+shape and values) and hands the learned scale and zero point to onnxruntime's quantiser as
+``TensorQuantOverrides``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import tempfile
@@ -45,6 +47,9 @@ from . import int8, int8_inputs
 from .int8_finetune import Tuned
 
 INSTALL_HINT = "pip install lwcompile[export]"
+#: the largest weight magnitude, in grid steps, of onnxruntime's 7-bit (``reduce_range``)
+#: symmetric int8 weights
+SEVEN_BIT_WEIGHT_MAX = 64
 #: activation-range calibrations tried: name -> (onnxruntime CalibrationMethod name, options)
 CALIBRATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
@@ -210,6 +215,15 @@ def _one_source_per_op(graph: torch.fx.GraphModule) -> None:
             node.meta["nn_module_stack"] = {node.name: (node.name, kind)}
 
 
+def qat_config(config: Any) -> Any:
+    """The x86 quantiser's QAT ``config`` with the weights onnxruntime int8 gets on this CPU:
+    7-bit where ``saturating_cpu``."""
+    if not saturating_cpu():
+        return config
+    return dataclasses.replace(config, weight=dataclasses.replace(
+        config.weight, quant_min=-SEVEN_BIT_WEIGHT_MAX, quant_max=SEVEN_BIT_WEIGHT_MAX))
+
+
 def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: tuple,
                        calibration: Any, degrade: Degrade | None, steps: int,
                        calibration_count: int) -> Tuned:
@@ -239,7 +253,7 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
         return graph
 
     quantizer = X86InductorQuantizer().set_global(
-        learnable(get_default_x86_inductor_quantization_config(is_qat=True)))
+        learnable(qat_config(get_default_x86_inductor_quantization_config(is_qat=True))))
     tuned = finetune_on_crops(export_at(example_inputs), export_at, reference, example_inputs,
                               calibration, degrade, quantizer, steps, calibration_count)
     load_values(module, dict(tuned.graph.state_dict()))
