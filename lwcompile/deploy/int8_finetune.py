@@ -135,7 +135,7 @@ def training_example(example_inputs: tuple) -> tuple | None:
     """``example_inputs`` with the image (the first tensor) and every tensor of its height and
     width cut to their top-left ``TRAINING_CROP`` square, or None where the image is no
     larger than that on either side."""
-    position, image = int8_inputs.image_argument(example_inputs)
+    _, image = int8_inputs.image_argument(example_inputs)
     size = image.shape[-2:]
     if min(size) <= TRAINING_CROP:
         return None
