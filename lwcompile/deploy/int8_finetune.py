@@ -199,9 +199,12 @@ def finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: l
     returned for ``graph_module``, which is not changed."""
     with warnings.catch_warnings():  # torch's own deprecation, raised copying export specs
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        if training_graph is None:
+            training_graph = graph_module
+        elif not same_graph(training_graph, graph_module):
+            raise FinetuneError("the training graph is not the deployed graph at another size")
         return _finetune(graph_module, reference, inputs, quantizer, steps,
-                         calibration or inputs[:CALIBRATION_INPUTS],
-                         graph_module if training_graph is None else training_graph)
+                         calibration or inputs[:CALIBRATION_INPUTS], training_graph)
 
 
 def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: list[tuple],
@@ -210,8 +213,6 @@ def _finetune(graph_module: torch.fx.GraphModule, reference: nn.Module, inputs: 
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    if not same_graph(training_graph, graph_module):
-        raise FinetuneError("the training graph is not the deployed graph at another size")
     tuned, names = trainable(training_graph)
     try:
         # BatchNorm keeps its running statistics while the weights train: the deployed

@@ -142,9 +142,9 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         # matched on a calibration crop: an example of zeros would make tensors alike
         overrides = learned_overrides(tuned_path, tuned, calib[0], names)
         candidates[LEARNED] = (percentile, tuned_path, overrides)
-        # onnxruntime quantises more tensors than the x86 quantiser simulates (a conv's
-        # output before its ReLU, both inputs of an add), so a fresh calibration of the
-        # tuned weights can still measure closer: both are measured
+        # onnxruntime quantises more tensors than the x86 quantiser simulates (both
+        # inputs of an add that sums convs, and its output), so a fresh calibration of
+        # the tuned weights can still measure closer: both are measured
         candidates[percentile + TUNED] = (percentile, tuned_path, {})
 
     def quantizer(calibration_name: str, source: Path,
