@@ -11,7 +11,7 @@ from torch import nn
 
 import lwcompile
 from lwcompile.deploy import int8, int8_finetune, int8_inputs, int8_onnx
-from lwcompile.deploy.export import _for_onnx, export_onnx
+from lwcompile.deploy.export import export_onnx
 from tests.lightened import inputs, light, original
 
 pytest.importorskip("torchao")
@@ -307,25 +307,6 @@ def test_onnx_qat_trains_the_weight_bits_the_export_writes(saturating, monkeypat
 def test_load_values_refuses_a_name_the_model_lacks():
     with pytest.raises(int8_finetune.FinetuneError, match="no place in the model"):
         int8_finetune.load_values(nn.Conv2d(1, 1, 1), {"other.weight": torch.zeros(1)})
-
-
-def test_the_x86_quantiser_prepares_lwcompiles_fast_form():
-    """The fast form's sunk ReLUs (one module called on each part of a concat) and the adds
-    of a conv split over a concat are quantised op by op."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    example = inputs("dncnn")
-    graph = torch.export.export(_for_onnx(light("dncnn"), example, True), example).module()
-    int8_onnx._one_source_per_op(graph)
-    quantizer = X86InductorQuantizer().set_global(
-        get_default_x86_inductor_quantization_config(is_qat=True))
-    prepared = prepare_qat_pt2e(graph, quantizer)
-    fake = [m for m in prepared.modules() if type(m).__name__.endswith("FakeQuantize")]
-    assert len(fake) > 10
 
 
 @pytest.fixture(scope="module")

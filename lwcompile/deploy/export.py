@@ -198,7 +198,8 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
         reference = copy.deepcopy(model).eval()
         if qat_steps:  # ``deployed`` is export's own copy, its float file already written
             tuned = quantization_aware(deployed, reference, args, calibration, degrade,
-                                       qat_steps, calibration_count)
+                                       qat_steps, calibration_count, float_path,
+                                       _tensor_names(args))
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(deployed, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
         data, report = quantize_onnx(

@@ -16,14 +16,13 @@ the weights are quantised to 7 bits (onnxruntime's ``reduce_range``), which keep
 sum in range (``saturating_cpu``; the report's ``weight_bits``). The file is still measured on
 this machine, so the report is what this CPU gives.
 
-Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme with torchao's
-x86 quantiser, whose QAT configuration quantises as onnxruntime does here (uint8 per-tensor
-activations, int8 per-channel symmetric weights, 7-bit where the export writes 7-bit, a
-conv's ReLU fused before quantising), with learnable activation ranges. The ranges it
+Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme (uint8
+per-tensor activations with learnable ranges, int8 per-channel symmetric weights, 7-bit
+where the export writes 7-bit; the specs of torchao's x86 QAT configuration) on exactly the
+tensors onnxruntime quantises in the float file (``onnxruntime_simulation``). The ranges it
 learns are keyed by torch graph node; the ONNX file names its tensors otherwise, so
-``learned_overrides`` finds each node's tensor by value (one input through both, the same
-shape and values) and hands the learned scale and zero point to onnxruntime's quantiser as
-``TensorQuantOverrides``.
+``learned_overrides`` finds each node's tensor by value (``onnx_values``) and hands the
+learned scale and zero point to onnxruntime's quantiser as ``TensorQuantOverrides``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import one_line
 from ..train.data import Degrade
-from . import int8, int8_inputs
+from . import int8, int8_inputs, onnx_values
 from .int8_finetune import Tuned
 
 INSTALL_HINT = "pip install lwcompile[export]"
@@ -88,9 +87,36 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def _feeds(inputs: list[tuple], names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    return [dict(zip(names, [a.numpy() for a in args if isinstance(a, Tensor)], strict=True))
-            for args in inputs]
+def _quantize_static(source: Path, out: Path, feeds: list[dict[str, np.ndarray]],
+                     calibration_name: str, *, overrides: dict[str, Any] | None = None,
+                     excluded: frozenset[str] = frozenset(), cache: Path | None = None) -> None:
+    """onnxruntime's ``quantize_static`` of ``source`` into ``out`` with this module's scheme
+    (QDQ, per-channel int8 weights, 7-bit where ``saturating_cpu``, uint8 activations),
+    calibrated on ``feeds`` by ``CALIBRATIONS[calibration_name]``, the tensors in
+    ``overrides`` given their range, the convs in ``excluded`` left float."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    method, options = CALIBRATIONS[calibration_name]
+    if overrides:
+        options = {**options, "TensorQuantOverrides": overrides}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram's progress
+            quantize_static(str(source), str(out), _Reader(list(feeds)),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            reduce_range=saturating_cpu(), nodes_to_exclude=sorted(excluded),
+                            calibrate_method=getattr(CalibrationMethod, method),
+                            extra_options=options,
+                            calibration_cache_path=None if cache is None else str(cache))
+    finally:
+        logging.disable(previous)
 
 
 def session(path: str | Path, threads: int = 2, spinning: bool = False) -> Any:
@@ -118,21 +144,13 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     it is quantised too, with the activation ranges learned with it (``learned_overrides``)
     and with a percentile calibration, and the one closer to ``model`` is kept."""
     onnx, _ = _onnxruntime()
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
     reference = int8.float_outputs(model, held)
     convs = [n.name for n in onnx.load(str(float_path)).graph.node if n.op_type == "Conv"]
     work = Path(tempfile.mkdtemp(prefix="lwcompile-int8-"))
-    feeds = _feeds(calib, names)
-    reduce_range = saturating_cpu()
+    feeds = onnx_values.feeds(calib, names)
 
     candidates = {name: (name, float_path, {}) for name in CALIBRATIONS}
     if tuned_path is not None and tuned is not None:
@@ -149,30 +167,16 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
 
     def quantizer(calibration_name: str, source: Path,
                   overrides: dict[str, list[dict[str, Any]]]) -> int8.Quantize:
-        method, options = CALIBRATIONS[calibration_name]
-        if overrides:
-            options = {**options, "TensorQuantOverrides": overrides}
         cache = work / f"calibration-{calibration_name}-{source.stem}.json"
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, bytes]:
             out = work / "model.int8.onnx"
-            previous = logging.root.manager.disable
-            logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # the histogram's progress
-                    quantize_static(str(source), str(out), _Reader(list(feeds)),
-                                    quant_format=QuantFormat.QDQ, per_channel=True,
-                                    activation_type=QuantType.QUInt8,
-                                    weight_type=QuantType.QInt8, reduce_range=reduce_range,
-                                    nodes_to_exclude=sorted(excluded),
-                                    calibrate_method=getattr(CalibrationMethod, method),
-                                    extra_options=options, calibration_cache_path=str(cache))
-            finally:
-                logging.disable(previous)
+            _quantize_static(source, out, feeds, calibration_name, overrides=overrides,
+                             excluded=excluded, cache=cache)
             sess = session(out)
 
             def run(args: tuple) -> Tensor:
-                feed = _feeds([args], names)[0]
+                feed = onnx_values.feeds([args], names)[0]
                 return torch.from_numpy(sess.run(None, feed)[0])
 
             return run, out.read_bytes()
@@ -187,32 +191,9 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
-    report.weight_bits = 7 if reduce_range else 8
+    report.weight_bits = 7 if saturating_cpu() else 8
     int8.refuse_below(report, min_psnr)
     return data, report
-
-
-#: the module class the x86 quantiser looks for, per ATen op it quantises as a pattern
-_SOURCE_CLASS = {torch.ops.aten.conv2d.default: nn.Conv2d, torch.ops.aten.relu.default: nn.ReLU,
-                 torch.ops.aten.linear.default: nn.Linear}
-
-
-def _one_source_per_op(graph: torch.fx.GraphModule) -> None:
-    """Record each op as its own source, of the class its op implies. The x86 quantiser
-    groups ops by the module they came from, and lwcompile's exact forms break that
-    grouping: one ReLU module sunk into both parts of a concat is one source with two
-    outputs, and the add that sums a conv split over a concat's parts keeps the conv's
-    module. Each op is quantised on its own either way."""
-    for node in graph.graph.nodes:
-        if node.op != "call_function":
-            continue
-        node.meta.pop("torch_fn", None)
-        node.meta.pop("source_fn_stack", None)
-        kind = _SOURCE_CLASS.get(node.target)
-        if kind is None:
-            node.meta.pop("nn_module_stack", None)
-        else:
-            node.meta["nn_module_stack"] = {node.name: (node.name, kind)}
 
 
 def qat_config(config: Any) -> Any:
@@ -226,19 +207,22 @@ def qat_config(config: Any) -> Any:
 
 def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: tuple,
                        calibration: Any, degrade: Degrade | None, steps: int,
-                       calibration_count: int) -> Tuned:
-    """``module`` (the form written to ONNX) fine-tuned for ``steps`` under simulated
-    onnxruntime int8 to reproduce ``reference`` (``int8_finetune.finetune_on_crops``), on
-    inputs drawn as the calibration is: its tuned values are loaded into ``module`` in
-    place, and the ``int8_finetune.Tuned`` returned holds them with the learned activation
-    ranges."""
+                       calibration_count: int, float_path: Path,
+                       names: Sequence[str]) -> Tuned:
+    """``module`` (the form written to ONNX at ``float_path``, inputs named ``names``)
+    fine-tuned for ``steps`` under simulated onnxruntime int8 to reproduce ``reference``
+    (``int8_finetune.finetune_on_crops``), on inputs drawn as the calibration is: its tuned
+    values are loaded into ``module`` in place, and the ``int8_finetune.Tuned`` returned
+    holds them with the learned activation ranges. The tensors fake-quantised are the ones
+    onnxruntime quantises in that file (``onnxruntime_simulation``)."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # torchao's import warns that this CPU has no triton
     try:
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
             get_default_x86_inductor_quantization_config,
         )
+
+        from .onnxruntime_simulation import OnnxruntimeQuantizer
     except ImportError as exc:
         raise int8.Int8Error(
             f"quantisation-aware fine-tuning needs torchao, which is not installed "
@@ -248,64 +232,46 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
     from .int8_finetune import finetune_on_crops, learnable, load_values
 
     def export_at(args: tuple) -> torch.fx.GraphModule:
-        graph = torch.export.export(module, args).module()
-        _one_source_per_op(graph)
-        return graph
+        return torch.export.export(module, args).module()
 
-    quantizer = X86InductorQuantizer().set_global(
-        learnable(qat_config(get_default_x86_inductor_quantization_config(is_qat=True))))
-    tuned = finetune_on_crops(export_at(example_inputs), export_at, reference, example_inputs,
+    graph = export_at(example_inputs)
+    config = learnable(qat_config(get_default_x86_inductor_quantization_config(is_qat=True)))
+    quantizer = OnnxruntimeQuantizer(
+        quantised_nodes(graph, float_path, example_inputs, names, calibration, degrade), config)
+    tuned = finetune_on_crops(graph, export_at, reference, example_inputs,
                               calibration, degrade, quantizer, steps, calibration_count)
     load_values(module, dict(tuned.graph.state_dict()))
     return tuned
 
 
-def _node_values(graph: torch.fx.GraphModule, args: tuple, wanted: set[str]) -> dict[str, Tensor]:
-    """The outputs of the nodes named in ``wanted`` when ``graph`` runs on ``args``."""
-    values: dict[str, Tensor] = {}
+def quantised_nodes(graph: torch.fx.GraphModule, float_path: Path, example_inputs: tuple,
+                    names: Sequence[str], calibration: Any,
+                    degrade: Degrade | None) -> set[str]:
+    """The nodes of ``graph`` (exported from the model written to ``float_path``) whose
+    outputs onnxruntime quantises in that file, found by quantising it once and matching
+    the quantised tensors by value on one calibration input (``onnx_values``)."""
+    import onnx
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            out = super().run_node(node)
-            if node.name in wanted and isinstance(out, Tensor):
-                values[node.name] = out.detach()
-            return out
+    from .onnxruntime_simulation import quantised_activations
 
-    with torch.no_grad():
-        Recorder(graph).run(*args)
-    return values
-
-
-def _tensor_values(path: Path, args: tuple, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Every float tensor of the ONNX file at ``path`` on ``args``, its inputs included."""
-    onnx, ort = _onnxruntime()
-    proto = onnx.load(str(path))
-    known = {o.name for o in proto.graph.output}
-    produced = [out for node in proto.graph.node for out in node.output if out and out not in known]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in produced)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in sess.get_outputs()]
-    feed = _feeds([args], names)[0]
-    values = dict(zip(outputs, sess.run(outputs, feed), strict=True)) | feed
-    return {n: v for n, v in values.items()
-            if isinstance(v, np.ndarray) and v.dtype == np.float32}
+    args = int8_inputs.calibration_inputs(calibration, example_inputs, 1, degrade)[0]
+    with tempfile.TemporaryDirectory(prefix="lwcompile-int8-") as work:
+        out = Path(work) / "placement.onnx"
+        _quantize_static(float_path, out, onnx_values.feeds([args], names), "minmax")
+        quantised = quantised_activations(onnx.load(str(out)))
+    nodes = onnx_values.node_of_tensor(graph, float_path, args, names)
+    return {node for tensor, node in nodes.items() if tensor in quantised}
 
 
 def learned_overrides(path: Path, tuned: Tuned, args: tuple,
                       names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` giving each tensor of the ONNX file at ``path``
     the activation range ``tuned`` (``int8_finetune.Tuned``, whose graph ``path`` was
-    exported from) learned for the graph node that computes the same values on ``args``;
-    tensors no node matches keep onnxruntime's calibration."""
-    nodes = _node_values(tuned.graph, args, set(tuned.ranges))
-    tensors = _tensor_values(path, args, names)
-    overrides: dict[str, list[dict[str, Any]]] = {}
-    for node, value in nodes.items():
-        want = value.float().numpy()
-        tolerance = 1e-4 * max(float(np.abs(want).max()), 1e-6)
-        scale, zero_point = tuned.ranges[node]
-        for tensor, got in tensors.items():
-            if got.shape == want.shape and float(np.abs(got - want).max()) <= tolerance:
-                overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
-                                      "zero_point": np.array(zero_point, dtype=np.uint8)}]
-    return overrides
+    exported from) learned for the graph node that computes the same values on ``args``
+    (``onnx_values.node_of_tensor``); tensors no node matches keep onnxruntime's
+    calibration."""
+    _onnxruntime()
+    nodes = onnx_values.node_of_tensor(tuned.graph, path, args, names, set(tuned.ranges))
+    return {tensor: [{"scale": np.array(tuned.ranges[node][0], dtype=np.float32),
+                      "zero_point": np.array(tuned.ranges[node][1], dtype=np.uint8)}]
+            for tensor, node in nodes.items()}
