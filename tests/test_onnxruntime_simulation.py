@@ -145,3 +145,16 @@ def test_fine_tuning_learns_a_range_for_every_tensor_onnxruntime_quantises(light
     calib = int8_inputs.calibration_inputs(None, example, 1)
     overrides = int8_onnx.learned_overrides(tuned_path, tuned, calib[0], names)
     assert set(overrides) == _quantised(tuned_path, example, tmp_path / "q.onnx")
+
+
+def test_fine_tuning_a_model_onnxruntime_does_not_quantise_is_refused(light_dncnn,
+                                                                     monkeypatch):
+    from lwcompile.deploy import onnxruntime_simulation
+    from lwcompile.deploy.int8_finetune import FinetuneError
+
+    deployed, path, _, _ = light_dncnn
+    example = inputs("dncnn")
+    monkeypatch.setattr(onnxruntime_simulation, "quantised_activations", lambda proto: set())
+    with pytest.raises(FinetuneError, match="no tensor of the model that onnxruntime"):
+        int8_onnx.quantization_aware(deployed, deployed, example, None, None, 2, 2, path,
+                                     _tensor_names(example))

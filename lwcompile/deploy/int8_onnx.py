@@ -160,9 +160,9 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         # matched on a calibration crop: an example of zeros would make tensors alike
         overrides = learned_overrides(tuned_path, tuned, calib[0], names)
         candidates[LEARNED] = (percentile, tuned_path, overrides)
-        # onnxruntime quantises more tensors than the x86 quantiser simulates (both
-        # inputs of an add that sums convs, and its output), so a fresh calibration of
-        # the tuned weights can still measure closer: both are measured
+        # a tensor no torch node computes (an op the ONNX exporter adds) was not rounded
+        # in training and keeps a calibration either way; a fresh calibration of all the
+        # tuned tensors is measured too, so the learned ranges are kept only where better
         candidates[percentile + TUNED] = (percentile, tuned_path, {})
 
     def quantizer(calibration_name: str, source: Path,
@@ -229,15 +229,18 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
     finally:
         logging.disable(previous)
-    from .int8_finetune import finetune_on_crops, learnable, load_values
+    from .int8_finetune import FinetuneError, finetune_on_crops, learnable, load_values
 
     def export_at(args: tuple) -> torch.fx.GraphModule:
         return torch.export.export(module, args).module()
 
     graph = export_at(example_inputs)
+    nodes = quantised_nodes(graph, float_path, example_inputs, names, calibration, degrade)
+    if not nodes:
+        raise FinetuneError("quantisation-aware fine-tuning found no tensor of the model that "
+                            "onnxruntime quantises")
     config = learnable(qat_config(get_default_x86_inductor_quantization_config(is_qat=True)))
-    quantizer = OnnxruntimeQuantizer(
-        quantised_nodes(graph, float_path, example_inputs, names, calibration, degrade), config)
+    quantizer = OnnxruntimeQuantizer(nodes, config)
     tuned = finetune_on_crops(graph, export_at, reference, example_inputs,
                               calibration, degrade, quantizer, steps, calibration_count)
     load_values(module, dict(tuned.graph.state_dict()))
