@@ -19,7 +19,9 @@ Part 2, what int8 costs in quality. The committed trained teachers (DnCNN-17 sig
 SRResNet x2) and their light students (``lighten`` + ``init_layerwise`` + ``distill`` for
 ``--quality-seconds`` CPU seconds) are exported fp32 and int8 to both runtimes and scored
 against the clean held-out images (``benchmarks.common.score``); the int8 cost is each
-model's int8 PSNR below its own fp32 PSNR.
+model's int8 PSNR below its own fp32 PSNR, in the mean and per image (an image restored
+very well in fp32 shows int8's error most). ``--qat-steps`` / ``--teacher-qat-steps``
+fine-tune the students' / teachers' int8 exports first.
 
 Writes benchmarks/results/deploy.json (``--out``) with the machine (CPU model, ISA flags,
 versions).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 import warnings
@@ -165,10 +168,11 @@ def _student(task: Task, teacher: nn.Module, seconds: float, example: tuple) -> 
 
 
 def quality(task: Task, forms: list[str], seconds: float, folder: Path,
-            qat_steps: int = 0) -> dict:
+            qat_steps: int = 0, teacher_qat_steps: int = 0) -> dict:
     """PSNR of fp32 and int8 deployments of the trained teacher and its light student on
-    the held-out images, and each int8 form's cost against its own fp32. The student's int8
-    exports fine-tune for ``qat_steps`` first (the teacher's are post-training only)."""
+    the held-out images, and each int8 form's cost against its own fp32, in the mean and per
+    image. The student's int8 exports fine-tune for ``qat_steps`` first, the teacher's for
+    ``teacher_qat_steps``."""
     teacher = load_teacher(task)
     side = task.crop // 2 if task.channels == 3 else task.crop
     student = _student(task, teacher, seconds, (torch.rand(1, task.channels, side, side),))
@@ -176,21 +180,27 @@ def quality(task: Task, forms: list[str], seconds: float, folder: Path,
     inputs = (pairs[0][0],)
     assert all(x.shape == inputs[0].shape for x, _ in pairs), "held-out crops differ in size"
     rows: dict[str, dict[str, float]] = {}
+    images: dict[str, dict[str, list[float]]] = {}
     reports: dict[str, dict] = {}
+    steps = {"teacher": teacher_qat_steps, "light": qat_steps}
     for model_name, model in (("teacher", teacher), ("light", student)):
-        psnr = {}
+        per_image = {}
         for form in [f for f in forms if f[:3] in ("ort", "xnn")]:
             run = build_form(form, model, inputs, folder, f"{task.name}-{model_name}",
-                             task.degrade, qat_steps if model_name == "light" else 0)
-            psnr[form] = round(score(run, task, pairs)["psnr"], 3)
+                             task.degrade, steps[model_name])
+            per_image[form] = [score(run, task, [pair])["psnr"] for pair in pairs]
             if getattr(run, "int8_report", None) is not None:
                 reports[f"{model_name} {form}"] = run.int8_report.to_dict()
-        psnr["eager"] = round(score(model, task, pairs)["psnr"], 3)
-        for form in [f for f in psnr if f.endswith("int8")]:
-            psnr[f"{form} cost dB"] = round(psnr[form.replace("int8", "fp32")] - psnr[form], 3)
-        rows[model_name] = psnr
+        per_image["eager"] = [score(model, task, [pair])["psnr"] for pair in pairs]
+        for form in [f for f in per_image if f.endswith("int8")]:
+            fp32 = per_image[form.replace("int8", "fp32")]
+            per_image[f"{form} cost dB"] = [a - b for a, b in zip(fp32, per_image[form],
+                                                                   strict=True)]
+        rows[model_name] = {f: round(statistics.fmean(v), 3) for f, v in per_image.items()}
+        images[model_name] = {f: [round(x, 3) for x in v] for f, v in per_image.items()}
     return {"task": task.name, "student_cpu_seconds": seconds, "student_qat_steps": qat_steps,
-            "psnr": rows, "int8_reports": reports}
+            "teacher_qat_steps": teacher_qat_steps, "psnr": rows, "psnr_per_image": images,
+            "int8_reports": reports}
 
 
 def main() -> None:
@@ -210,6 +220,9 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, default=0,
                         help="quantisation-aware fine-tuning steps before each int8 export of "
                              "the light students (export's qat_steps; default 0)")
+    parser.add_argument("--teacher-qat-steps", type=int, default=0,
+                        help="the same for the trained teachers' int8 exports (default 0: "
+                             "post-training int8)")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency part (only the quality part runs)")
     args = parser.parse_args()
@@ -238,12 +251,16 @@ def main() -> None:
         if args.quality_seconds > 0:
             tasks = {"denoise": DENOISE, "sr": SR2}
             for task in [tasks[t] for t in args.quality_task or tasks]:
-                q = quality(task, forms, args.quality_seconds, Path(tmp), args.qat_steps)
+                q = quality(task, forms, args.quality_seconds, Path(tmp), args.qat_steps,
+                            args.teacher_qat_steps)
                 results["quality"].append(q)
                 print(f"\n{task.name}: PSNR on held-out images (dB)")
                 keys = sorted({k for r in q["psnr"].values() for k in r})
                 print(table([[k, *(q["psnr"][m].get(k, "-") for m in ("teacher", "light"))]
                              for k in keys], ["form", "teacher", "light"]))
+                for model, per_image in q["psnr_per_image"].items():
+                    for key in [k for k in per_image if k.endswith("cost dB")]:
+                        print(f"{model} {key} per image: {per_image[key]}")
     print(f"\nwrote {write_json(args.out, results)}")
 
 
