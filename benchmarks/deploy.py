@@ -193,7 +193,7 @@ def quality(task: Task, forms: list[str], seconds: float, folder: Path,
                 reports[f"{model_name} {form}"] = run.int8_report.to_dict()
         per_image["eager"] = [score(model, task, [pair])["psnr"] for pair in pairs]
         for form in [f for f in per_image if f.endswith("int8")]:
-            fp32 = per_image[form.replace("int8", "fp32")]
+            fp32 = per_image.get(form.replace("int8", "fp32"), per_image["eager"])  # skipped
             per_image[f"{form} cost dB"] = [a - b for a, b in zip(fp32, per_image[form],
                                                                    strict=True)]
         rows[model_name] = {f: round(statistics.fmean(v), 3) for f, v in per_image.items()}
