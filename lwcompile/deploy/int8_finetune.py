@@ -31,7 +31,8 @@ The algorithm, the same for every runtime:
    only where it measurably helps.
 
 Only the caller knows the runtime: ``int8_xnnpack`` passes ``XNNPACKQuantizer`` (int8
-activations), ``export_onnx`` the x86 quantiser (uint8 activations, as onnxruntime's).
+activations), ``export_onnx`` the quantiser that rounds exactly what onnxruntime quantises
+(``onnxruntime_simulation``; uint8 activations).
 """
 
 from __future__ import annotations
