@@ -212,11 +212,15 @@ def test_unknown_precision_lists_the_valid_ones(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_without_onnxruntime_names_the_extra(monkeypatch, tmp_path):
+@pytest.mark.parametrize("qat_steps", [0, 2])
+def test_int8_without_onnxruntime_names_the_extra(qat_steps, monkeypatch, tmp_path):
+    """Also where fine-tuning, which reads onnxruntime's placement first, comes before."""
+    if qat_steps:
+        pytest.importorskip("torchao")
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
     with pytest.raises(lwcompile.Int8Error, match=r"pip install lwcompile\[export\]"):
         export_onnx(nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),), tmp_path / "m.onnx",
-                    precision="int8")
+                    precision="int8", qat_steps=qat_steps)
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -62,8 +62,7 @@ def test_a_tensor_is_matched_to_the_last_node_computing_its_values(tmp_path):
     conv_tensor = next(n.output[0] for n in onnx.load(str(tmp_path / "f.onnx")).graph.node
                        if n.op_type == "Conv")
     node = {n.target: n.name for n in graph.graph.nodes if n.op == "call_function"}
-    placeholder = next(n.name for n in graph.graph.nodes if n.op == "placeholder"
-                       and n.name not in dict(graph.named_parameters()))
+    placeholder = next(n.name for n in graph.graph.nodes if n.op == "placeholder")
     found = onnx_values.node_of_tensor(graph, tmp_path / "f.onnx", example, ["input_0"])
     relu = node[torch.ops.aten.relu.default]
     assert found == {"input_0": placeholder, conv_tensor: relu, "output": relu}

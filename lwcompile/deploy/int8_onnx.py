@@ -253,8 +253,7 @@ def quantised_nodes(graph: torch.fx.GraphModule, float_path: Path, example_input
     """The nodes of ``graph`` (exported from the model written to ``float_path``) whose
     outputs onnxruntime quantises in that file, found by quantising it once and matching
     the quantised tensors by value on one calibration input (``onnx_values``)."""
-    import onnx
-
+    onnx, _ = _onnxruntime()
     from .onnxruntime_simulation import quantised_activations
 
     args = int8_inputs.calibration_inputs(calibration, example_inputs, 1, degrade)[0]

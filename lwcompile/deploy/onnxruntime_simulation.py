@@ -18,6 +18,8 @@ So the placement is read from onnxruntime itself:
 3. ``onnx_values.node_of_tensor`` finds the torch node computing each;
 4. ``OnnxruntimeQuantizer`` annotates those nodes' outputs with the activation spec, and the
    weights of the convs and linears that read one of them with the weight spec.
+
+It needs torchao (an extra): ``int8_onnx`` imports it only after checking for it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
 
 #: the ops whose weight onnxruntime quantises when it quantises their input
 _WEIGHTED = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
@@ -52,13 +55,7 @@ def quantised_activations(quantised: Any) -> set[str]:
     return found
 
 
-def _quantizer_base() -> type:
-    from torchao.quantization.pt2e.quantizer import Quantizer
-
-    return Quantizer
-
-
-class OnnxruntimeQuantizer(_quantizer_base()):
+class OnnxruntimeQuantizer(Quantizer):
     """A pt2e quantizer that quantises the outputs of the nodes named ``nodes`` with
     ``config.output_activation`` and the weights of the convs and linears reading one of
     them with ``config.weight`` (a pt2e ``QuantizationConfig``); biases stay float, as
@@ -70,8 +67,6 @@ class OnnxruntimeQuantizer(_quantizer_base()):
         self.config = config
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-
         for node in model.graph.nodes:
             annotation = QuantizationAnnotation(_annotated=True)
             if node.name in self.nodes:
