@@ -272,7 +272,8 @@ def test_flipped_byte_fails_the_checksum(saved):
     (lambda h: h.update(params="many"), "params is str, not int"),
     (lambda h: h["plan"].update(sites="all"), "plan.sites is str"),
     (lambda h: h["plan"]["sites"][0].pop("rule"), "plan.sites\\[0\\].rule is NoneType"),
-    (lambda h: h["plan"].update(version=2), "plan version 2 is newer"),
+    (lambda h: h["plan"].update(version=3), "plan version 3 is newer"),
+    (lambda h: h["plan"]["sites"][0].update(params=[4]), "plan.sites\\[0\\].params is list"),
     (lambda h: h["plan"]["original"]["tensors"].update(x=["a"]), "tensors\\['x'\\]\\[0\\]"),
     (lambda h: h.update(report=[1]), "report is list"),
 ])

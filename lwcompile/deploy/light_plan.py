@@ -5,14 +5,15 @@ model file, and ``load`` replays it on the original architecture (``deploy.rebui
 that a model file holds data only: tensors and this plan, never code. The schema (version 1,
 documented for readers in docs/model_files.md)::
 
-    {"version": 1, "lwcompile_version": str, "torch_version": str,
+    {"version": 1 | 2, "lwcompile_version": str, "torch_version": str,
      "original": {"class_name": str, "params": int, "architecture": str,
                   "tensors": {name: [shape...]}, "source": str | null},
      "inputs": {"args": [INPUT...], "kwargs": {name: INPUT}},
      "rules": [{"name": str, "class": "module:QualName", "builtin": bool,
                 "params": {field: value}}],
      "guards": [str], "exclude": [str],
-     "sites": [{"site": str, "rule": str, "result_name": str, "structure": str}],
+     "sites": [{"site": str, "rule": str, "result_name": str, "structure": str,
+                "params"?: {field: value}}],
      "vetoes": [{"site": str, "by": str, "outcome": str, "reason": str}],
      "result": {"architecture": str, "training": bool, "training_differs": [str]},
      "replayable": true | "why not"}
@@ -21,6 +22,8 @@ documented for readers in docs/model_files.md)::
             | {"unknown": "type name"}
 
 ``class`` is for the reader only: the loader never imports a name it reads from a file.
+A site's ``params`` (written by ``tune(..., budget_ms=)``, which changes squeeze ratios per
+site) override its rule's parameters there.
 ``structure`` is a digest of the replacement's ``structure_key`` (classes, configuration and
 tensor shapes, not values); ``architecture`` a digest of tensor names and shapes.
 """
@@ -41,7 +44,10 @@ from ..report import APPLIED, Report
 from ..rule import Guard, Rule
 from ..tracing.flow import structure_key
 
-VERSION = 1
+#: the newest plan version this reads; 2 adds a site's own ``params``, and a plan is
+#: written as 2 only where a site has them (so that older readers refuse it, and read the rest)
+VERSION = 2
+SITE_PARAMS_VERSION = 2
 _SCALARS = (type(None), bool, int, float, str)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -123,7 +129,7 @@ def record(original: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
     """The plan of one lighten call: what ``rebuild`` needs to make ``result`` again from
     ``original``. Never raises for what data cannot hold: ``replayable`` says why instead."""
     plan: dict[str, Any] = {
-        "version": VERSION, "lwcompile_version": lwcompile_version(),
+        "version": 1, "lwcompile_version": lwcompile_version(),
         "torch_version": torch.__version__,
         "original": {"class_name": type(original).__name__,
                      "params": sum(p.numel() for p in original.parameters()),
@@ -209,6 +215,7 @@ def validate(header: Mapping[str, Any]) -> None:
     for i, site in enumerate(each(plan.get("sites"), dict, "plan.sites")):
         for key in ("site", "rule", "result_name", "structure"):
             need(site.get(key), str, f"plan.sites[{i}].{key}")
+        need(site.get("params"), (dict, type(None)), f"plan.sites[{i}].params")
     result = need(plan.get("result"), dict, "plan.result")
     need(result.get("architecture"), str, "plan.result.architecture")
     need(result.get("training"), bool, "plan.result.training")

@@ -131,24 +131,27 @@ def _configured(rule: Rule, params: Mapping[str, Any]) -> Rule:
 
 
 class _OnlyAt(Rule):
-    """A rule that matches only the sites the plan says it rewrote (else ``NoMatch``)."""
+    """A rule that matches only the sites the plan says it rewrote (else ``NoMatch``), at
+    each as configured there: a site's own parameters (a squeeze ratio ``tune`` changed)
+    over the rule's."""
 
-    def __init__(self, rule: Rule, sites: set[str]) -> None:
-        self.inner, self.sites = rule, sites
+    def __init__(self, by_site: dict[str, Rule]) -> None:
+        self.by_site = by_site
+        rule = next(iter(by_site.values()))
         self.name, self.applies_to = rule.name, rule.applies_to
         self.priority, self.exact = rule.priority, rule.exact
         self.for_image_layers = rule.for_image_layers
 
     def match(self, site: Site) -> Match | NoMatch | Refuse:
-        if site.name not in self.sites:
+        if site.name not in self.by_site:
             return NoMatch("not in the recorded plan")
-        return self.inner.match(site)
+        return self.by_site[site.name].match(site)
 
     def build(self, match: Match) -> nn.Module:
-        return self.inner.build(match)
+        return self.by_site[match.site.name].build(match)
 
     def describe(self, replacement: nn.Module) -> str:
-        return self.inner.describe(replacement)
+        return next(iter(self.by_site.values())).describe(replacement)
 
 
 def example_inputs(plan: Mapping[str, Any], like: nn.Module) -> tuple[tuple, dict]:
@@ -194,10 +197,11 @@ def rebuild(original: nn.Module, plan: Mapping[str, Any], weights: Mapping[str, 
     check_original(original, plan)
     chosen = replay_rules(plan, rules)
     args, kwargs = inputs if inputs is not None else example_inputs(plan, original)
-    sites: dict[str, set[str]] = {}
+    by_site: dict[str, dict[str, Rule]] = {}
     for site in plan["sites"]:
-        sites.setdefault(site["rule"], set()).add(site["site"])
-    restricted = [_OnlyAt(chosen[name], where) for name, where in sites.items()]
+        by_site.setdefault(site["rule"], {})[site["site"]] = \
+            _configured(chosen[site["rule"]], site.get("params") or {})
+    restricted = [_OnlyAt(rules) for rules in by_site.values()]
     try:
         light = lighten(original, args, example_kwargs=kwargs, rules=restricted, guards=[])
     except NothingToLighten as exc:

@@ -18,6 +18,10 @@ decide it, so ``tune`` measures:
 Every form is exact (float rounding only), so the tuned model needs no retraining. The
 report gives the whole model's latency before and after, and per site the form chosen and
 the latency its group's change made in context, per site.
+
+With ``budget_ms``, ``tune`` instead chooses each LIST's squeeze width so that the model
+fits the budget with the most parameters (``deploy/budget.py``): not exact, so the result
+needs ``distill``, and forms are left to a later ``tune`` of the distilled model.
 """
 
 from __future__ import annotations
@@ -38,12 +42,16 @@ from ..errors import ArgumentError, LwCompileError, one_line
 from ..measure.inputs import blamed_on_inputs
 from ..measure.profile import time_interleaved
 from ..nn import LIST, DenseLIST
-from . import int8
+from . import budget, int8, int8_inputs
 from .int8_onnx import session as onnxruntime_session
 
 TARGETS = {"torch": None, "onnxruntime": "onnxruntime", "xnnpack": "executorch"}
 EXTRAS = {"onnxruntime": "lwcompile[export]", "xnnpack": "lwcompile[mobile]"}
 PRECISIONS = ("fp32", "int8", "auto")
+#: the squeeze ratios ``budget_ms`` chooses from by default (the paper's is 4)
+SQUEEZE_RATIOS = (2, 4, 8, 16)
+#: calibration inputs the narrowed LISTs of a budget are fitted on
+FIT_INPUTS = 4
 #: the deployed forms of a LIST: the name, and how a LIST becomes it (None: left a LIST,
 #: which emit_fast and both exports turn into the chain of thin convs)
 FORMS: dict[str, Callable[[LIST], nn.Module] | None] = {"chain": None, "dense": DenseLIST}
@@ -56,14 +64,19 @@ class TuneError(LwCompileError):
 
 @dataclass
 class SiteChoice:
-    """One LIST site: the form it had and the form it takes, and what its group's change did
-    to the whole model's latency, divided among the group's sites (negative: faster)."""
+    """One LIST site: the form and squeeze width it had and takes, and what its group's
+    change did to the whole model's latency, divided among the group's sites (negative:
+    faster); where a budget narrowed it, its relative error against the LIST it had, on the
+    calibration crops it was fitted on."""
 
     site: str
     group: int
     form_before: str
     form_after: str
     ms_change_per_site: float
+    squeeze_before: int = 0
+    squeeze_after: int = 0
+    fit_error: float | None = None
 
 
 @dataclass
@@ -79,21 +92,37 @@ class TuneReport:
     sites: list[SiteChoice] = field(default_factory=list)
     #: precisions that could not be prepared, and why
     skipped: dict[str, str] = field(default_factory=dict)
+    budget_ms: float | None = None
+    #: False where a budget narrowed a LIST: the model computes another function (distill it)
+    exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"tune for {self.target}, {self.precision}: {self.ms_before:.1f} -> "
+        budget = f", budget {self.budget_ms:g} ms" if self.budget_ms is not None else ""
+        lines = [f"tune for {self.target}, {self.precision}{budget}: {self.ms_before:.1f} -> "
                  f"{self.ms_after:.1f} ms (median)"]
+        if not self.exact:
+            narrowed = sum(c.squeeze_after < c.squeeze_before for c in self.sites)
+            lines.append(f"  NOT EXACT: {narrowed} LIST sites narrowed (fitted to the LISTs "
+                         "they replace); distill the model before use")
         groups: dict[int, list[SiteChoice]] = {}
         for choice in self.sites:
             groups.setdefault(choice.group, []).append(choice)
         for group, choices in groups.items():
             first = choices[0]
             names = ", ".join(c.site for c in choices[:3]) + (", ..." if len(choices) > 3 else "")
-            lines.append(f"  group {group} ({len(choices)} sites: {names}): {first.form_before} "
-                         f"-> {first.form_after}, {first.ms_change_per_site:+.2f} ms per site")
+            if self.budget_ms is None:
+                lines.append(f"  group {group} ({len(choices)} sites: {names}): "
+                             f"{first.form_before} -> {first.form_after}, "
+                             f"{first.ms_change_per_site:+.2f} ms per site")
+                continue
+            widths = ", ".join(f"{c.site} {c.squeeze_before}->{c.squeeze_after}"
+                               f" ({c.ms_change_per_site:+.2f} ms"
+                               + (f", fit error {c.fit_error:.3f})" if c.fit_error is not None
+                                  else ")") for c in choices)
+            lines.append(f"  group {group} squeeze widths: {widths}")
         lines += [f"  timed {name}: {ms:.1f} ms" for name, ms in self.timings.items()]
         lines += [f"  {p} skipped: {why}" for p, why in self.skipped.items()]
         return "\n".join(lines)
@@ -113,13 +142,21 @@ class Tuned:
 def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnxruntime",
          precision: str = "fp32", runs: int = 7, threads: int | None = None,
          calibration: Any = None, degrade: Callable | None = None,
-         min_psnr: float | None = None) -> Tuned:
+         min_psnr: float | None = None, budget_ms: float | None = None,
+         squeeze_ratios: Sequence[int] = SQUEEZE_RATIOS) -> Tuned:
     """Time the deployed forms of ``model``'s LIST sites in ``target`` ("torch",
     "onnxruntime", "xnnpack") at ``precision`` ("fp32", "int8", or "auto": both, the faster
     kept) on ``example_inputs`` (the size the model will run at), and return a copy in the
     fastest forms. ``model`` is untouched. int8 is calibrated on ``calibration`` (and
     ``degrade``) and refused below ``min_psnr`` as ``export_onnx`` does. ``threads``: the
     runtime's intra-op threads (default: torch's).
+
+    With ``budget_ms``, each LIST site's squeeze ratio is chosen from ``squeeze_ratios``
+    instead, by measured latency at ``precision`` ("fp32" or "int8"), so that the model runs
+    within the budget with the most parameters: wider LISTs are exact, narrower ones are
+    fitted to the LISTs they replace on ``calibration`` crops; the result is *not* exact
+    (``report.exact``) and needs ``distill``. Forms are not changed; tune again after
+    distilling. A budget the narrowest ratios cannot meet raises ``TuneError``.
     """
     check.module("tune", "model", model)
     args = check.inputs("tune", "example_inputs", example_inputs)
@@ -135,6 +172,12 @@ def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnx
     runs = check.integer("tune", "runs", runs, minimum=1)
     threads = check.integer("tune", "threads", threads if threads is not None
                             else torch.get_num_threads(), minimum=1)
+    if budget_ms is not None:
+        budget_ms = check.number("tune", "budget_ms", budget_ms, positive=True)
+        if precision == "auto":
+            raise ArgumentError("tune: budget_ms times one precision; pass precision='fp32' "
+                                "or 'int8', not 'auto'")
+        squeeze_ratios = _ratios(squeeze_ratios)
     _require_runtime(target)
     precisions = (["fp32"] if target == "torch" else ["fp32", "int8"]) if precision == "auto" \
         else [precision]
@@ -142,7 +185,19 @@ def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnx
             blamed_on_inputs("tune", model, args):
         deploy = _Deploy(target, args, threads, Path(folder),
                          {"calibration": calibration, "degrade": degrade, "min_psnr": min_psnr})
+        if budget_ms is not None:
+            fit_inputs = int8_inputs.calibration_inputs(calibration, args, FIT_INPUTS, degrade)
+            return _tune_budget(copy.deepcopy(model).eval(), args, precision, runs, deploy,
+                                budget_ms, squeeze_ratios, fit_inputs)
         return _tune(copy.deepcopy(model).eval(), args, precisions, runs, deploy)
+
+
+def _ratios(value: Any) -> tuple[int, ...]:
+    ratios = check.sequence("tune", "squeeze_ratios", value, optional=False)
+    if not ratios:
+        raise ArgumentError("tune: squeeze_ratios is empty; give at least one ratio, e.g. "
+                            f"{SQUEEZE_RATIOS}")
+    return tuple(check.integer("tune", "squeeze_ratios", r, minimum=1) for r in ratios)
 
 
 def _require_runtime(target: str) -> None:
@@ -208,9 +263,14 @@ class _Deploy:
         self.int8_options = int8_options
         self.count = 0
 
-    def __call__(self, model: nn.Module, precision: str) -> Callable[[], Any]:
+    def __call__(self, model: nn.Module, precision: str, *,
+                 checked: bool = True) -> Callable[[], Any]:
+        """The deployed model's call; ``checked=False`` skips ``min_psnr`` (a model with
+        fresh weights, timed only)."""
         self.count += 1
         options = self.int8_options if precision == "int8" else {}
+        if not checked:
+            options = {k: v for k, v in options.items() if k != "min_psnr"}
         if self.target == "torch":
             from .emit import emit_fast
 
@@ -284,7 +344,9 @@ def _tune(model: nn.Module, args: tuple, precisions: list[str], runs: int,
         raise TuneError(f"tune: no precision could be prepared ({'; '.join(skipped.values())})")
     precision = min(results, key=lambda p: results[p][1])
     before, after, chosen, per_site = results[precision]
-    sites = [SiteChoice(site, i, "chain", chosen[site], round(per_site.get(site, 0.0), 3))
+    width = _widths(model)
+    sites = [SiteChoice(site, i, "chain", chosen[site], round(per_site.get(site, 0.0), 3),
+                        width[site], width[site])
              for i, group in enumerate(groups) for site in group]
     report = TuneReport(deploy.target, precision, round(before, 2), round(after, 2), timings,
                         sites, skipped)
@@ -292,3 +354,32 @@ def _tune(model: nn.Module, args: tuple, precisions: list[str], runs: int,
     if hasattr(model, "lwcompile_report"):
         tuned.lwcompile_report = model.lwcompile_report
     return Tuned(tuned, deploy.target, precision, report)
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.squeeze.out_channels for name, m in model.named_modules()
+            if isinstance(m, LIST)}
+
+
+def _tune_budget(model: nn.Module, args: tuple, precision: str, runs: int, deploy: _Deploy,
+                 budget_ms: float, ratios: tuple[int, ...], fit_inputs: list[tuple]) -> Tuned:
+    groups = list_groups(model, args)
+    if not groups:
+        raise TuneError("tune: budget_ms chooses LIST squeeze widths, and the model has no "
+                        "LIST (lighten it first)")
+    try:
+        result = budget.fit_budget(
+            model, groups, budget_ms, ratios,
+            prepare=lambda m: deploy(m, precision, checked=False),
+            medians=lambda calls: _medians(calls, runs), fit_inputs=fit_inputs)
+    except budget.BudgetUnreachable as exc:
+        raise TuneError(f"tune: {exc}") from None
+    sites = [SiteChoice(site, i, "chain", "chain", round(result.site_ms[site], 3),
+                        *result.widths[site], result.fit_errors.get(site))
+             for i, group in enumerate(groups) for site in group]
+    exact = all(c.squeeze_after >= c.squeeze_before for c in sites)  # widening is exact
+    report = TuneReport(deploy.target, precision, round(result.ms_before, 2),
+                        round(result.ms_after, 2),
+                        {f"{precision}: {k}": round(v, 2) for k, v in result.timings.items()},
+                        sites, budget_ms=budget_ms, exact=exact)
+    return Tuned(result.model, deploy.target, precision, report)

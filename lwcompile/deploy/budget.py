@@ -1,0 +1,199 @@
+"""``tune``'s latency budget: LIST squeeze widths chosen by measured latency, then fitted.
+
+With ``tune(..., budget_ms=B)``:
+
+1. For each group of alike LIST sites (``tune.list_groups``) and each other width the
+   candidate squeeze ratios give, a variant of the model with that group at that width
+   (freshly initialised: latency does not depend on the values) is prepared for the target
+   and timed interleaved with the model as given.
+2. Each site's options are its group's latency change divided among the group's sites, and
+   its parameter count at that width; ``squeeze_choice.choose`` picks the widths with the
+   most parameters that fit the budget (wider than given where the budget allows).
+3. The changed sites are rebuilt from their LISTs (``train.resqueeze``: wider exactly,
+   narrower fitted on crops of calibration inputs) and the result is timed against the model
+   as given. Where it is still over the budget (the prediction adds the sites' changes, an
+   approximation), the shortfall is added to the prediction and the choice made again, up to
+   ``ATTEMPTS`` times.
+4. The model's lighten plan records each changed site's squeeze ratio, so that the model
+   still saves as data and loads back (``deploy.rebuild``).
+
+A narrower LIST is another function: the result needs ``distill`` (the report says so).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import LIST
+from ..train import resqueeze
+from . import light_plan
+from .squeeze_choice import Option, choose, predicted_ms
+
+#: times the choice is made again when the chosen model measures over the budget
+ATTEMPTS = 3
+#: each fit's inputs: this many crops of this size per calibration input
+CROPS_PER_INPUT, CROP = 2, 48
+
+Prepare = Callable[[nn.Module], Callable[[], Any]]
+Medians = Callable[[dict[str, Callable[[], Any]]], dict[str, float]]
+
+
+class BudgetUnreachable(Exception):
+    """No width choice measured within the budget; the message gives the closest."""
+
+
+@dataclass
+class Budgeted:
+    """The model at its chosen widths and what was measured on the way."""
+
+    model: nn.Module
+    ms_before: float
+    ms_after: float
+    widths: dict[str, tuple[int, int]]  # site -> (width before, width after)
+    fit_errors: dict[str, float]  # changed sites narrowed: relative error against the old
+    site_ms: dict[str, float]  # each site's share of the latency change its width made
+    timings: dict[str, float]
+
+
+def ratio_widths(lst: LIST, ratios: Sequence[int]) -> dict[int, int]:
+    """Squeeze width -> the smallest of ``ratios`` giving it (a LIST needs ratio <= C)."""
+    channels = lst.squeeze.in_channels
+    widths: dict[int, int] = {}
+    for r in sorted(ratios, reverse=True):
+        if r <= channels:
+            widths[LIST.squeeze_width(channels, r)] = r
+    return widths
+
+
+def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
+               ratios: Sequence[int], prepare: Prepare, medians: Medians,
+               fit_inputs: Sequence[tuple]) -> Budgeted:
+    """The copy of ``model`` whose LIST sites take the widths chosen for ``budget_ms`` (see
+    the module docstring); ``prepare`` makes a timed call of a model as deployed,
+    ``fit_inputs`` are model inputs the narrowed sites are fitted on."""
+    lists = {site: model.get_submodule(site) for group in groups for site in group}
+    given = {site: lst.squeeze.out_channels for site, lst in lists.items()}
+    by_width = {site: ratio_widths(lst, ratios) for site, lst in lists.items()}
+    calls = {"as given": prepare(model)}
+    for i, group in enumerate(groups):
+        for width, ratio in by_width[group[0]].items():
+            if width != given[group[0]]:
+                variant = with_lists(model, {s: resqueeze.with_ratio(lists[s], ratio)
+                                             for s in group})
+                calls[f"group {i} squeeze {width}"] = prepare(variant)
+    ms = medians(calls)
+    options: dict[str, list[Option]] = {}
+    for i, group in enumerate(groups):
+        for site in group:
+            options[site] = [Option(given[site], 0.0, _params(lists[site]))] + [
+                Option(w, (ms[f"group {i} squeeze {w}"] - ms["as given"]) / len(group),
+                       _params(resqueeze.with_ratio(lists[site], r)))
+                for w, r in by_width[site].items() if w != given[site]]
+    shortfall, timings = 0.0, dict(ms)
+    for attempt in range(ATTEMPTS):
+        widths = choose(options, given, ms["as given"] + shortfall, budget_ms)
+        if widths is None:
+            narrowest = {s: min(o.width for o in opts) for s, opts in options.items()}
+            raise BudgetUnreachable(
+                f"{budget_ms:g} ms is out of reach: the model as given measured "
+                f"{ms['as given']:.1f} ms, and at the narrowest squeeze of the ratios "
+                f"{tuple(sorted(ratios))} it would take about "
+                f"{predicted_ms(options, narrowest, ms['as given'] + shortfall):.1f} ms")
+        changed = {s: w for s, w in widths.items() if w != given[s]}
+        built, errors = _rebuilt(model, lists, changed, by_width, fit_inputs)
+        final = medians({"as given": calls["as given"], "budget": prepare(built)})
+        timings[f"budget attempt {attempt + 1}"] = final["budget"]
+        if final["budget"] <= budget_ms:
+            _replan(built, lists, {s: by_width[s][w] for s, w in changed.items()})
+            site_ms = {s: next(o.ms for o in options[s] if o.width == widths[s])
+                       for s in lists}
+            return Budgeted(built, final["as given"], final["budget"],
+                            {s: (given[s], widths[s]) for s in lists}, errors, site_ms,
+                            timings)
+        shortfall += final["budget"] - predicted_ms(options, widths, ms["as given"] + shortfall)
+    raise BudgetUnreachable(f"{budget_ms:g} ms was missed {ATTEMPTS} times: the last choice "
+                            f"measured {final['budget']:.1f} ms (the model as given "
+                            f"{final['as given']:.1f} ms)")
+
+
+def with_lists(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
+    """A copy of ``model`` with the module at each name of ``replacements`` replaced."""
+    out = copy.deepcopy(model)
+    for name, module in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent), child, module)
+    return out
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _rebuilt(model: nn.Module, lists: Mapping[str, LIST], changed: Mapping[str, int],
+             by_width: Mapping[str, Mapping[int, int]], fit_inputs: Sequence[tuple]
+             ) -> tuple[nn.Module, dict[str, float]]:
+    """``model`` with each changed site's LIST at its new width, widened exactly or
+    narrowed and fitted on what the site receives in ``model``; the narrowed sites'
+    relative errors against their old LIST on those inputs."""
+    new, errors = {}, {}
+    for site, width in changed.items():
+        old = lists[site]
+        if width > old.squeeze.out_channels:
+            new[site] = resqueeze.widened(old, by_width[site][width])
+            continue
+        inputs = _site_inputs(model, site, fit_inputs)
+        new[site] = resqueeze.narrowed(old, by_width[site][width], inputs)
+        errors[site] = round(resqueeze.relative_error(new[site], old, inputs), 4)
+    return with_lists(model, new), errors
+
+
+@torch.no_grad()
+def _site_inputs(model: nn.Module, site: str, fit_inputs: Sequence[tuple]) -> Tensor:
+    """What ``site`` receives when ``model`` runs on ``fit_inputs``: ``CROPS_PER_INPUT``
+    seeded crops of at most ``CROP`` pixels a side from each, concatenated."""
+    seen: list[Tensor] = []
+    handle = model.get_submodule(site).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach()))
+    try:
+        for inputs in fit_inputs:
+            model(*inputs)
+    finally:
+        handle.remove()
+    generator = torch.Generator().manual_seed(0)
+    crops = []
+    for x in seen:
+        h, w = x.shape[-2:]
+        ch, cw = min(CROP, h), min(CROP, w)
+        for _ in range(CROPS_PER_INPUT):
+            top = int(torch.randint(h - ch + 1, (1,), generator=generator))
+            left = int(torch.randint(w - cw + 1, (1,), generator=generator))
+            crops.append(x[..., top:top + ch, left:left + cw])
+    return torch.cat(crops)
+
+
+def _replan(model: nn.Module, lists: Mapping[str, LIST], ratios: Mapping[str, int]) -> None:
+    """Record each re-squeezed site's ratio in ``model``'s lighten plan (where it has one),
+    so that ``save`` writes it and ``load`` rebuilds it; where the site's rule has no
+    ``squeeze_ratio`` the plan says it cannot be replayed (``save`` then names the reason)."""
+    plan = getattr(model, "lwcompile_plan", None)
+    if not isinstance(plan, dict) or not ratios:
+        return
+    rules = {entry["name"]: entry.get("params") or {} for entry in plan["rules"]}
+    for name, ratio in ratios.items():
+        entry = next((s for s in plan["sites"] if name == s["result_name"]
+                      or name.startswith(s["result_name"] + ".")), None)
+        if entry is None or "squeeze_ratio" not in rules.get(entry["rule"], {}):
+            plan["replayable"] = (f"tune changed the squeeze of the LIST {name!r}, which "
+                                  "no rule of the plan with a squeeze_ratio built")
+            continue
+        entry["params"] = {"squeeze_ratio": ratio}
+        plan["version"] = max(plan["version"], light_plan.SITE_PARAMS_VERSION)
+        entry["structure"] = light_plan.structure_digest(
+            model.get_submodule(entry["result_name"]))
+    plan["result"]["architecture"] = light_plan.shapes_digest(model)
