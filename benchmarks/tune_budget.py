@@ -2,7 +2,7 @@
 parameters and, after the same training, PSNR.
 
     python -m benchmarks.tune_budget [--target onnxruntime] [--precision fp32]
-        [--fractions 0.75 0.5] [--seconds 300] [--out tune_budget]
+        [--fractions 1.3 0.9 0.8] [--seconds 300] [--out tune_budget]
 
 The committed trained DnCNN-17 (sigma 25) is lightened; its latency at 1x1x256x256 on the
 target (2 threads, interleaved rounds, medians) is measured by ``tune`` with an unbounded
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--target", default="onnxruntime",
                         choices=("onnxruntime", "xnnpack", "torch"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.3, 0.9, 0.8])
     parser.add_argument("--seconds", type=float, default=300.0,
                         help="CPU seconds of init + distill per model (0: no training)")
     parser.add_argument("--runs", type=int, default=7)
@@ -71,9 +71,15 @@ def main() -> None:
     models = {"as given": (light, given_ms, None)}
     reports = {"unbounded": widest.report.to_dict()}
     for fraction in args.fractions:
-        tuned = lwcompile.tune(light, x, budget_ms=round(fraction * given_ms, 2), **options)
-        print(tuned.report, flush=True)
         name = f"budget {fraction:g}x"
+        try:
+            tuned = lwcompile.tune(light, x, budget_ms=round(fraction * given_ms, 2),
+                                   **options)
+        except lwcompile.TuneError as exc:  # out of reach on this machine: say so, go on
+            print(exc, flush=True)
+            reports[name] = {"budget_ms": round(fraction * given_ms, 2), "error": str(exc)}
+            continue
+        print(tuned.report, flush=True)
         models[name] = (tuned.model, tuned.report.ms_after, tuned.report.budget_ms)
         reports[name] = tuned.report.to_dict()
     pairs = held_out(DENOISE)

@@ -445,3 +445,22 @@ def test_precision_auto_needs_tune(capsys, workdir):
     code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "-o", "t.onnx",
                              "--precision", "auto")
     assert code == 2 and "--precision auto needs --tune" in err and out == ""
+
+
+def test_lighten_within_a_latency_budget_saves_the_chosen_widths(capsys, workdir):
+    code, out, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "wide.safetensors",
+                             "--input", "1x3x16x16", "--budget-ms", "1e6", "--target",
+                             "torch", "--json")
+    assert code == 0, err
+    tune = json.loads(out)["tune"]
+    assert tune["exact"] and tune["budget_ms"] == 1e6
+    assert {(s["squeeze_before"], s["squeeze_after"]) for s in tune["sites"]} == {(4, 8)}
+    light = persist.load(workdir / "wide.safetensors", original=load_model("lwc_tiny:build"))
+    assert [light.get_submodule(s).squeeze.out_channels for s in ("2", "4")] == [8, 8]
+
+    code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "x.safetensors",
+                           "--input", "1x3x16x16", "--budget-ms", "1e-6", "--target", "torch")
+    assert code != 0 and "out of reach" in err and not (workdir / "x.safetensors").exists()
+    code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "y.safetensors",
+                           "--budget-ms", "nan")
+    assert code == 2 and "'nan' is not a positive number" in err

@@ -179,6 +179,7 @@ def test_tune_refuses_a_budget_out_of_reach() -> None:
     ({"budget_ms": 10.0, "squeeze_ratios": []}, "squeeze_ratios is empty"),
     ({"budget_ms": 10.0, "squeeze_ratios": [4, "8"]}, "squeeze_ratios"),
     ({"budget_ms": 10.0, "squeeze_ratios": [0]}, "squeeze_ratios"),
+    ({"squeeze_ratios": [8]}, "pass budget_ms too"),
 ])
 def test_bad_budget_arguments_are_named(kwargs: dict, match: str) -> None:
     _, light, inputs = _light()

@@ -165,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then train the result for STEPS steps to reproduce MODEL's outputs")
     p.add_argument("--data", metavar="DIR",
                    help="folder of training images for --distill (default: scikit-image's)")
+    p.add_argument("--budget-ms", type=_positive_float, metavar="MS",
+                   help="choose each LIST's squeeze ratio so that the model runs within MS "
+                        "milliseconds at the --input size on --target, timed here "
+                        "(lwcompile.tune budget_ms); narrowed LISTs need --distill or "
+                        "`lwcompile distill` afterwards")
+    p.add_argument("--target", choices=("onnxruntime", "xnnpack", "torch"),
+                   default="onnxruntime", help="the runtime --budget-ms is timed in "
+                                               "(default onnxruntime)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="the precision --budget-ms is timed in (default fp32)")
     rule_options(command("plan", commands.plan,
                          "show what lighten would do to MODEL, without building it"))
     p = command("export", commands.export,
@@ -246,3 +256,13 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value

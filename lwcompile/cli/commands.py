@@ -37,6 +37,14 @@ def lighten(args: argparse.Namespace) -> dict[str, Any]:
     inputs = _example_inputs(model, args.input)
     with stage(f"lightening {type(model).__name__}", args.quiet):
         light = lwcompile.lighten(model, inputs, **_rule_choice(args))
+    tuned = None
+    if args.budget_ms is not None:
+        with stage(f"choosing squeeze widths for {args.budget_ms:g} ms in {args.target}",
+                   args.quiet):
+            tuned = lwcompile.tune(light, inputs or infer_example_inputs(model),
+                                   target=args.target, precision=args.precision,
+                                   budget_ms=args.budget_ms)
+        light = tuned.model
     if args.distill:
         with stage(f"distilling {args.distill} steps", args.quiet):
             lwcompile.distill(light, model, args.data, steps=args.distill)
@@ -44,8 +52,12 @@ def lighten(args: argparse.Namespace) -> dict[str, Any]:
     persist.save(light, args.output, report=report, source=args.model)
     text = (f"{report}\n\nsaved to {args.output} (weights and plan; load it with "
             f"--original {args.model})")
+    if tuned is not None and not tuned.report.exact and not args.distill:
+        text += (f"\nnot exact: train it before use, e.g. lwcompile distill {args.output} "
+                 f"--teacher {args.model} -o DISTILLED.safetensors")
     return {"model": args.model, "output": str(args.output), "class_name": type(light).__name__,
-            "distill_steps": args.distill or 0, "report": report.to_dict(), "text": text}
+            "distill_steps": args.distill or 0, "report": report.to_dict(),
+            **_tune_result(tuned), "text": _with_tune_report(text, tuned)}
 
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:

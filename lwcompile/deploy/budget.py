@@ -99,12 +99,13 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
     for attempt in range(ATTEMPTS):
         widths = choose(options, given, ms["as given"] + shortfall, budget_ms)
         if widths is None:
-            narrowest = {s: min(o.width for o in opts) for s, opts in options.items()}
+            fastest = {s: min(opts, key=lambda o: o.ms).width for s, opts in options.items()}
             raise BudgetUnreachable(
                 f"{budget_ms:g} ms is out of reach: the model as given measured "
-                f"{ms['as given']:.1f} ms, and at the narrowest squeeze of the ratios "
+                f"{ms['as given']:.1f} ms, and at its fastest squeeze widths of the ratios "
                 f"{tuple(sorted(ratios))} it would take about "
-                f"{predicted_ms(options, narrowest, ms['as given'] + shortfall):.1f} ms")
+                f"{predicted_ms(options, fastest, ms['as given'] + shortfall):.1f} ms "
+                "(a narrower squeeze is not always faster)")
         changed = {s: w for s, w in widths.items() if w != given[s]}
         built, errors = _rebuilt(model, lists, changed, by_width, fit_inputs)
         final = medians({"as given": calls["as given"], "budget": prepare(built)})

@@ -118,11 +118,15 @@ class TuneReport:
                              f"{first.form_before} -> {first.form_after}, "
                              f"{first.ms_change_per_site:+.2f} ms per site")
                 continue
-            widths = ", ".join(f"{c.site} {c.squeeze_before}->{c.squeeze_after}"
-                               f" ({c.ms_change_per_site:+.2f} ms"
-                               + (f", fit error {c.fit_error:.3f})" if c.fit_error is not None
-                                  else ")") for c in choices)
-            lines.append(f"  group {group} squeeze widths: {widths}")
+            lines.append(f"  group {group} ({len(choices)} sites: {names}): squeeze width")
+            moves: dict[tuple[int, int], list[SiteChoice]] = {}
+            for c in choices:
+                moves.setdefault((c.squeeze_before, c.squeeze_after), []).append(c)
+            for (before, after), alike in moves.items():
+                errors = [c.fit_error for c in alike if c.fit_error is not None]
+                fit = f", fit error up to {max(errors):.3f}" if errors else ""
+                lines.append(f"    {before} -> {after} at {len(alike)} sites "
+                             f"({alike[0].ms_change_per_site:+.2f} ms each{fit})")
         lines += [f"  timed {name}: {ms:.1f} ms" for name, ms in self.timings.items()]
         lines += [f"  {p} skipped: {why}" for p, why in self.skipped.items()]
         return "\n".join(lines)
@@ -143,7 +147,7 @@ def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnx
          precision: str = "fp32", runs: int = 7, threads: int | None = None,
          calibration: Any = None, degrade: Callable | None = None,
          min_psnr: float | None = None, budget_ms: float | None = None,
-         squeeze_ratios: Sequence[int] = SQUEEZE_RATIOS) -> Tuned:
+         squeeze_ratios: Sequence[int] | None = None) -> Tuned:
     """Time the deployed forms of ``model``'s LIST sites in ``target`` ("torch",
     "onnxruntime", "xnnpack") at ``precision`` ("fp32", "int8", or "auto": both, the faster
     kept) on ``example_inputs`` (the size the model will run at), and return a copy in the
@@ -152,11 +156,13 @@ def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnx
     runtime's intra-op threads (default: torch's).
 
     With ``budget_ms``, each LIST site's squeeze ratio is chosen from ``squeeze_ratios``
-    instead, by measured latency at ``precision`` ("fp32" or "int8"), so that the model runs
-    within the budget with the most parameters: wider LISTs are exact, narrower ones are
-    fitted to the LISTs they replace on ``calibration`` crops; the result is *not* exact
-    (``report.exact``) and needs ``distill``. Forms are not changed; tune again after
-    distilling. A budget the narrowest ratios cannot meet raises ``TuneError``.
+    (default ``SQUEEZE_RATIOS``) instead, by measured latency at ``precision`` ("fp32" or
+    "int8"), so that the model runs within the budget with the most parameters: wider LISTs
+    are exact, narrower ones are fitted to the LISTs they replace on ``calibration`` crops;
+    the result is then *not* exact (``report.exact``) and needs ``distill``. Forms are not
+    changed; tune again after distilling. A budget the narrowest ratios cannot meet raises
+    ``TuneError``. The budget's variants are timed without ``min_psnr`` (their weights are
+    fresh); the export applies it.
     """
     check.module("tune", "model", model)
     args = check.inputs("tune", "example_inputs", example_inputs)
@@ -177,7 +183,10 @@ def tune(model: nn.Module, example_inputs: Sequence[Any], *, target: str = "onnx
         if precision == "auto":
             raise ArgumentError("tune: budget_ms times one precision; pass precision='fp32' "
                                 "or 'int8', not 'auto'")
-        squeeze_ratios = _ratios(squeeze_ratios)
+        squeeze_ratios = _ratios(SQUEEZE_RATIOS if squeeze_ratios is None else squeeze_ratios)
+    elif squeeze_ratios is not None:
+        raise ArgumentError("tune: squeeze_ratios is what budget_ms chooses from; pass "
+                            "budget_ms too, or leave squeeze_ratios out")
     _require_runtime(target)
     precisions = (["fp32"] if target == "torch" else ["fp32", "int8"]) if precision == "auto" \
         else [precision]
