@@ -11,9 +11,10 @@ With ``tune(..., budget_ms=B)``:
    most parameters that fit the budget (wider than given where the budget allows).
 3. The changed sites are rebuilt from their LISTs (``train.resqueeze``: wider exactly,
    narrower fitted on crops of calibration inputs) and the result is timed against the model
-   as given. Where it is still over the budget (the prediction adds the sites' changes, an
-   approximation), the shortfall is added to the prediction and the choice made again, up to
-   ``ATTEMPTS`` times.
+   as given. The prediction adds the sites' changes, an approximation, so its measured error
+   is added to it and the choice made again (narrower where the result was over the budget,
+   wider where budget was left), until a choice repeats or ``ATTEMPTS`` are made; the
+   measured-within-budget result with the most parameters is kept.
 4. The model's lighten plan records each changed site's squeeze ratio, so that the model
    still saves as data and loads back (``deploy.rebuild``).
 
@@ -35,7 +36,7 @@ from ..train import resqueeze
 from . import light_plan
 from .squeeze_choice import Option, choose, predicted_ms
 
-#: times the choice is made again when the chosen model measures over the budget
+#: choices made and measured at most, each corrected by the last one's measured error
 ATTEMPTS = 3
 #: each fit's inputs: this many crops of this size per calibration input
 CROPS_PER_INPUT, CROP = 2, 48
@@ -96,9 +97,11 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
                        _params(resqueeze.with_ratio(lists[site], r)))
                 for w, r in by_width[site].items() if w != given[site]]
     shortfall, timings = 0.0, dict(ms)
+    tried: list[dict[str, int]] = []
+    best: Budgeted | None = None
     for attempt in range(ATTEMPTS):
         widths = choose(options, given, ms["as given"] + shortfall, budget_ms)
-        if widths is None:
+        if widths is None and best is None:
             fastest = {s: min(opts, key=lambda o: o.ms).width for s, opts in options.items()}
             raise BudgetUnreachable(
                 f"{budget_ms:g} ms is out of reach: the model as given measured "
@@ -106,21 +109,27 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
                 f"{tuple(sorted(ratios))} it would take about "
                 f"{predicted_ms(options, fastest, ms['as given'] + shortfall):.1f} ms "
                 "(a narrower squeeze is not always faster)")
+        if widths is None or widths in tried:
+            break
+        tried.append(widths)
         changed = {s: w for s, w in widths.items() if w != given[s]}
         built, errors = _rebuilt(model, lists, changed, by_width, fit_inputs)
         final = medians({"as given": calls["as given"], "budget": prepare(built)})
         timings[f"budget attempt {attempt + 1}"] = final["budget"]
-        if final["budget"] <= budget_ms:
+        if final["budget"] <= budget_ms and (best is None or _params(built) > _params(best.model)):
             _replan(built, lists, {s: by_width[s][w] for s, w in changed.items()})
             site_ms = {s: next(o.ms for o in options[s] if o.width == widths[s])
                        for s in lists}
-            return Budgeted(built, final["as given"], final["budget"],
-                            {s: (given[s], widths[s]) for s in lists}, errors, site_ms,
-                            timings)
-        shortfall += final["budget"] - predicted_ms(options, widths, ms["as given"] + shortfall)
-    raise BudgetUnreachable(f"{budget_ms:g} ms was missed {ATTEMPTS} times: the last choice "
-                            f"measured {final['budget']:.1f} ms (the model as given "
-                            f"{final['as given']:.1f} ms)")
+            best = Budgeted(built, final["as given"], final["budget"],
+                            {s: (given[s], widths[s]) for s in lists}, errors, site_ms, timings)
+        # the prediction's error, measured: over the budget it narrows the next choice,
+        # under it (budget left unused) it widens it
+        shortfall = final["budget"] - predicted_ms(options, widths, ms["as given"])
+    if best is None:
+        raise BudgetUnreachable(f"{budget_ms:g} ms was missed {len(tried)} times: the last "
+                                f"choice measured {final['budget']:.1f} ms (the model as given "
+                                f"{final['as given']:.1f} ms)")
+    return best
 
 
 def with_lists(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
