@@ -182,6 +182,18 @@ def test_tune_with_a_generous_budget_keeps_the_function() -> None:
     assert "budget 1e+06 ms" in str(report) and "NOT EXACT" not in str(report)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_tune_with_a_budget_in_onnxruntime(precision: str) -> None:
+    pytest.importorskip("onnxruntime")
+    _, light, inputs = _light()
+    tuned = tune(light, inputs, target="onnxruntime", precision=precision, runs=1,
+                 budget_ms=1e6, min_psnr=200.0)  # min_psnr is left to the export
+    assert tuned.precision == precision and tuned.report.exact
+    assert {c.squeeze_after for c in tuned.report.sites} == {16}
+    assert f"{precision}: group 0 squeeze 16" in tuned.report.timings
+    close(run(tuned.model, inputs), run(light, inputs))
+
+
 def test_tune_refuses_a_budget_out_of_reach() -> None:
     _, light, inputs = _light()
     with pytest.raises(TuneError, match="out of reach"):

@@ -108,7 +108,8 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
                 f"{ms['as given']:.1f} ms, and at its fastest squeeze widths of the ratios "
                 f"{tuple(sorted(ratios))} it would take about "
                 f"{predicted_ms(options, fastest, ms['as given'] + shortfall):.1f} ms "
-                "(a narrower squeeze is not always faster)")
+                "(a narrower squeeze is not always faster; on a machine whose timings "
+                "vary, more runs= measure steadier)")
         if widths is None or widths in tried:
             break
         tried.append(widths)
@@ -128,7 +129,7 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
     if best is None:
         raise BudgetUnreachable(f"{budget_ms:g} ms was missed {len(tried)} times: the last "
                                 f"choice measured {final['budget']:.1f} ms (the model as given "
-                                f"{final['as given']:.1f} ms)")
+                                f"{final['as given']:.1f} ms; more runs= measure steadier)")
     return best
 
 
