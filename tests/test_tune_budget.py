@@ -142,6 +142,19 @@ def test_the_pass_narrows_to_the_budget_fits_the_narrowed_and_saves_as_data(tmp_
         [done.model.get_submodule(s).squeeze.out_channels for s in sites]
     close(run(back, inputs), run(done.model, inputs))
     assert done.model.lwcompile_plan["version"] == 2
+    # the lighten report counts the narrower LISTs: parameters exactly, MACs by the LIST's
+    # weights per pixel (24x24 input, as lighten counted)
+    rows = {r.site: r for r in done.model.lwcompile_report.applied}
+    given_rows = {r.site: r for r in light.lwcompile_report.applied}
+    for site in narrowed:
+        lst = done.model.get_submodule(site)
+        assert rows[site].params_after == sum(p.numel() for p in lst.parameters())
+        assert rows[site].macs_after == 24 * 24 * sum(
+            m.weight.numel() for m in lst.modules() if isinstance(m, nn.Conv2d))
+        assert rows[site].macs_after < given_rows[site].macs_after
+    summary = done.model.lwcompile_report.summary
+    assert summary.params_after == sum(p.numel() for p in done.model.parameters())
+    assert summary.macs_after == lwcompile.profile(done.model, inputs).macs
     assert light.lwcompile_plan["version"] == 1  # the given model's plan is untouched
 
 

@@ -16,7 +16,8 @@ With ``tune(..., budget_ms=B)``:
    wider where budget was left), until a choice repeats or ``ATTEMPTS`` are made; the
    measured-within-budget result with the most parameters is kept.
 4. The model's lighten plan records each changed site's squeeze ratio, so that the model
-   still saves as data and loads back (``deploy.rebuild``).
+   still saves as data and loads back (``deploy.rebuild``), and its lighten report counts
+   the new parameters and MACs.
 
 A narrower LIST is another function: the result needs ``distill`` (the report says so).
 """
@@ -119,6 +120,7 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
         timings[f"budget attempt {attempt + 1}"] = final["budget"]
         if final["budget"] <= budget_ms and (best is None or _params(built) > _params(best.model)):
             _replan(built, lists, {s: by_width[s][w] for s, w in changed.items()})
+            _recount(built, {s: (lists[s], built.get_submodule(s)) for s in changed})
             site_ms = {s: next(o.ms for o in options[s] if o.width == widths[s])
                        for s in lists}
             best = Budgeted(built, final["as given"], final["budget"],
@@ -186,6 +188,33 @@ def _site_inputs(model: nn.Module, site: str, fit_inputs: Sequence[tuple]) -> Te
             left = int(torch.randint(w - cw + 1, (1,), generator=generator))
             crops.append(x[..., top:top + ch, left:left + cw])
     return torch.cat(crops)
+
+
+def _weights(lst: LIST) -> int:
+    return sum(m.weight.numel() for m in lst.modules() if isinstance(m, nn.Conv2d))
+
+
+def _recount(model: nn.Module, replaced: Mapping[str, tuple[LIST, LIST]]) -> None:
+    """Bring the lighten report on ``model`` (if any) up to date for LISTs now at another
+    width: each row's parameters and MACs after, and the summary. A LIST's convs all run at
+    one resolution, so its MACs are its conv weights per output pixel and scale by their
+    ratio at whatever input size the report counted; the replacements that hold a LIST
+    (resize + LIST, LIST + unshuffle) do no other multiply-adds."""
+    report = getattr(model, "lwcompile_report", None)
+    if report is None or report.summary is None or not replaced:
+        return
+    macs_change = 0
+    for name, (old, new) in replaced.items():
+        row = next((r for r in report.applied if name == (r.result_name or r.site)
+                    or name.startswith((r.result_name or r.site) + ".")), None)
+        if row is None:
+            continue
+        row.params_after += _params(new) - _params(old)
+        macs = round(row.macs_after * _weights(new) / _weights(old))
+        macs_change += macs - row.macs_after
+        row.macs_after = macs
+    report.summary.params_after = _params(model)
+    report.summary.macs_after += macs_change
 
 
 def _replan(model: nn.Module, lists: Mapping[str, LIST], ratios: Mapping[str, int]) -> None:
