@@ -97,7 +97,8 @@ def main() -> None:
                                                  DENOISE, pairs)["psnr"], 3)
         results[name] = result
         rows.append([name, f"{ms:.1f}", f"{result['params']:,}", str(widths),
-                     f"{result['psnr_untrained']:.2f}", f"{result.get('psnr_trained', 0):.2f}"])
+                     f"{result['psnr_untrained']:.2f}",
+                     f"{result['psnr_trained']:.2f}" if "psnr_trained" in result else "-"])
         print(rows[-1], flush=True)
     print(f"\nDnCNN-17 light, 1x1x256x256, {args.target} {args.precision}, {info['cpu']}; "
           f"teacher {teacher_psnr:.2f} dB; trained {args.seconds:g} CPU s each")

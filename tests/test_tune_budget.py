@@ -177,6 +177,18 @@ def test_the_pass_widens_exactly_where_the_budget_allows() -> None:
     close(run(done.model, inputs), run(light, inputs))
 
 
+def test_a_budget_every_choice_misses_names_what_they_measured() -> None:
+    _, light, inputs = _light()
+    groups = lwcompile.deploy.tune.list_groups(light, inputs)
+    with pytest.raises(budget.BudgetUnreachable,
+                       match=r"118 ms was missed: the choices made measured 126\.0 ms"):
+        budget.fit_budget(  # the chosen model measures 10 ms slower than predicted
+            light, groups, 118.0, (2, 4, 8), prepare=lambda m: (lambda: m),
+            medians=lambda calls: {k: _made_up_latency(c()) + 10 * (k == "budget")
+                                   for k, c in calls.items()},
+            fit_inputs=[inputs])
+
+
 def test_the_pass_names_what_the_narrowest_would_take() -> None:
     _, light, inputs = _light()
     with pytest.raises(budget.BudgetUnreachable, match=r"124\.0 ms.*about 112\.0 ms"):

@@ -82,10 +82,68 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
     lists = {site: model.get_submodule(site) for group in groups for site in group}
     given = {site: lst.squeeze.out_channels for site, lst in lists.items()}
     by_width = {site: ratio_widths(lst, ratios) for site, lst in lists.items()}
-    calls = {"as given": prepare(model)}
+    as_given = prepare(model)
+    options, timings = _timed_options(model, groups, lists, by_width, as_given, prepare,
+                                      medians)
+    ms_given = timings["as given"]
+    rebuilt: dict[tuple[str, int], tuple[LIST, float | None]] = {}  # fits kept across attempts
+    tried: list[dict[str, int]] = []
+    best: Budgeted | None = None
+    shortfall = 0.0
+    for attempt in range(ATTEMPTS):
+        widths = choose(options, given, ms_given + shortfall, budget_ms)
+        if widths is None and not tried:
+            fastest = {s: min(opts, key=lambda o: o.ms).width for s, opts in options.items()}
+            raise BudgetUnreachable(
+                f"{budget_ms:g} ms is out of reach: the model as given measured "
+                f"{ms_given:.1f} ms, and at its fastest squeeze widths of the ratios "
+                f"{tuple(sorted(ratios))} it would take about "
+                f"{predicted_ms(options, fastest, ms_given + shortfall):.1f} ms "
+                "(a narrower squeeze is not always faster; on a machine whose timings "
+                "vary, more runs= measure steadier)")
+        if widths is None or widths in tried:
+            break
+        tried.append(widths)
+        changed = {s: w for s, w in widths.items() if w != given[s]}
+        for site, width in changed.items():
+            if (site, width) not in rebuilt:
+                rebuilt[site, width] = _resqueezed(model, site, lists[site],
+                                                   by_width[site][width], fit_inputs)
+        built = with_lists(model, {s: copy.deepcopy(rebuilt[s, w][0])
+                                   for s, w in changed.items()})
+        final = medians({"as given": as_given, "budget": prepare(built)})
+        timings[f"budget attempt {attempt + 1}"] = final["budget"]
+        if final["budget"] <= budget_ms and (best is None or _params(built) > _params(best.model)):
+            _replan(built, {s: by_width[s][w] for s, w in changed.items()})
+            _recount(built, {s: (lists[s], built.get_submodule(s)) for s in changed})
+            best = Budgeted(
+                built, final["as given"], final["budget"],
+                {s: (given[s], widths[s]) for s in lists},
+                {s: e for s, w in changed.items() if (e := rebuilt[s, w][1]) is not None},
+                {s: next(o.ms for o in options[s] if o.width == widths[s]) for s in lists},
+                timings)
+        # the prediction's error, measured: over the budget it narrows the next choice,
+        # under it (budget left unused) it widens it
+        shortfall = final["budget"] - predicted_ms(options, widths, ms_given)
+    if best is None:
+        measured = ", ".join(f"{v:.1f}" for k, v in timings.items() if k.startswith("budget"))
+        raise BudgetUnreachable(f"{budget_ms:g} ms was missed: the choices made measured "
+                                f"{measured} ms (the model as given {final['as given']:.1f} "
+                                "ms in the last round; on a machine whose timings vary, more "
+                                "runs= measure steadier)")
+    return best
+
+
+def _timed_options(model: nn.Module, groups: list[list[str]], lists: Mapping[str, LIST],
+                   by_width: Mapping[str, Mapping[int, int]], as_given: Callable[[], Any],
+                   prepare: Prepare, medians: Medians
+                   ) -> tuple[dict[str, list[Option]], dict[str, float]]:
+    """Each site's options, from one timed variant per group and other width (fresh weights:
+    latency does not depend on them), and every median timed."""
+    calls = {"as given": as_given}
     for i, group in enumerate(groups):
         for width, ratio in by_width[group[0]].items():
-            if width != given[group[0]]:
+            if width != lists[group[0]].squeeze.out_channels:
                 variant = with_lists(model, {s: resqueeze.with_ratio(lists[s], ratio)
                                              for s in group})
                 calls[f"group {i} squeeze {width}"] = prepare(variant)
@@ -93,77 +151,35 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
     options: dict[str, list[Option]] = {}
     for i, group in enumerate(groups):
         for site in group:
-            options[site] = [Option(given[site], 0.0, _params(lists[site]))] + [
+            lst = lists[site]
+            options[site] = [Option(lst.squeeze.out_channels, 0.0, _params(lst))] + [
                 Option(w, (ms[f"group {i} squeeze {w}"] - ms["as given"]) / len(group),
-                       _params(resqueeze.with_ratio(lists[site], r)))
-                for w, r in by_width[site].items() if w != given[site]]
-    shortfall, timings = 0.0, dict(ms)
-    tried: list[dict[str, int]] = []
-    best: Budgeted | None = None
-    for attempt in range(ATTEMPTS):
-        widths = choose(options, given, ms["as given"] + shortfall, budget_ms)
-        if widths is None and best is None:
-            fastest = {s: min(opts, key=lambda o: o.ms).width for s, opts in options.items()}
-            raise BudgetUnreachable(
-                f"{budget_ms:g} ms is out of reach: the model as given measured "
-                f"{ms['as given']:.1f} ms, and at its fastest squeeze widths of the ratios "
-                f"{tuple(sorted(ratios))} it would take about "
-                f"{predicted_ms(options, fastest, ms['as given'] + shortfall):.1f} ms "
-                "(a narrower squeeze is not always faster; on a machine whose timings "
-                "vary, more runs= measure steadier)")
-        if widths is None or widths in tried:
-            break
-        tried.append(widths)
-        changed = {s: w for s, w in widths.items() if w != given[s]}
-        built, errors = _rebuilt(model, lists, changed, by_width, fit_inputs)
-        final = medians({"as given": calls["as given"], "budget": prepare(built)})
-        timings[f"budget attempt {attempt + 1}"] = final["budget"]
-        if final["budget"] <= budget_ms and (best is None or _params(built) > _params(best.model)):
-            _replan(built, lists, {s: by_width[s][w] for s, w in changed.items()})
-            _recount(built, {s: (lists[s], built.get_submodule(s)) for s in changed})
-            site_ms = {s: next(o.ms for o in options[s] if o.width == widths[s])
-                       for s in lists}
-            best = Budgeted(built, final["as given"], final["budget"],
-                            {s: (given[s], widths[s]) for s in lists}, errors, site_ms, timings)
-        # the prediction's error, measured: over the budget it narrows the next choice,
-        # under it (budget left unused) it widens it
-        shortfall = final["budget"] - predicted_ms(options, widths, ms["as given"])
-    if best is None:
-        raise BudgetUnreachable(f"{budget_ms:g} ms was missed {len(tried)} times: the last "
-                                f"choice measured {final['budget']:.1f} ms (the model as given "
-                                f"{final['as given']:.1f} ms; more runs= measure steadier)")
-    return best
+                       _params(resqueeze.with_ratio(lst, r)))
+                for w, r in by_width[site].items() if w != lst.squeeze.out_channels]
+    return options, dict(ms)
 
 
 def with_lists(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
     """A copy of ``model`` with the module at each name of ``replacements`` replaced."""
     out = copy.deepcopy(model)
     for name, module in replacements.items():
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent), child, module)
+        out.set_submodule(name, module)
     return out
+
+
+def _resqueezed(model: nn.Module, site: str, old: LIST, ratio: int,
+                fit_inputs: Sequence[tuple]) -> tuple[LIST, float | None]:
+    """``old`` at ``ratio``: widened exactly (no error to report), or narrowed and fitted on
+    what ``site`` receives in ``model``, with its relative error against ``old`` there."""
+    if LIST.squeeze_width(old.squeeze.in_channels, ratio) > old.squeeze.out_channels:
+        return resqueeze.widened(old, ratio), None
+    inputs = _site_inputs(model, site, fit_inputs)
+    new = resqueeze.narrowed(old, ratio, inputs)
+    return new, round(resqueeze.relative_error(new, old, inputs), 4)
 
 
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _rebuilt(model: nn.Module, lists: Mapping[str, LIST], changed: Mapping[str, int],
-             by_width: Mapping[str, Mapping[int, int]], fit_inputs: Sequence[tuple]
-             ) -> tuple[nn.Module, dict[str, float]]:
-    """``model`` with each changed site's LIST at its new width, widened exactly or
-    narrowed and fitted on what the site receives in ``model``; the narrowed sites'
-    relative errors against their old LIST on those inputs."""
-    new, errors = {}, {}
-    for site, width in changed.items():
-        old = lists[site]
-        if width > old.squeeze.out_channels:
-            new[site] = resqueeze.widened(old, by_width[site][width])
-            continue
-        inputs = _site_inputs(model, site, fit_inputs)
-        new[site] = resqueeze.narrowed(old, by_width[site][width], inputs)
-        errors[site] = round(resqueeze.relative_error(new[site], old, inputs), 4)
-    return with_lists(model, new), errors
 
 
 @torch.no_grad()
@@ -190,6 +206,11 @@ def _site_inputs(model: nn.Module, site: str, fit_inputs: Sequence[tuple]) -> Te
     return torch.cat(crops)
 
 
+def _holds(replacement: str, name: str) -> bool:
+    """Whether the module ``name`` is the replacement at ``replacement`` or inside it."""
+    return name == replacement or name.startswith(replacement + ".")
+
+
 def _weights(lst: LIST) -> int:
     return sum(m.weight.numel() for m in lst.modules() if isinstance(m, nn.Conv2d))
 
@@ -205,8 +226,8 @@ def _recount(model: nn.Module, replaced: Mapping[str, tuple[LIST, LIST]]) -> Non
         return
     macs_change = 0
     for name, (old, new) in replaced.items():
-        row = next((r for r in report.applied if name == (r.result_name or r.site)
-                    or name.startswith((r.result_name or r.site) + ".")), None)
+        row = next((r for r in report.applied if _holds(r.result_name or r.site, name)),
+                   None)
         if row is None:
             continue
         row.params_after += _params(new) - _params(old)
@@ -217,7 +238,7 @@ def _recount(model: nn.Module, replaced: Mapping[str, tuple[LIST, LIST]]) -> Non
     report.summary.macs_after += macs_change
 
 
-def _replan(model: nn.Module, lists: Mapping[str, LIST], ratios: Mapping[str, int]) -> None:
+def _replan(model: nn.Module, ratios: Mapping[str, int]) -> None:
     """Record each re-squeezed site's ratio in ``model``'s lighten plan (where it has one),
     so that ``save`` writes it and ``load`` rebuilds it; where the site's rule has no
     ``squeeze_ratio`` the plan says it cannot be replayed (``save`` then names the reason)."""
@@ -226,8 +247,7 @@ def _replan(model: nn.Module, lists: Mapping[str, LIST], ratios: Mapping[str, in
         return
     rules = {entry["name"]: entry.get("params") or {} for entry in plan["rules"]}
     for name, ratio in ratios.items():
-        entry = next((s for s in plan["sites"] if name == s["result_name"]
-                      or name.startswith(s["result_name"] + ".")), None)
+        entry = next((s for s in plan["sites"] if _holds(s["result_name"], name)), None)
         if entry is None or "squeeze_ratio" not in rules.get(entry["rule"], {}):
             plan["replayable"] = (f"tune changed the squeeze of the LIST {name!r}, which "
                                   "no rule of the plan with a squeeze_ratio built")

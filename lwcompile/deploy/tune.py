@@ -255,11 +255,8 @@ def with_forms(model: nn.Module, forms: dict[str, str]) -> nn.Module:
     out = copy.deepcopy(model)
     for site, form in forms.items():
         make = FORMS[form]
-        if make is None:
-            continue
-        parent_name, _, child = site.rpartition(".")
-        parent = out.get_submodule(parent_name)
-        setattr(parent, child, make(parent.get_submodule(child)))
+        if make is not None:
+            out.set_submodule(site, make(out.get_submodule(site)))
     return out
 
 
