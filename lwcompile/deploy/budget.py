@@ -11,10 +11,13 @@ With ``tune(..., budget_ms=B)``:
    most parameters that fit the budget (wider than given where the budget allows).
 3. The changed sites are rebuilt from their LISTs (``train.resqueeze``: wider exactly,
    narrower fitted on crops of calibration inputs) and the result is timed against the model
-   as given. The prediction adds the sites' changes, an approximation, so its measured error
-   is added to it and the choice made again (narrower where the result was over the budget,
-   wider where budget was left), until a choice repeats or ``ATTEMPTS`` are made; the
-   measured-within-budget result with the most parameters is kept.
+   as given, in the same rounds; its latency is its ratio to the model as given times the
+   median of the model as given over every round so far, so that a machine whose speed
+   drifts between rounds does not decide. The prediction adds the sites' changes, an
+   approximation, so its measured error is added to it and the choice made again (narrower
+   where the result was over the budget, wider where budget was left), until a choice
+   repeats or ``ATTEMPTS`` are made; the measured-within-budget result with the most
+   parameters is kept.
 4. The model's lighten plan records each changed site's squeeze ratio, so that the model
    still saves as data and loads back (``deploy.rebuild``), and its lighten report counts
    the new parameters and MACs.
@@ -25,6 +28,7 @@ A narrower LIST is another function: the result needs ``distill`` (the report sa
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,12 +89,13 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
     as_given = prepare(model)
     options, timings = _timed_options(model, groups, lists, by_width, as_given, prepare,
                                       medians)
-    ms_given = timings["as given"]
+    given_rounds = [timings["as given"]]  # the model as given, once per round of timing
     rebuilt: dict[tuple[str, int], tuple[LIST, float | None]] = {}  # fits kept across attempts
     tried: list[dict[str, int]] = []
     best: Budgeted | None = None
     shortfall = 0.0
     for attempt in range(ATTEMPTS):
+        ms_given = statistics.median(given_rounds)
         widths = choose(options, given, ms_given + shortfall, budget_ms)
         if widths is None and not tried:
             fastest = {s: min(opts, key=lambda o: o.ms).width for s, opts in options.items()}
@@ -112,24 +117,27 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
         built = with_lists(model, {s: copy.deepcopy(rebuilt[s, w][0])
                                    for s, w in changed.items()})
         final = medians({"as given": as_given, "budget": prepare(built)})
-        timings[f"budget attempt {attempt + 1}"] = final["budget"]
-        if final["budget"] <= budget_ms and (best is None or _params(built) > _params(best.model)):
+        given_rounds.append(final["as given"])
+        ms_given = statistics.median(given_rounds)
+        ms = ms_given * final["budget"] / final["as given"]
+        timings[f"budget attempt {attempt + 1}"] = ms
+        if ms <= budget_ms and (best is None or _params(built) > _params(best.model)):
             _replan(built, {s: by_width[s][w] for s, w in changed.items()})
             _recount(built, {s: (lists[s], built.get_submodule(s)) for s in changed})
             best = Budgeted(
-                built, final["as given"], final["budget"],
+                built, ms_given, ms,
                 {s: (given[s], widths[s]) for s in lists},
                 {s: e for s, w in changed.items() if (e := rebuilt[s, w][1]) is not None},
                 {s: next(o.ms for o in options[s] if o.width == widths[s]) for s in lists},
                 timings)
         # the prediction's error, measured: over the budget it narrows the next choice,
         # under it (budget left unused) it widens it
-        shortfall = final["budget"] - predicted_ms(options, widths, ms_given)
+        shortfall = ms - predicted_ms(options, widths, ms_given)
     if best is None:
         measured = ", ".join(f"{v:.1f}" for k, v in timings.items() if k.startswith("budget"))
         raise BudgetUnreachable(f"{budget_ms:g} ms was missed: the choices made measured "
-                                f"{measured} ms (the model as given {final['as given']:.1f} "
-                                "ms in the last round; on a machine whose timings vary, more "
+                                f"{measured} ms (the model as given {ms_given:.1f} ms; on a "
+                                "machine whose timings vary, more "
                                 "runs= measure steadier)")
     return best
 
