@@ -464,3 +464,6 @@ def test_lighten_within_a_latency_budget_saves_the_chosen_widths(capsys, workdir
     code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "y.safetensors",
                            "--budget-ms", "nan")
     assert code == 2 and "'nan' is not a positive number" in err
+    code, _, err = run_cli(capsys, "lighten", "lwc_tiny:build", "-o", "z.safetensors",
+                           "--target", "torch")
+    assert code == 2 and "--target and --precision are only used with --budget-ms" in err

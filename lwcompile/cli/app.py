@@ -32,6 +32,8 @@ examples:
   lwcompile lighten examples.dncnn:build -o dncnn_light.safetensors
   lwcompile lighten 4x_esrgan.pth -o esrgan_light.safetensors --input 1x3x64x64 --json
   lwcompile lighten examples.dncnn:build -o light.safetensors --distill 2000 --data photos/
+  lwcompile lighten examples.dncnn:build -o fast.safetensors --input 1x1x256x256 \
+      --budget-ms 40                          # squeezes chosen to run within 40 ms here
   lwcompile plan examples.srresnet:build
   lwcompile lighten examples.srresnet:build -o sr.safetensors --without image-output-squeeze
   lwcompile lighten examples.unet:build -o unet_light.safetensors --exclude 'up*.up' \
@@ -93,6 +95,9 @@ def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Usage errors argparse cannot express: options that only make sense together."""
     if args.run is commands.lighten and args.data is not None and not args.distill:
         parser.error("--data is only used with --distill")
+    if args.run is commands.lighten and args.budget_ms is None \
+            and (args.target is not None or args.precision is not None):
+        parser.error("--target and --precision are only used with --budget-ms")
     if (args.run is commands.export and args.precision == "fp32"
             and (args.calibration is not None or args.min_psnr is not None
                  or args.qat_steps)):
@@ -171,9 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(lwcompile.tune budget_ms); narrowed LISTs need --distill or "
                         "`lwcompile distill` afterwards")
     p.add_argument("--target", choices=("onnxruntime", "xnnpack", "torch"),
-                   default="onnxruntime", help="the runtime --budget-ms is timed in "
-                                               "(default onnxruntime)")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="the runtime --budget-ms is timed in (default onnxruntime)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
                    help="the precision --budget-ms is timed in (default fp32)")
     rule_options(command("plan", commands.plan,
                          "show what lighten would do to MODEL, without building it"))

@@ -39,10 +39,11 @@ def lighten(args: argparse.Namespace) -> dict[str, Any]:
         light = lwcompile.lighten(model, inputs, **_rule_choice(args))
     tuned = None
     if args.budget_ms is not None:
-        with stage(f"choosing squeeze widths for {args.budget_ms:g} ms in {args.target}",
+        target = args.target or "onnxruntime"
+        with stage(f"choosing squeeze widths for {args.budget_ms:g} ms in {target}",
                    args.quiet):
             tuned = lwcompile.tune(light, inputs or infer_example_inputs(model),
-                                   target=args.target, precision=args.precision,
+                                   target=target, precision=args.precision or "fp32",
                                    budget_ms=args.budget_ms)
         light = tuned.model
     if args.distill:

@@ -2,8 +2,8 @@
 
 ``lighten`` records it on its result (``result.lwcompile_plan``), ``save`` writes it into the
 model file, and ``load`` replays it on the original architecture (``deploy.rebuild``), so
-that a model file holds data only: tensors and this plan, never code. The schema (version 1,
-documented for readers in docs/model_files.md)::
+that a model file holds data only: tensors and this plan, never code. The schema (versions 1
+and 2, documented for readers in docs/model_files.md)::
 
     {"version": 1 | 2, "lwcompile_version": str, "torch_version": str,
      "original": {"class_name": str, "params": int, "architecture": str,
