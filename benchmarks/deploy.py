@@ -153,18 +153,22 @@ def ratios(ms: dict[str, float], forms: list[str]) -> dict[str, Any]:
     return out
 
 
-def _student(task: Task, teacher: nn.Module, seconds: float, example: tuple) -> nn.Module:
-    """``lighten`` + ``init_layerwise`` + ``distill`` until ``seconds`` CPU seconds are spent,
-    with the quality benchmark's recipe (cosine learning rate over the budget, seed 0)."""
-    torch.manual_seed(0)
-    light = lwcompile.lighten(teacher, example)
-    if seconds <= 0:
-        return light.eval()
+def trained(light: nn.Module, teacher: nn.Module, task: Task, seconds: float) -> nn.Module:
+    """``light`` after ``init_layerwise`` + ``distill`` (in place) until ``seconds`` CPU
+    seconds are spent, with the quality benchmark's recipe (cosine learning rate over the
+    budget, seed 0)."""
     start = time.process_time()
     lwcompile.init_layerwise(light, teacher, channels=task.channels, degrade=task.degrade,
                              steps=50, crop=task.crop, batch_size=task.batch_size, seed=0)
     timed_distill(light, teacher, task, seconds - (time.process_time() - start), seed=0)
     return light.eval()
+
+
+def _student(task: Task, teacher: nn.Module, seconds: float, example: tuple) -> nn.Module:
+    """``lighten`` (seeded), then ``trained`` for ``seconds`` CPU seconds."""
+    torch.manual_seed(0)
+    light = lwcompile.lighten(teacher, example)
+    return trained(light, teacher, task, seconds) if seconds > 0 else light.eval()
 
 
 def quality(task: Task, forms: list[str], seconds: float, folder: Path,

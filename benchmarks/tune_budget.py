@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 import warnings
 
 import torch
@@ -25,20 +24,15 @@ from torch import nn
 
 import lwcompile
 from benchmarks.common import DENOISE, held_out, load_teacher, score
-from benchmarks.quality_denoise import timed_distill
+from benchmarks.deploy import trained
 from benchmarks.speed import THREADS, machine, table, write_json
 from examples import dncnn
 
 
 def _trained(model: nn.Module, teacher: nn.Module, seconds: float) -> nn.Module:
-    """``init_layerwise`` + ``distill`` for ``seconds`` CPU seconds (the quality recipe)."""
-    model = copy.deepcopy(model)
+    """A copy of ``model`` trained by the quality recipe (``benchmarks.deploy.trained``)."""
     torch.manual_seed(0)
-    start = time.process_time()
-    lwcompile.init_layerwise(model, teacher, channels=DENOISE.channels, degrade=DENOISE.degrade,
-                             steps=50, crop=DENOISE.crop, batch_size=DENOISE.batch_size, seed=0)
-    timed_distill(model, teacher, DENOISE, seconds - (time.process_time() - start), seed=0)
-    return model.eval()
+    return trained(copy.deepcopy(model), teacher, DENOISE, seconds)
 
 
 def _params(model: nn.Module) -> int:

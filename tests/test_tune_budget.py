@@ -18,7 +18,7 @@ from lwcompile.deploy.squeeze_choice import Option, choose, predicted_ms
 from lwcompile.deploy.tune import TuneError, tune
 from lwcompile.nn import LIST
 from lwcompile.train import resqueeze
-from lwcompile.train.fitting import FitTask, fitting_for
+from lwcompile.train.fitting import FitTask, fitting_for, relative_error
 from tests.helpers import close, run
 
 # --- the choice ---------------------------------------------------------------------
@@ -67,7 +67,7 @@ def _fitted_list(seed: int = 0) -> tuple[LIST, torch.Tensor]:
 
 def test_widening_is_exact_and_adds_the_parameters_of_the_wider_squeeze() -> None:
     old, x = _fitted_list()
-    wide = resqueeze.resqueezed(old, 2, x)
+    wide = resqueeze.widened(old, 2)
     assert (old.squeeze.out_channels, wide.squeeze.out_channels) == (8, 16)
     close(wide(x), old(x))
     params = sum(p.numel() for p in wide.parameters())
@@ -86,12 +86,13 @@ def test_narrowing_recovers_a_list_whose_squeeze_has_the_narrower_rank() -> None
         old.squeeze.bias.zero_()
         old.spatial_branch[0].weight.copy_(torch.randn(1, 1, 3, 3).expand(8, 1, 3, 3))
     x = torch.randn(8, 32, 16, 16)
-    narrow = resqueeze.resqueezed(old, 8, x, steps=0)
+    narrow, error = resqueeze.narrowed(old, 8, x, steps=0)
     assert narrow.squeeze.out_channels == 4
-    assert resqueeze.relative_error(narrow, old, x) < 1e-4  # the ridge of least squares
+    assert error < 1e-4  # the ridge of least squares
+    assert error == relative_error(narrow, x, old(x))
     random_start = resqueeze.with_ratio(old, 8)
     fitting_for(random_start).fit(random_start, FitTask(x, old(x), original=old, steps=0))
-    assert resqueeze.relative_error(random_start, old, x) > 1e-2
+    assert relative_error(random_start, x, old(x)) > 1e-2
 
 
 # --- the whole pass, with the widths' latency made up -----------------------------------

@@ -112,7 +112,7 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
         changed = {s: w for s, w in widths.items() if w != given[s]}
         for site, width in changed.items():
             if (site, width) not in rebuilt:
-                rebuilt[site, width] = _resqueezed(model, site, lists[site],
+                rebuilt[site, width] = _resqueezed(model, site, lists[site], width,
                                                    by_width[site][width], fit_inputs)
         built = with_lists(model, {s: copy.deepcopy(rebuilt[s, w][0])
                                    for s, w in changed.items()})
@@ -137,8 +137,7 @@ def fit_budget(model: nn.Module, groups: list[list[str]], budget_ms: float,
         measured = ", ".join(f"{v:.1f}" for k, v in timings.items() if k.startswith("budget"))
         raise BudgetUnreachable(f"{budget_ms:g} ms was missed: the choices made measured "
                                 f"{measured} ms (the model as given {ms_given:.1f} ms; on a "
-                                "machine whose timings vary, more "
-                                "runs= measure steadier)")
+                                "machine whose timings vary, more runs= measure steadier)")
     return best
 
 
@@ -175,15 +174,15 @@ def with_lists(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Mo
     return out
 
 
-def _resqueezed(model: nn.Module, site: str, old: LIST, ratio: int,
+def _resqueezed(model: nn.Module, site: str, old: LIST, width: int, ratio: int,
                 fit_inputs: Sequence[tuple]) -> tuple[LIST, float | None]:
-    """``old`` at ``ratio``: widened exactly (no error to report), or narrowed and fitted on
-    what ``site`` receives in ``model``, with its relative error against ``old`` there."""
-    if LIST.squeeze_width(old.squeeze.in_channels, ratio) > old.squeeze.out_channels:
+    """``old`` at ``ratio`` (``width`` squeezed channels): widened exactly (no error to
+    report), or narrowed and fitted on what ``site`` receives in ``model``, with its
+    relative error against ``old`` there."""
+    if width > old.squeeze.out_channels:
         return resqueeze.widened(old, ratio), None
-    inputs = _site_inputs(model, site, fit_inputs)
-    new = resqueeze.narrowed(old, ratio, inputs)
-    return new, round(resqueeze.relative_error(new, old, inputs), 4)
+    new, error = resqueeze.narrowed(old, ratio, _site_inputs(model, site, fit_inputs))
+    return new, round(error, 4)
 
 
 def _params(module: nn.Module) -> int:

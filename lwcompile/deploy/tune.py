@@ -251,13 +251,11 @@ def list_groups(model: nn.Module, args: tuple) -> list[list[str]]:
 
 
 def with_forms(model: nn.Module, forms: dict[str, str]) -> nn.Module:
-    """A copy of ``model`` with the LIST at each site name of ``forms`` in that form."""
-    out = copy.deepcopy(model)
-    for site, form in forms.items():
-        make = FORMS[form]
-        if make is not None:
-            out.set_submodule(site, make(out.get_submodule(site)))
-    return out
+    """A copy of ``model`` with the LIST at each site name of ``forms`` in that form (each
+    form makes a new module from the LIST, sharing no tensor with it)."""
+    return budget.with_lists(model, {site: make(model.get_submodule(site))
+                                     for site, form in forms.items()
+                                     if (make := FORMS[form]) is not None})
 
 
 class _Deploy:

@@ -159,6 +159,14 @@ def fitting_for(module: nn.Module) -> Fitting:
 
 
 @torch.no_grad()
+def relative_error(module: nn.Module, inputs: Tensor, target: Tensor) -> float:
+    """How far a fitted module is from its target: ||module(inputs) - target||^2 /
+    ||target||^2 (what ``init_layerwise`` reports per site)."""
+    return float((module(inputs).float() - target).pow(2).sum()
+                 / target.pow(2).sum().clamp_min(1e-12))
+
+
+@torch.no_grad()
 def solve_conv(conv: nn.Conv2d, features: Tensor, target: Tensor, ridge: float = 1e-4) -> None:
     """Set ``conv``'s weight (and bias, if it has one) to the ridge least-squares fit of
     ``target`` from ``features``. The normal equations are accumulated over the unfolded

@@ -27,7 +27,7 @@ from .checks import run_on_batch, teacher_has_sites, training_arguments
 from .data import Degrade, model_inputs
 from .device import amp_dtype, autocast, resolve_device
 from .features import CHANNEL_ORDERS
-from .fitting import FitTask, adam_steps, fitting_for, solve_conv
+from .fitting import FitTask, adam_steps, fitting_for, relative_error, solve_conv
 from .normalization import update_bn_statistics
 from .output_fit import Plug, fit_to_output
 
@@ -104,11 +104,6 @@ def _kept_convs(student: nn.Module, teacher: nn.Module, sites: dict[str, str]) -
                 and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
             kept.append(name)
     return kept
-
-
-@torch.no_grad()
-def _rel_error(module: nn.Module, x: Tensor, y: Tensor) -> float:
-    return float((module(x).float() - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12))
 
 
 class _Reached(Exception):
@@ -309,7 +304,7 @@ def init_layerwise(
             continue
         module, x, target = chosen
         fitting = fitting_for(module)
-        errors.before[site] = _rel_error(module, x, target)
+        errors.before[site] = relative_error(module, x, target)
         original = teacher.get_submodule(site)
         whole = module is replacement
         block = block_after(student, site) if whole else Block((), None)
@@ -341,7 +336,7 @@ def init_layerwise(
             if fresh is not None:
                 fit_to_output(teacher, plugs, site, *fresh, output_steps,
                               lr * OUTPUT_LR_FACTOR, dtype)
-        errors[site] = _rel_error(module, x, target)
+        errors[site] = relative_error(module, x, target)
         fitted_any = True
     for chain, consumer, perm in pending:  # after all fits: consumers were fitted in order
         permute_inputs(chain, consumer, perm)

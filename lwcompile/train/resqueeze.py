@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..nn import LIST
-from .fitting import FitTask, fitting_for
+from .fitting import FitTask, fitting_for, relative_error
 
 
 def with_ratio(old: LIST, ratio: int) -> LIST:
@@ -54,8 +54,9 @@ def widened(old: LIST, ratio: int) -> LIST:
     return new
 
 
-def narrowed(old: LIST, ratio: int, inputs: Tensor, steps: int = 100) -> LIST:
-    """``old`` at a ratio with fewer squeezed channels, fitted to ``old`` on ``inputs``."""
+def narrowed(old: LIST, ratio: int, inputs: Tensor, steps: int = 100) -> tuple[LIST, float]:
+    """``old`` at a ratio with fewer squeezed channels, fitted to ``old`` on ``inputs``, and
+    its relative error against ``old`` there (``fitting.relative_error``)."""
     new = with_ratio(old, ratio)
     width = new.squeeze.out_channels
     with torch.no_grad():
@@ -72,18 +73,4 @@ def narrowed(old: LIST, ratio: int, inputs: Tensor, steps: int = 100) -> LIST:
         new_dw.bias.copy_(mix.T @ old_dw.bias)
         target = old(inputs)
     fitting_for(new).fit(new, FitTask(inputs, target, original=old, steps=steps))
-    return new
-
-
-def resqueezed(old: LIST, ratio: int, inputs: Tensor, steps: int = 100) -> LIST:
-    """``old`` at ``ratio``: widened exactly, or narrowed and fitted on ``inputs``."""
-    if LIST.squeeze_width(old.squeeze.in_channels, ratio) >= old.squeeze.out_channels:
-        return widened(old, ratio)
-    return narrowed(old, ratio, inputs, steps)
-
-
-@torch.no_grad()
-def relative_error(new: LIST, old: LIST, inputs: Tensor) -> float:
-    """||new(x) - old(x)||^2 / ||old(x)||^2 on ``inputs``."""
-    target = old(inputs)
-    return float((new(inputs) - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+    return new, relative_error(new, inputs, target)
