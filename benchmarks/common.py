@@ -48,7 +48,10 @@ TASKS = {"denoise": DENOISE, "sr": SR2}
 
 
 def cpu_budget(seconds: float) -> Callable[[], float]:
-    """Fraction of a CPU-time budget used so far (>= 1 when spent)."""
+    """Fraction of a CPU-time budget used so far (>= 1 when spent; a budget of zero or less
+    is spent from the start, so a loop that stops on it takes no step)."""
+    if seconds <= 0:
+        return lambda: 1.0
     start = time.process_time()
     return lambda: (time.process_time() - start) / seconds
 

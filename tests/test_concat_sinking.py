@@ -21,7 +21,8 @@ def cats(gm: fx.GraphModule) -> int:
 
 def test_light_dncnn_loses_every_concat():
     with torch.no_grad():
-        fast = emit_fast(light("dncnn"), inputs("dncnn"), channels_last=False, sink=False)
+        fast = emit_fast(light("dncnn"), inputs("dncnn"), channels_last=False, sink=False,
+                         depthwise_sum=False)
         sunk = copy.deepcopy(fast)
         steps = sink_concats(sunk, inputs("dncnn"))
         lists = cats(fast)

@@ -58,9 +58,15 @@ def test_dncnn_parameter_counts():
     # 1x1 branch 8*16+16 (144), depthwise 8*9+8 (80), its 1x1 144 -> 632; BN 64.
     model = light("dncnn")
     assert count_params(model) == 2 * 288 + 3 * (632 + 64) == 2_664
-    merged = emit_fast(model, inputs("dncnn"), fold_bn=False, channels_last=False)
+    merged = emit_fast(model, inputs("dncnn"), fold_bn=False, channels_last=False,
+                       depthwise_sum=False)
     assert count_params(merged) == 2_664  # FusedLIST has LIST's parameters
-    assert count_params(emit_fast(model, inputs("dncnn"), channels_last=False)) == 2 * 288 + 3 * 632
+    assert count_params(emit_fast(model, inputs("dncnn"), channels_last=False,
+                                  depthwise_sum=False)) == 2 * 288 + 3 * 632
+    # the output conv (32 -> 1, split over the last concat's halves) as a depthwise conv and
+    # a sum per half: each half's 16 kernels keep their 16 * 9 weights, plus 16 sum weights
+    assert count_params(emit_fast(model, inputs("dncnn"), channels_last=False)) == (
+        2 * 288 + 3 * 632 + 2 * 16)
 
 
 def test_fused_list_has_lists_parameters_and_output():

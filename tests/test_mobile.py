@@ -82,15 +82,21 @@ def test_light_dncnn_is_fully_delegated(exported):
     assert report.partitions == 1  # one uninterrupted XNNPACK subgraph
     # every LIST's BatchNorm, ReLU and concat were rewritten into forms XNNPACK fuses
     n = DNCNN_BLOCKS
+    # and the gray output conv, split over the last concat's halves, runs as a depthwise
+    # conv and a channel sum per half (a conv to one channel is padded to the SIMD width)
     assert export.forms == {"bn-into-cat-convs": n, "relu-into-cat-parts": n,
-                            "conv-over-cat-split": n}
+                            "conv-over-cat-split": n, "depthwise-sum": 2}
     assert "aten.cat" not in report.delegated
     assert "aten._native_batch_norm_legit_no_training" not in report.delegated
-    # 2 dense end convs + 4 convs per LIST, + each LIST's consumer split in two over the halves
-    assert report.delegated["aten.convolution"] == 2 + n * 4 + n
+    # 2 dense end convs + 4 convs per LIST, + each LIST's consumer split in two over the
+    # halves, + the output conv's halves each a depthwise conv and a sum
+    assert report.delegated["aten.convolution"] == 2 + n * 4 + n + 2
     assert report.delegated["aten.add.Tensor"] == n
-    # the split convs together cost what the original ones did
-    assert report.delegated_macs == light.lwcompile_report.summary.macs_after
+    # the split convs together cost what the original ones did; the sums add one MAC per
+    # channel and pixel of the output conv's input
+    channels, height, width = 64, *export.input_shapes[0][-2:]
+    assert report.delegated_macs == (light.lwcompile_report.summary.macs_after
+                                     + channels * height * width)
     assert "(100.0%)" in str(report)
     assert export.to_dict()["report"]["op_share"] == 1.0
 

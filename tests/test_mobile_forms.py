@@ -173,3 +173,27 @@ def test_phase_weight_reproduces_the_same_conv_for_any_kernel_and_phase_count(k,
     phased, d = phase_weight(w, r)
     on_phases = F.pixel_shuffle(F.conv2d(F.pixel_unshuffle(x, r), phased, padding=d), r)
     torch.testing.assert_close(on_phases, F.conv2d(x, w, padding=k // 2), rtol=1e-4, atol=1e-4)
+
+
+def test_single_output_conv_becomes_depthwise_and_sum_with_the_same_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 1, 5, padding=2))
+    x = torch.rand(1, 1, 23, 18)
+    module, forms = rewrite(model, x)
+    assert forms == {"depthwise-sum": 1}
+    convs = [n for n in module.graph.nodes if n.target is aten.conv2d.default]
+    depthwise, total = convs[1:]
+    assert depthwise.args[6] == 32 and total.args[0] is depthwise  # groups: one per channel
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
+    # int8 keeps the conv: each depthwise output would be rounded before the sum
+    assert xnnpack_forms(torch.export.export(model, (x,)).module(), quantized=True) == {}
+
+
+def test_narrow_or_multi_output_or_strided_convs_keep_the_plain_conv():
+    for conv, channels in ((nn.Conv2d(8, 1, 3, padding=1), 8),
+                           (nn.Conv2d(32, 2, 3, padding=1), 32),
+                           (nn.Conv2d(32, 1, 3, stride=2, padding=1), 32),
+                           (nn.Conv2d(32, 1, 1), 32)):
+        assert rewrite(conv, torch.rand(1, channels, 16, 16))[1] == {}

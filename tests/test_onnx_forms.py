@@ -109,3 +109,45 @@ def test_thin_conv_phases_copies_no_input_when_eager_sizes_divide():
     outputs = 2 * 3 * 32 * 32 * 4  # the stride-4 conv's 48 x 8 x 8 and the shuffled 3 x 32 x 32
     assert measure(phases, (fits,)).peak_bytes == outputs
     assert measure(phases, (odd,)).peak_bytes == outputs + 16 * 32 * 32 * 4  # padded copy
+
+
+class GrayTail(nn.Module):
+    """A gray denoiser's end: a 3x3 conv to one channel (rewritten) beside convs that are
+    not (three outputs, few inputs, a 9x9 kernel: phases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 32, 3, padding=1)
+        self.gray = nn.Conv2d(32, 1, 3, padding=1)
+        self.reflect_gray = nn.Conv2d(32, 1, 5, padding=2, padding_mode="reflect", bias=False)
+        self.color = nn.Conv2d(32, 3, 3, padding=1)
+        self.narrow = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.head(x))
+        return (self.gray(h) + self.reflect_gray(h) + self.color(h).mean(1, keepdim=True)
+                + self.narrow(h[:, :8]))
+
+
+@pytest.mark.parametrize("depthwise_sum", [True, False])
+def test_emit_fast_runs_single_output_convs_as_depthwise_and_sum(depthwise_sum):
+    torch.manual_seed(0)
+    model = GrayTail().eval()
+    x = torch.rand(1, 1, 19, 24)
+    fast = emit_fast(model, (x,), depthwise_sum=depthwise_sum, channels_last=False)
+    for name in ("gray", "reflect_gray"):
+        module = getattr(fast, name)
+        if not depthwise_sum:
+            assert type(module) is nn.Conv2d
+            continue
+        depthwise, total = module
+        assert (depthwise.groups, depthwise.out_channels, total.kernel_size) == (32, 32, (1, 1))
+        assert depthwise.padding_mode == getattr(model, name).padding_mode
+        assert (total.bias is None) == (getattr(model, name).bias is None)
+        # each kernel scaled to peak magnitude one, its scale moved to the sum
+        assert torch.allclose(depthwise.weight.abs().amax(dim=(1, 2, 3)), torch.ones(32))
+        torch.testing.assert_close(total.weight.flatten(),
+                                   getattr(model, name).weight[0].abs().amax(dim=(1, 2)))
+    assert [type(m) for m in (fast.color, fast.narrow)] == [nn.Conv2d] * 2
+    with torch.no_grad():
+        close(fast(x), model(x))

@@ -122,7 +122,10 @@ def test_the_quantizer_fake_quantises_those_outputs_and_their_readers_weights(li
     weights = {name for name, f in fakes.items() if f.qscheme == torch.per_channel_symmetric}
     assert activations == nodes
     assert weights == set(conv_weights)
-    assert len(conv_weights) == 17
+    # the first conv; 4 for the first LIST (squeeze, depthwise, two 1x1s), 5 for the next two
+    # (their squeezes split over the previous concat's halves); the output conv split over
+    # the last halves, each half a depthwise conv and a sum: 1 + 4 + 5 + 5 + 2 * 2
+    assert len(conv_weights) == 19
 
 
 def test_fine_tuning_learns_a_range_for_every_tensor_onnxruntime_quantises(light_dncnn,

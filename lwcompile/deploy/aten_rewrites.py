@@ -21,7 +21,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   (SRResNet's 9x9 output conv) -> ``pixel_unshuffle``, the conv on pixel phases,
   ``pixel_shuffle``: the GEMM is no longer 3 columns wide. Sizes that are not multiples
   of the phase count are padded with zeros and the output cropped, as at module level
-  (XNNPACK runs the pad and the crop too, and the phase form stays far ahead).
+  (XNNPACK runs the pad and the crop too, and the phase form stays far ahead);
+- ``depthwise-sum``: a small-kernel conv writing one channel from many -> a depthwise conv
+  and a 1x1 conv summing its channels (the output channel is no longer padded to the
+  SIMD width). Not for int8 (``quantized``): XNNPACK's int8 measured no faster with it,
+  and each depthwise output would be rounded before the sum.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -56,8 +60,9 @@ _UPSAMPLE_MODES = {aten.upsample_bilinear2d.vec: "bilinear",
                    aten.upsample_nearest2d.default: "nearest"}
 
 
-def xnnpack_forms(gm: fx.GraphModule) -> Counter[str]:
-    """Rewrite ``gm`` (an ``ExportedProgram.module()``) in place; return rewrites per kind."""
+def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
+    """Rewrite ``gm`` (an ``ExportedProgram.module()``) in place; return rewrites per kind.
+    ``quantized``: the graph will be quantised to int8."""
     done: Counter[str] = Counter()
     graph = gm.graph
     for node in list(graph.nodes):
@@ -76,6 +81,9 @@ def xnnpack_forms(gm: fx.GraphModule) -> Counter[str]:
     for node in list(graph.nodes):
         if node.target is aten.conv2d.default:
             done["thin-conv-phases"] += _thin_conv_phases(gm, node)
+    for node in list(graph.nodes):
+        if node.target is aten.conv2d.default and not quantized:
+            done["depthwise-sum"] += _depthwise_sum(gm, node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -233,6 +241,26 @@ def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = identities.PHA
             out = graph.call_function(aten.slice.Tensor, (out, 3, 0, w_))
     out.meta = dict(conv.meta)
     conv.replace_all_uses_with(out)
+    gm.graph.erase_node(conv)
+    return 1
+
+
+def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
+    x, weight, bias, stride, padding, dilation, groups = _conv_args(conv)
+    if weight is None or not _is_attr(weight) or not _is_attr(bias):
+        return 0
+    w = _tensor(gm, weight)
+    if w.dim() != 4 or not identities.single_output_conv(
+            w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride, dilation, groups):
+        return 0
+    depthwise_weight, sum_weight = identities.depthwise_sum(w)
+    with gm.graph.inserting_before(conv):
+        filtered = gm.graph.call_function(aten.conv2d.default, (
+            x, _constant(gm, depthwise_weight), None, stride, padding, dilation, w.shape[1]))
+        total = gm.graph.call_function(aten.conv2d.default,
+                                       (filtered, _constant(gm, sum_weight), bias))
+    total.meta = dict(conv.meta)
+    conv.replace_all_uses_with(total)
     gm.graph.erase_node(conv)
     return 1
 

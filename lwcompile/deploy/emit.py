@@ -19,6 +19,10 @@ faster (``python -m benchmarks.emit_forms``, ``python -m benchmarks.thin_conv``)
 - ``thin_convs_on_phases``: a large-kernel "same" conv writing a few channels (SRResNet's
   9x9 output conv) becomes a ``ThinConvPhases``: one stride-4 conv computing the 16 pixel
   phases, then a pixel shuffle, a GEMM 16 times wider.
+- ``single_output_convs_as_depthwise_sum``: a small-kernel conv writing one channel from
+  many (a gray denoiser's output conv, after ``sink_concats`` one per concat part) becomes a
+  depthwise conv and a 1x1 conv summing the channels; runtimes pad a conv's output channels
+  to the SIMD width, so the conv to one channel paid for 8 or 16.
 - ``channels_last``: the model in NHWC plus a wrapper converting 4-D inputs; depthwise and
   thin 1x1 convs run far faster that way on oneDNN. Chosen by timing when not given.
 
@@ -49,6 +53,7 @@ from .module_rewrites import (
     inline_modules,
     merge_lists,
     pointwise_before_upsampling,
+    single_output_convs_as_depthwise_sum,
     thin_convs_on_phases,
 )
 
@@ -59,8 +64,8 @@ __all__ = ["ChannelsLast", "FusedLIST", "ThinConvPhases", "emit_fast"]
 @one_at_a_time  # it traces with fx (module_rewrites), which patches nn.Module process-wide
 def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = True,
               fold_bn: bool = True, sink: bool = True, phases: bool = True,
-              channels_last: bool | None = None, rtol: float = 1e-4,
-              atol: float = 1e-4) -> nn.Module:
+              depthwise_sum: bool = True, channels_last: bool | None = None,
+              rtol: float = 1e-4, atol: float = 1e-4) -> nn.Module:
     """A copy of ``model`` (eval mode) in its fastest exact CPU form; ``model`` is untouched.
 
     ``channels_last=None`` times the emitted model in both memory formats on
@@ -71,17 +76,18 @@ def emit_fast(model: nn.Module, example_inputs: Sequence[Any], *, merge: bool = 
     check.module("emit_fast", "model", model)
     args = check.inputs("emit_fast", "example_inputs", example_inputs)
     for name, value in (("merge", merge), ("fold_bn", fold_bn), ("sink", sink),
-                        ("phases", phases)):
+                        ("phases", phases), ("depthwise_sum", depthwise_sum)):
         check.flag("emit_fast", name, value)
     check.flag("emit_fast", "channels_last", channels_last, optional=True)
     rtol, atol = check.tolerance("emit_fast", "rtol", rtol), check.tolerance("emit_fast",
                                                                               "atol", atol)
     with blamed_on_inputs("emit_fast", model, args):
-        return _emit_fast(model, args, merge, fold_bn, sink, phases, channels_last, rtol, atol)
+        return _emit_fast(model, args, merge, fold_bn, sink, phases, depthwise_sum,
+                          channels_last, rtol, atol)
 
 
 def _emit_fast(model: nn.Module, args: tuple, merge: bool, fold_bn: bool, sink: bool,
-               phases: bool, channels_last: bool | None, rtol: float,
+               phases: bool, depthwise_sum: bool, channels_last: bool | None, rtol: float,
                atol: float) -> nn.Module:
     fast = copy.deepcopy(model).eval()
     if merge:
@@ -99,6 +105,8 @@ def _emit_fast(model: nn.Module, args: tuple, merge: bool, fold_bn: bool, sink: 
                     sink_concats(gm, args)
     if phases:
         thin_convs_on_phases(fast)
+    if depthwise_sum:
+        single_output_convs_as_depthwise_sum(fast)
     if channels_last is None:
         channels_last = _channels_last_faster(fast, args)
     if channels_last:

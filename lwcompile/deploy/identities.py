@@ -20,6 +20,8 @@ changes outputs by float rounding only.
   resolution and the upsample moves its (often fewer) output channels.
 - A "same" kxk conv equals a conv on the r x r pixel phases of its input (``phase_weight``):
   a thin conv (few outputs, large kernel) becomes a GEMM r^2 times wider.
+- A conv writing one channel is a depthwise conv (each input channel filtered by its own
+  slice of the kernel) followed by a 1x1 conv that sums the channels (``depthwise_sum``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 #: PHASES x PHASES pixel phases. A 3x3 conv to 3 channels got slower in phase form, hence
 #: the large kernels only (``python -m benchmarks.thin_conv`` shows the forms per runtime).
 PHASES, MIN_KERNEL, MAX_OUT_CHANNELS = 4, 9, 4
+
+#: a conv writing one channel from at least SUM_MIN_CHANNELS with a kernel from 3 up to
+#: MIN_KERNEL (larger ones take the phases) runs as a depthwise conv and a channel sum.
+#: Runtimes tile a conv's output channels by the SIMD width, so a conv to one channel pays
+#: for 8 or 16 and runs at a few GMAC/s (``python -m benchmarks.op_profile`` shows it).
+SUM_MIN_CHANNELS = 16
 
 #: upsampling modes whose interpolation weights sum to one (they commute with a 1x1 conv)
 COMMUTING_UPSAMPLE_MODES = frozenset({"bilinear", "nearest"})
@@ -124,6 +132,31 @@ def thin_conv(out_channels: int, kernel: tuple[int, int], padding: tuple[int, in
     return (out_channels <= MAX_OUT_CHANNELS and kernel[1] == k >= MIN_KERNEL
             and tuple(padding) == (k // 2, k // 2) and tuple(stride) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1)
+
+
+def single_output_conv(in_channels: int, out_channels: int, kernel: tuple[int, int],
+                       stride: tuple[int, int], dilation: tuple[int, int],
+                       groups: int) -> bool:
+    """Whether a conv is worth running as ``depthwise_sum``: dense, stride 1, undilated,
+    one output channel from many, a square kernel too small for the phases."""
+    k = kernel[0]
+    return (out_channels == 1 and groups == 1 and in_channels >= SUM_MIN_CHANNELS
+            and kernel[1] == k and 3 <= k < MIN_KERNEL and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1))
+
+
+def depthwise_sum(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A conv writing one channel (``weight``: 1 x C x k x k) as a depthwise kxk conv and a
+    1x1 conv summing its C channels: ``sum_c w[c] * x_c`` is ``sum_c s_c ((w[c] / s_c) * x_c)``.
+    Returns the depthwise weight (C x 1 x k x k) and the sum's (1 x C x 1 x 1). ``s_c`` is
+    kernel c's largest magnitude (1 for a zero kernel): the depthwise outputs share one scale,
+    which int8 rounds alike, and two such convs never hold equal weights (an exporter would
+    merge those into one tensor). The conv's padding goes to the depthwise conv (it acts on
+    each channel alone), its bias to the sum."""
+    kernels = weight[0].detach()
+    scale = kernels.abs().amax(dim=(1, 2))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (kernels / scale[:, None, None]).unsqueeze(1), scale.view(1, -1, 1, 1).clone()
 
 
 def phase_weight(w: Tensor, r: int = PHASES) -> tuple[Tensor, int]:

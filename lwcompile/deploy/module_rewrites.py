@@ -61,6 +61,34 @@ def thin_convs_on_phases(model: nn.Module) -> int:
     return swap_modules(model, lambda m: on_phases(m) if _thin(m) else None)
 
 
+def as_depthwise_sum(conv: nn.Conv2d) -> nn.Sequential:
+    """``conv`` (one output channel) as a depthwise conv and a 1x1 conv summing channels."""
+    depthwise_weight, sum_weight = identities.depthwise_sum(conv.weight)
+    channels = conv.in_channels
+    depthwise = nn.Conv2d(channels, channels, conv.kernel_size, padding=conv.padding,
+                          padding_mode=conv.padding_mode, groups=channels, bias=False)
+    total = nn.Conv2d(channels, 1, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        depthwise.weight.copy_(depthwise_weight)
+        total.weight.copy_(sum_weight)
+        if conv.bias is not None:
+            total.bias.copy_(conv.bias)
+    return nn.Sequential(depthwise, total).to(conv.weight.device, conv.weight.dtype)
+
+
+def _single_output(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d
+            and identities.single_output_conv(conv.in_channels, conv.out_channels,
+                                              conv.kernel_size, conv.stride, conv.dilation,
+                                              conv.groups))
+
+
+def single_output_convs_as_depthwise_sum(model: nn.Module) -> int:
+    """Replace (in place) every conv of ``model`` writing one channel from many by a
+    depthwise conv and a channel sum (``identities.depthwise_sum``)."""
+    return swap_modules(model, lambda m: as_depthwise_sum(m) if _single_output(m) else None)
+
+
 def onnxruntime_forms(model: nn.Module) -> Counter[str]:
     """Forms onnxruntime runs faster, in place; the rewrites done, per kind.
 
