@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 from collections import defaultdict
@@ -42,7 +43,7 @@ from lwcompile.deploy.export import export_onnx
 
 #: ops whose weight is the given input of the node (onnxruntime's fused and quantised convs)
 _WEIGHT_INPUT = {"Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "QLinearConv": 3,
-                 "ConvInteger": 1}
+                 "ConvInteger": 1, "ConvTranspose": 1}
 
 
 @dataclass
@@ -66,7 +67,7 @@ class OpGroup:
         return self.bytes_moved / self.ms / 1e6 if self.ms else 0.0
 
 
-def _weights(optimized: Path) -> dict[str, tuple[list[int], int]]:
+def _weights(optimized: Path) -> dict[str, tuple[str, list[int], int]]:
     """Per conv node of onnxruntime's optimised graph: its weight's shape and its groups."""
     import onnx
 
@@ -78,22 +79,23 @@ def _weights(optimized: Path) -> dict[str, tuple[list[int], int]]:
         if index is None or len(node.input) <= index or node.input[index] not in shapes:
             continue
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-        found[node.name] = (shapes[node.input[index]], groups)
+        found[node.name] = (node.op_type, shapes[node.input[index]], groups)
     return found
 
 
-def _label(op: str, args: dict, weight: tuple[list[int], int] | None) -> tuple[str, int]:
+def _label(args: dict, weight: tuple[str, list[int], int] | None) -> tuple[str, int]:
     """A group's shape label and the MACs of one kernel call."""
     outputs = [list(v.values())[0] for v in args.get("output_type_shape", [])]
     if weight is None:
         return ("x".join(map(str, outputs[0])) if outputs else "", 0)
-    (out_ch, in_per_group, kh, kw), groups = weight
-    elements = 1
-    for d in outputs[0]:
-        elements *= d
+    op, (a, b, kh, kw), groups = weight
+    if op == "ConvTranspose":  # weight: in x out/groups x kh x kw; each input feeds b*kh*kw
+        inputs = math.prod(list(args["input_type_shape"][0].values())[0])
+        return f"{a}->{b * groups} T{kh}x{kw}", inputs * b * kh * kw
+    out_ch, in_per_group = a, b
     kind = f"{out_ch} dw" if groups == out_ch and in_per_group == 1 else \
         f"{in_per_group * groups}->{out_ch}" + (f" g{groups}" if groups > 1 else "")
-    return f"{kind} {kh}x{kw}", elements * in_per_group * kh * kw
+    return f"{kind} {kh}x{kw}", math.prod(outputs[0]) * in_per_group * kh * kw
 
 
 def profile_onnx(path: Path, inputs: tuple, runs: int) -> list[OpGroup]:
@@ -126,7 +128,7 @@ def profile_onnx(path: Path, inputs: tuple, runs: int) -> list[OpGroup]:
             continue
         args = event["args"]
         node = event["name"].removesuffix("_kernel_time")
-        shape, node_macs = _label(args["op_name"], args, weights.get(node))
+        shape, node_macs = _label(args, weights.get(node))
         key = (args["op_name"], shape)
         index = min(max(run, 0), warmup + runs - 1)
         per_run[key][index] += event["dur"] / 1000
