@@ -144,16 +144,16 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     example_inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in example_inputs)
     try:
         with torch.no_grad():
-            quantized = precision == "int8"
-            exported, forms = _deployed(model, example_inputs, optimize, quantized)
-            if precision == "int8":
+            for_int8 = precision == "int8"
+            exported, forms = _deployed(model, example_inputs, optimize, for_int8)
+            if for_int8:
                 quantized, int8_report = quantize_pt2e(
                     exported.module(), model, example_inputs, calibration, degrade=degrade,
                     min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
                     max_float_layers=max_float_layers, calibration_count=calibration_count,
                     evaluation_count=evaluation_count, qat_steps=qat_steps,
                     export_at=lambda args: _deployed(model, args, optimize,
-                                                     quantized)[0].module())
+                                                     for_int8)[0].module())
                 exported = torch.export.export(quantized, example_inputs)
             lowered = exir.to_edge_transform_and_lower(
                 exported, transform_passes=[_fold_constants_pass()],
@@ -180,7 +180,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
 def _deployed(model: nn.Module, args: tuple, optimize: bool,
               quantized: bool = False) -> tuple[torch.export.ExportedProgram, Counter[str]]:
     """``model`` exported at the size of ``args`` in the form XNNPACK gets (with
-    ``optimize``, rewritten by ``xnnpack_forms`` and exported again), and the forms used."""
+    ``optimize``, rewritten by ``xnnpack_forms`` and exported again; ``quantized``: in the
+    form for int8), and the forms used."""
     exported = torch.export.export(model, args)
     forms: Counter[str] = Counter()
     if optimize:
