@@ -24,6 +24,7 @@ machine (CPU model, ISA flags, versions).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import statistics
@@ -116,21 +117,22 @@ def profile_onnx(path: Path, inputs: tuple, runs: int) -> list[OpGroup]:
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())
     weights = _weights(folder / "optimized.onnx")
-    per_run: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * (warmup + runs))
+    # a kernel belongs to the first run that ends after it starts (the profile lists each
+    # run's kernels before the run's own event)
+    ends = sorted(e["ts"] + e["dur"] for e in events
+                  if e.get("cat") == "Session" and e["name"] == "model_run")
+    per_run: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * len(ends))
     macs: dict[tuple[str, str], int] = defaultdict(int)
     moved: dict[tuple[str, str], int] = defaultdict(int)
     counts: dict[tuple[str, str], int] = defaultdict(int)
-    run = -1
     for event in events:
-        if event.get("cat") == "Session" and event["name"] == "model_run":
-            run += 1
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         args = event["args"]
         node = event["name"].removesuffix("_kernel_time")
         shape, node_macs = _label(args, weights.get(node))
         key = (args["op_name"], shape)
-        index = min(max(run, 0), warmup + runs - 1)
+        index = bisect.bisect_left(ends, event["ts"])
         per_run[key][index] += event["dur"] / 1000
         if index == warmup:  # count one inference's kernels
             counts[key] += 1
