@@ -4,15 +4,15 @@
     python -m benchmarks.depthwise_sum --runs 15 --precision fp32
 
 ``python -m benchmarks.op_profile`` showed a gray denoiser's 3x3 output conv (64 -> 1, after
-concat sinking two 32 -> 1 convs) taking a fifth of the light DnCNN-17's onnxruntime time at
-a few GMAC/s: runtimes tile a conv's output channels by the SIMD width, so one output
-channel pays for 8 or 16. ``identities.depthwise_sum`` writes it as a depthwise conv and a
-1x1 sum instead. This benchmark exports the trained DnCNN-17 and ``lighten`` of it (seeded)
-with the form and without it (its policy, ``identities.single_output_conv``, switched off
-for the export) to onnxruntime and ExecuTorch/XNNPACK, fp32 and int8, times all of them
-interleaved in one process (2 threads, onnxruntime spin-waiting as deployed, 50 ms idle
-before each call, medians of ``--runs``) and gives each int8 export's
-PSNR against float. Writes benchmarks/results/depthwise_sum.json with the machine.
+concat sinking two 32 -> 1 convs) taking 13-16% of the light DnCNN-17's onnxruntime time on
+an AVX2 CPU, at a few GMAC/s: runtimes tile a conv's output channels by the SIMD width, so
+one output channel pays for 8 or 16. ``identities.depthwise_sum`` writes it as a depthwise
+conv and a 1x1 sum instead. This benchmark exports the trained DnCNN-17 and ``lighten`` of
+it (seeded) with the form and without it (its policy, ``identities.single_output_conv``,
+switched off for the export) to onnxruntime and ExecuTorch/XNNPACK, fp32 and int8, times all
+of them interleaved in one process (2 threads, onnxruntime spin-waiting as deployed, 50 ms
+idle before each call, medians of ``--runs``) and gives each int8 export's PSNR against
+float. Writes benchmarks/results/depthwise_sum.json with the machine.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python -m benchmarks.op_profile                          # DnCNN-17, fp32 and int8
     python -m benchmarks.op_profile --only "SRResNet x4" --runs 20
+    python -m benchmarks.op_profile --without-depthwise-sum --out op_profile_plain
 
 MACs are not latency. This profiles each model as ``export_onnx`` deploys it (fp32, and int8
 calibrated as ``precision="int8"`` does) with onnxruntime's own profiler, on the graph
@@ -39,6 +40,7 @@ from torch import nn
 
 from benchmarks.common import DENOISE, load_teacher
 from benchmarks.deploy import DEGRADE
+from benchmarks.depthwise_sum import form
 from benchmarks.speed import CASES, THREADS, machine, table, write_json
 from lwcompile.deploy.export import export_onnx
 
@@ -158,6 +160,9 @@ def main() -> None:
     parser.add_argument("--precision", action="append", choices=["fp32", "int8"], default=None)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", default="op_profile")
+    parser.add_argument("--without-depthwise-sum", action="store_true",
+                        help="export without the depthwise + sum form (the profile it came "
+                             "from)")
     options = parser.parse_args()
     torch.set_num_threads(THREADS)
     info = machine()
@@ -167,8 +172,10 @@ def main() -> None:
         inputs = CASES[name].bench_inputs()
         for model_name, model in _models(name).items():
             for precision in options.precision or ["fp32", "int8"]:
-                path = export_onnx(model, inputs, folder / f"{model_name}-{precision}.onnx",
-                                   precision=precision, degrade=DEGRADE.get(name))
+                with form(not options.without_depthwise_sum):
+                    path = export_onnx(model, inputs,
+                                       folder / f"{model_name}-{precision}.onnx",
+                                       precision=precision, degrade=DEGRADE.get(name))
                 groups = profile_onnx(path, inputs, options.runs)
                 total = sum(g.ms for g in groups)
                 print(f"\n{name} {model_name} {precision}: {total:.1f} ms of kernels "
@@ -184,6 +191,7 @@ def main() -> None:
                                                         "gbytes_per_s": g.gbytes_per_s}
                                            for g in groups]})
     written = write_json(options.out, {"machine": info, "runs": options.runs,
+                                       "depthwise_sum": not options.without_depthwise_sum,
                                        "profiles": results})
     print(f"\nwrote {written}")
 
