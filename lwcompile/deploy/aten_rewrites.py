@@ -250,8 +250,8 @@ def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
     if weight is None or not _is_attr(weight) or not _is_attr(bias):
         return 0
     w = _tensor(gm, weight)
-    if w.dim() != 4 or not identities.single_output_conv(
-            w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride, dilation, groups):
+    if not identities.single_output_conv(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
+                                         stride, dilation, groups):
         return 0
     depthwise_weight, sum_weight = identities.depthwise_sum(w)
     with gm.graph.inserting_before(conv):
