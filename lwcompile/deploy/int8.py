@@ -5,10 +5,10 @@ Post-training int8 needs a few inputs like those the model will see (calibration
 activation scales, and it changes the outputs: by how much depends on the model, so the
 export measures it on held-out crops instead of assuming it. When the int8 output is too far
 from float, the layers whose quantisation hurts most are kept float, chosen greedily by
-measurement: each round restores, one at a time, every still-quantised conv and keeps the one
-that raises the PSNR most. ``export_onnx`` (onnxruntime) and ``export_mobile`` (XNNPACK) hand
-this module a function that quantises with a given set of layers left float; everything
-else here is runtime-agnostic.
+measurement: the first round restores every conv alone and keeps the one that raises the
+PSNR most; later rounds retry the few that helped most before. ``export_onnx`` (onnxruntime)
+and ``export_mobile`` (XNNPACK) hand this module a function that quantises with a given set
+of layers left float; everything else here is runtime-agnostic.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LwCompileError
+from ..errors import LwCompileError, one_line
 
 PRECISIONS = ("fp32", "int8")
 #: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
@@ -30,6 +30,9 @@ DEFAULT_MAX_FLOAT_LAYERS = 3
 #: a layer stays float only if restoring it raises the PSNR by at least this (dB): a layer
 #: that helps less is not where the error comes from, and float costs it the int8 speed
 MIN_GAIN_DB = 0.1
+#: after the first round, which tries every conv, a round retries only this many of the
+#: convs that helped most in the rounds before
+RETRIED_PER_ROUND = 4
 #: the percentile calibration both runtimes try beside their default: activation ranges clip
 #: the top and bottom 0.05 % of the calibration values
 CALIBRATION_PERCENTILE = 99.95
@@ -75,6 +78,8 @@ class Int8Report:
     #: all-int8 PSNR each gave
     calibration_method: str | None = None
     calibration_psnr_db: dict[str, float] = field(default_factory=dict)
+    #: calibrations that failed on this model (name -> the error), left out of the choice
+    calibration_errors: dict[str, str] = field(default_factory=dict)
     #: bits of the int8 weights' range used (7 where the runtime's kernels would saturate)
     weight_bits: int = 8
 
@@ -90,6 +95,7 @@ class Int8Report:
                 "calibration_method": self.calibration_method,
                 "calibration_psnr_db": {n: round(p, 3)
                                         for n, p in self.calibration_psnr_db.items()},
+                "calibration_errors": dict(self.calibration_errors),
                 "weight_bits": self.weight_bits}
 
     def __str__(self) -> str:
@@ -141,36 +147,54 @@ def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple
 
 def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: list[tuple],
                         reference: list[Tensor], target_psnr: float, max_float_layers: int,
-                        calibration_count: int) -> tuple[Any, Int8Report]:
-    """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr``,
-    restore each remaining candidate alone and, while fewer than ``max_float_layers`` are
-    float, keep the one that helps most if it helps by ``MIN_GAIN_DB`` or more. The
-    report's ``sensitivity`` is the last round's: the gain of restoring each layer still
-    quantised (so a refusal can name them). Returns what ``quantize`` gave for the chosen
-    set, and the report."""
+                        calibration_count: int,
+                        min_psnr: float | None = None) -> tuple[Any, Int8Report]:
+    """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr`` and
+    fewer than ``max_float_layers`` are float, restore candidates one at a time and keep the
+    one that helps most, if it helps by ``MIN_GAIN_DB`` or more.
+
+    The first round tries every candidate; later rounds retry only the ``RETRIED_PER_ROUND``
+    that helped most before (restoring one layer rarely reorders the rest), so the search
+    costs about one quantisation per conv, not one per conv and float layer. The report's
+    ``sensitivity`` holds each still-quantised layer's gain from the latest round that
+    measured it, largest first. With no round run (``max_float_layers=0``, or the target
+    met) but the PSNR below ``min_psnr``, one round is measured anyway so that the refusal
+    can name the worst layers. Returns what ``quantize`` gave for the chosen set, and the
+    report."""
     excluded: frozenset[str] = frozenset()
     runner, kept = quantize(excluded)
     psnr, max_error = score(runner, inputs, reference)
     all_int8 = psnr
     restorations: list[tuple[str, float]] = []
     sensitivity: dict[str, float] = {}
-    while psnr < target_psnr:
-        trials = {}
-        for name in candidates:
-            if name in excluded:
-                continue
+
+    def measure(names: Sequence[str]) -> tuple[str, tuple[float, float, Any, Any]] | None:
+        """Each of ``names`` restored alone; the gains go into ``sensitivity``; the best
+        trial is returned (only it is held: a quantised model per conv would not fit)."""
+        best: tuple[str, tuple[float, float, Any, Any]] | None = None
+        for name in names:
             trial_runner, trial_kept = quantize(excluded | {name})
-            trials[name] = (*score(trial_runner, inputs, reference), trial_runner, trial_kept)
-        if not trials:
+            trial_psnr, trial_error = score(trial_runner, inputs, reference)
+            sensitivity[name] = trial_psnr - psnr
+            if best is None or trial_psnr > best[1][0]:
+                best = name, (trial_psnr, trial_error, trial_runner, trial_kept)
+        ranked = sorted(sensitivity.items(), key=lambda item: -item[1])
+        sensitivity.clear()
+        sensitivity.update(ranked)
+        return best
+
+    while psnr < target_psnr and len(excluded) < max_float_layers:
+        names = [n for n in candidates if n not in excluded] if not sensitivity else \
+            list(sensitivity)[:RETRIED_PER_ROUND]
+        best = measure(names)
+        if best is None or sensitivity[best[0]] < MIN_GAIN_DB:
             break
-        sensitivity = dict(sorted(((n, t[0] - psnr) for n, t in trials.items()),
-                                  key=lambda item: -item[1]))
-        best = next(iter(sensitivity))
-        if sensitivity[best] < MIN_GAIN_DB or len(excluded) >= max_float_layers:
-            break
-        excluded = excluded | {best}
-        psnr, max_error, runner, kept = trials[best]
-        restorations.append((best, psnr))
+        name, (psnr, max_error, runner, kept) = best
+        excluded = excluded | {name}
+        del sensitivity[name]
+        restorations.append((name, psnr))
+    if not sensitivity and min_psnr is not None and psnr < min_psnr:
+        measure([n for n in candidates if n not in excluded])
     report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
                         len(inputs), restorations, sensitivity, all_int8)
     return kept, report
@@ -178,18 +202,32 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
 
 def choose_calibration(quantizers: dict[str, Quantize], candidates: Sequence[str],
                        inputs: list[tuple], reference: list[Tensor], target_psnr: float,
-                       max_float_layers: int, calibration_count: int) -> tuple[Any, Int8Report]:
+                       max_float_layers: int, calibration_count: int,
+                       min_psnr: float | None = None) -> tuple[Any, Int8Report]:
     """Quantise everything once per activation calibration in ``quantizers`` (name ->
     quantise function), keep the one whose all-int8 model is closest to float, then choose
     the float layers with it (``choose_float_layers``); the report names the calibration
-    kept and the all-int8 PSNR each gave."""
-    scores = {name: score(quantize(frozenset())[0], inputs, reference)[0]
-              for name, quantize in quantizers.items()}
+    kept and the all-int8 PSNR each gave. A calibration that fails (a histogram over a
+    tensor of one value, say) is left out and its error reported; if all fail, ``Int8Error``."""
+    scores: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for name, quantize in quantizers.items():
+        try:
+            scores[name] = score(quantize(frozenset())[0], inputs, reference)[0]
+        except LwCompileError:
+            raise
+        except Exception as exc:  # the runtime's quantiser, on this model's tensors
+            errors[name] = one_line(exc)
+    if not scores:
+        raise Int8Error("int8 calibration failed with every method: " + "; ".join(
+            f"{name}: {error}" for name, error in errors.items()))
     best = max(scores, key=lambda name: scores[name])
     kept, report = choose_float_layers(quantizers[best], candidates, inputs, reference,
-                                       target_psnr, max_float_layers, calibration_count)
+                                       target_psnr, max_float_layers, calibration_count,
+                                       min_psnr)
     report.calibration_method = best
     report.calibration_psnr_db = scores
+    report.calibration_errors = errors
     return kept, report
 
 

@@ -186,7 +186,7 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
         data, report = int8.choose_calibration(
             {name: quantizer(*candidate) for name, candidate in candidates.items()},
             convs, held, reference,
-            target_psnr, max_float_layers, len(calib))
+            target_psnr, max_float_layers, len(calib), min_psnr)
     finally:
         for f in work.iterdir():
             f.unlink()

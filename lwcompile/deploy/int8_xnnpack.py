@@ -142,7 +142,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     converted, report = int8.choose_calibration(
         {name: quantizer(*candidate) for name, candidate in candidates.items()},
         conv_layers(graph_module), held,
-        reference, target_psnr, max_float_layers, len(calib))
+        reference, target_psnr, max_float_layers, len(calib), min_psnr)
     int8.refuse_below(report, min_psnr)
     return converted, report
 
