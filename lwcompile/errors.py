@@ -55,6 +55,11 @@ class VerificationError(LwCompileError):
     """The assembled result does not behave like the original (shape change, crash)."""
 
 
+class ExportError(LwCompileError):
+    """An exporter (torch.export, the ONNX exporter, ExecuTorch's lowering) could not take
+    this model; the message names the exporter and its first complaint, the cause is chained."""
+
+
 class CompileFailed(LwCompileError):
     """Compilation hit something unexpected; the message names it and the model is untouched."""
 

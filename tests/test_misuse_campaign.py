@@ -123,7 +123,7 @@ def test_a_failing_fp32_onnx_export_leaves_no_partial_file(existing, light, tmp_
         raise RuntimeError("exporter crashed")
 
     monkeypatch.setattr(torch.onnx, "export", half_written)
-    with pytest.raises(RuntimeError, match="exporter crashed"):
+    with pytest.raises(lwcompile.ExportError, match="RuntimeError: exporter crashed"):
         lwcompile.export_onnx(light, X, path, fast=False)
     assert [p.name for p in tmp_path.iterdir()] == (["a.onnx"] if existing else [])
     if existing:

@@ -25,7 +25,14 @@ from torch import nn
 from torch.export import Dim
 
 from .. import arguments as check
-from ..errors import ArgumentError, LwCompileWarning, VerificationError, one_line
+from ..errors import (
+    ArgumentError,
+    ExportError,
+    LwCompileError,
+    LwCompileWarning,
+    VerificationError,
+    one_line,
+)
 from ..files import write_atomic
 from ..measure.inputs import blamed_on_inputs
 from ..nn import ChannelsLast
@@ -52,6 +59,21 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
+@contextlib.contextmanager
+def _exporter_failures(where: str, model: Any, hint: str = "") -> Iterator[None]:
+    """A raw error from inside an exporter (an op it has no translation for, a Python
+    construct torch.export rejects) raised as ``ExportError`` naming the model and the first
+    line of the complaint; lwcompile's own errors pass unchanged. Used outside
+    ``blamed_on_inputs``, so an example input the model itself rejects is still named."""
+    try:
+        yield
+    except LwCompileError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{where}: could not export {type(model).__name__}: "
+                          f"{one_line(exc)}{hint}") from exc
+
+
 def _tensor_names(args: tuple) -> list[str]:
     return [f"input_{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
 
@@ -69,7 +91,8 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     args = check.inputs("export_program", "example_inputs", example_inputs)
     check.flag("export_program", "dynamic_hw", dynamic_hw)
     check.flag("export_program", "fast", fast)
-    with blamed_on_inputs("export_program", model, args):
+    with _exporter_failures("export_program", model), \
+            blamed_on_inputs("export_program", model, args):
         return _export(_for_export(model, args, fast), args, dynamic_hw)
 
 
@@ -152,20 +175,27 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         if isinstance(model, torch.export.ExportedProgram):
             raise int8.Int8Error("int8 export needs the nn.Module (to measure it against "
                                  "float), not an ExportedProgram")
-        with blamed_on_inputs("export_onnx", model, args):
+        with _exporter_failures("export_onnx", model, _onnx_hint(dynamo)), \
+                blamed_on_inputs("export_onnx", model, args):
             return _export_int8(model, args, path, dynamic_hw, opset, dynamo, fast, min_psnr,
                                 target_psnr, max_float_layers, calibration_count,
                                 evaluation_count, calibration, degrade, qat_steps)
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
         written = Path(tmp) / "model.onnx"  # the destination is written whole or not at all
-        if isinstance(model, torch.export.ExportedProgram):
-            _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
-        else:
-            with blamed_on_inputs("export_onnx", model, args):
+        with _exporter_failures("export_onnx", model, _onnx_hint(dynamo)):
+            if isinstance(model, torch.export.ExportedProgram):
                 _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
+            else:
+                with blamed_on_inputs("export_onnx", model, args):
+                    _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
         with written.open("rb") as source:
             write_atomic(path, lambda f: shutil.copyfileobj(source, f))
     return path
+
+
+def _onnx_hint(dynamo: bool) -> str:
+    return "" if dynamo else (" (with the default TorchScript-based exporter; dynamo=True "
+                              "tries the torch.export-based one)")
 
 
 def _check_opset(opset: Any, new_exporter: bool) -> None:

@@ -18,6 +18,7 @@ keeps its place: call the program with every argument, as the model.
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .. import arguments as check
-from ..errors import LwCompileError, one_line
+from ..errors import ExportError, LwCompileError, one_line
 from ..files import write_atomic
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
@@ -43,8 +45,9 @@ class MobileUnavailableError(LwCompileError, ImportError):
     """ExecuTorch (the mobile runtime and its XNNPACK backend) is not installed."""
 
 
-class MobileExportError(LwCompileError):
-    """torch.export or ExecuTorch lowering failed on this model; the cause is chained."""
+class MobileExportError(ExportError):
+    """torch.export or ExecuTorch lowering failed on this model, or the ExecuTorch runtime
+    could not run the program it made; the cause is chained and nothing is written."""
 
 
 def _executorch() -> tuple[Any, Any]:
@@ -166,15 +169,31 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
         raise
     except Exception as exc:
         raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
+    error = None if expected is None else _run_and_compare(program.buffer, example_inputs,
+                                                           expected)
     write_atomic(path, lambda f: f.write(program.buffer))
-    error = None
-    if verify:
-        got = load_pte(path)(*example_inputs)
-        want = [expected] if isinstance(expected, Tensor) else list(expected)
-        error = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
                         int8_report)
+
+
+def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any) -> float:
+    """Max |program - eager| over the tensors of the outputs (nested ones flattened, as the
+    program returns them), running ``buffer`` from a temporary file before it is written."""
+    with tempfile.TemporaryDirectory(prefix="lwcompile-pte-") as tmp:
+        staged = Path(tmp) / "model.pte"
+        staged.write_bytes(buffer)
+        try:
+            got = [g for g in load_pte(staged)(*example_inputs) if isinstance(g, Tensor)]
+        except Exception as exc:
+            raise MobileExportError("the ExecuTorch runtime could not run the exported "
+                                    f"program: {one_line(exc)}") from exc
+    want = [w for w in pytree.tree_leaves(expected) if isinstance(w, Tensor)]
+    if len(got) != len(want):
+        raise MobileExportError(f"the exported program returns {len(got)} tensors, the model "
+                                f"{len(want)}")
+    return max((float((g - w).abs().max()) for g, w in zip(got, want, strict=True)),
+               default=0.0)
 
 
 def _deployed(model: nn.Module, args: tuple, optimize: bool,

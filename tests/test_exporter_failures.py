@@ -1,0 +1,103 @@
+"""When an exporter cannot take a model, the user gets an ``ExportError`` naming the model and
+the exporter's complaint (cases met on the spandrel zoo: AuraSR, GFPGAN, MMRealSR), nothing
+is written, and a program whose outputs nest is still checked against the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lwcompile
+
+X = (torch.rand(1, 3, 16, 16),)
+
+
+class BesselOfConv(nn.Module):
+    """``torch.special.i0`` has no ONNX translation in the TorchScript-based exporter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.i0(self.conv(x))
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor, mod: float = 1.0) -> torch.Tensor:
+        return x * mod
+
+
+class CallsWithMod(nn.Module):
+    """Calls a submodule with a keyword named ``mod``, as AuraSR does: torch.export's module
+    call wrapper takes ``mod`` itself and fails with a TypeError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.scale = Scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.conv(x), mod=2.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_op_the_onnx_exporter_lacks_is_an_export_error(precision, tmp_path):
+    pytest.importorskip("onnx")
+    if precision == "int8":
+        pytest.importorskip("onnxruntime")
+    with pytest.raises(lwcompile.ExportError) as info:
+        lwcompile.export_onnx(BesselOfConv(), X, tmp_path / "a.onnx", fast=False,
+                              precision=precision)
+    message = str(info.value)
+    assert message.startswith("export_onnx: could not export BesselOfConv: ")
+    assert "aten::i0" in message and "dynamo=True" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_export_rejecting_the_model_is_an_export_error():
+    with pytest.raises(lwcompile.ExportError, match="export_program: could not export "
+                       "CallsWithMod: TypeError: .*multiple values for argument 'mod'"):
+        lwcompile.export_program(CallsWithMod(), X)
+
+
+def test_mobile_export_failures_are_export_errors(tmp_path):
+    pytest.importorskip("executorch")
+    with pytest.raises(lwcompile.ExportError, match="could not export for XNNPACK: TypeError"):
+        lwcompile.export_mobile(CallsWithMod(), X, tmp_path / "a.pte")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_the_model_rejects_is_still_named_as_such(tmp_path):
+    with pytest.raises(lwcompile.ExampleInputError, match="rejects the example input"):
+        lwcompile.export_program(BesselOfConv(), (torch.rand(1, 4, 16, 16),))
+    with pytest.raises(lwcompile.ExampleInputError, match="rejects the example input"):
+        lwcompile.export_onnx(BesselOfConv(), (torch.rand(1, 4, 16, 16),), tmp_path / "a.onnx")
+
+
+class ImageAndDegrees(nn.Module):
+    """Returns the image and a list of two tensors, as MMRealSR returns (image, degrees)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        y = self.conv(x)
+        return y, [y.mean(dim=(2, 3)), y.amax(dim=(2, 3))]
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_mobile_export_checks_nested_outputs(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    export = lwcompile.export_mobile(ImageAndDegrees(), X, tmp_path / "a.pte")
+    assert export.max_abs_error is not None and export.max_abs_error < 1e-5
+    got = load_pte(tmp_path / "a.pte")(*X)
+    image, (mean, peak) = ImageAndDegrees()(*X)
+    assert len(got) == 3
+    for g, want in zip(got, (image, mean, peak), strict=True):
+        torch.testing.assert_close(g, want.detach(), rtol=1e-5, atol=1e-5)
