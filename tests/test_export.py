@@ -93,3 +93,31 @@ def test_dynamic_hw_decides_whether_the_size_is_fixed(dynamic_hw, tmp_path):
     for args in [(x,), (y,)] if dynamic_hw else [(x,)]:
         with torch.no_grad():
             close(run_ort(path, args), model(*args))
+
+
+class Strength(nn.Module):
+    """A restorer with a float strength argument and a default (as RealCUGAN's ``alpha``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, strength: float = 1.0, offset: float = 0.25):
+        return self.conv(x) * strength + offset
+
+
+@pytest.mark.parametrize("given", [(), (2.0,), (2.0, -1.0)])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_numbers_and_defaults_are_baked_in_only_tensors_are_inputs(given, precision,
+                                                                    tmp_path):
+    """The TorchScript exporter makes a Python number, passed or left to its default, a
+    graph input: the file then needed a feed its users could not know of."""
+    x = torch.rand(1, 3, 16, 16)
+    path = export_onnx(Strength().eval(), (x, *given), tmp_path / "s.onnx",
+                       precision=precision, calibration=x, calibration_count=1,
+                       evaluation_count=1)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_0"]
+    expected = run(Strength().eval(), (x, *given))
+    tolerance = 1e-5 if precision == "fp32" else 0.05
+    torch.testing.assert_close(run_ort(path, (x,)), expected, rtol=0, atol=tolerance)

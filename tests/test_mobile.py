@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lwcompile
@@ -132,6 +133,28 @@ def test_non_tensor_argument_is_fixed_to_its_example_value_but_still_passed(expo
     (got,) = load_pte(export.path)(x, 50.0)
     with torch.no_grad():
         torch.testing.assert_close(got, model(x, 50.0))
+
+
+class CropsItsSkip(nn.Module):
+    """Crops by ``F.pad`` with negative amounts, as RealCUGAN does: ExecuTorch's pad kernel
+    refuses those, so the program only runs once they are slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)  # unpadded: 2 pixels smaller
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + F.pad(x, (-1, -1, -1, -1))
+
+
+@pytest.mark.slow
+def test_a_crop_by_negative_padding_runs_in_executorch(exported, tmp_path):
+    model, x = CropsItsSkip().eval(), torch.rand(1, 3, 12, 12)
+    export = export_mobile(model, (x,), tmp_path / "c.pte")
+    assert export.forms == {"negative-pad-as-slice": 1}
+    (got,) = load_pte(export.path)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):

@@ -197,3 +197,24 @@ def test_narrow_or_multi_output_or_strided_convs_keep_the_plain_conv():
                            (nn.Conv2d(32, 1, 3, stride=2, padding=1), 32),
                            (nn.Conv2d(32, 1, 1), 32)):
         assert rewrite(conv, torch.rand(1, channels, 16, 16))[1] == {}
+
+
+class Crops(nn.Module):
+    """``F.pad`` by negative amounts crops (RealCUGAN crops its U-Net's skips this way);
+    mixed with positive amounts, and a reflect pad that must stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cropped = F.pad(x, (-2, -2, -1, -3))
+        mixed = F.pad(x, (-1, 3, 2, -2), value=0.5)
+        return cropped.sum() + mixed * 2 + F.pad(x, (1, 1, 1, 1), mode="reflect")[..., 2:, :]
+
+
+def test_negative_pads_become_slices_with_the_same_output():
+    x = torch.rand(1, 3, 12, 12)
+    module, forms = rewrite(Crops(), x)
+    assert forms == {"negative-pad-as-slice": 2}
+    pads = [n for n in module.graph.nodes
+            if n.target in (aten.pad.default, aten.constant_pad_nd.default)]
+    # the reflect pad, and the positive part of the mixed one; no negative amount is left
+    assert len(pads) == 2 and all(min(n.args[1]) >= 0 for n in pads)
+    torch.testing.assert_close(module(x), Crops()(x), rtol=1e-6, atol=0)  # sums reordered

@@ -25,7 +25,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
 - ``depthwise-sum``: a small-kernel conv writing one channel from many -> a depthwise conv
   and a 1x1 conv summing its channels (the output channel is no longer padded to the
   SIMD width). Not for int8 (``quantized``): XNNPACK's int8 measured no faster with it,
-  and each depthwise output would be rounded before the sum.
+  and each depthwise output would be rounded before the sum;
+- ``negative-pad-as-slice``: a constant pad by negative amounts (a crop: RealCUGAN's
+  ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
+  Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
+  not run.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -84,6 +88,9 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     for node in list(graph.nodes):
         if node.target is aten.conv2d.default and not quantized:
             done["depthwise-sum"] += _depthwise_sum(gm, node)
+    for node in list(graph.nodes):
+        if node.target in (aten.pad.default, aten.constant_pad_nd.default):
+            done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -262,6 +269,32 @@ def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
     total.meta = dict(conv.meta)
     conv.replace_all_uses_with(total)
     gm.graph.erase_node(conv)
+    return 1
+
+
+def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
+    x, amounts = pad.args[:2]
+    if pad.target is aten.pad.default:
+        mode, value = _arg(pad, 2, pad.kwargs.get("mode", "constant")), _arg(pad, 3, None)
+    else:
+        mode, value = "constant", _arg(pad, 2, 0.0)
+    shape = node_shape(x)
+    if mode != "constant" or shape is None or not all(isinstance(a, int) for a in amounts) \
+            or min(amounts, default=0) >= 0:
+        return 0
+    out = x
+    with gm.graph.inserting_before(pad):
+        for i in range(len(amounts) // 2):  # amounts run from the last dimension backwards
+            dim, (before, after) = len(shape) - 1 - i, amounts[2 * i: 2 * i + 2]
+            if before < 0 or after < 0:
+                start, end = max(-before, 0), shape[dim] + min(after, 0)
+                out = gm.graph.call_function(aten.slice.Tensor, (out, dim, start, end))
+        if max(amounts) > 0:
+            out = gm.graph.call_function(aten.constant_pad_nd.default,
+                                         (out, [max(a, 0) for a in amounts], value or 0.0))
+    out.meta = dict(pad.meta)
+    pad.replace_all_uses_with(out)
+    gm.graph.erase_node(pad)
     return 1
 
 

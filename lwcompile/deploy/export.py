@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import shutil
 import tempfile
 import warnings
@@ -144,9 +145,10 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     fast by default).
 
     Tensor arguments become the graph's inputs (``input_0``, ...) and its output
-    ``output``; other arguments are baked in. With ``dynamic_hw`` every 4-D input's height
-    and width are symbolic. An ``ExportedProgram`` (from ``export_program``) is converted
-    with the new exporter, keeping the shapes it was exported with.
+    ``output``; other arguments, and parameters left to their defaults, are baked in. With
+    ``dynamic_hw`` every 4-D input's height and width are symbolic. An ``ExportedProgram``
+    (from ``export_program``) is converted with the new exporter, keeping the shapes it was
+    exported with.
 
     ``precision="int8"`` quantises with onnxruntime (QDQ, per-channel int8 weights; see
     ``deploy.int8_onnx``), calibrated on ``calibration_count`` crops of ``calibration``
@@ -253,12 +255,45 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
                                     input_names=names, output_names=["output"], verbose=False)
         program.save(str(path), external_data=False)
         return
-    axes = {name: {2: "height", 3: "width"} for name, a in zip(
-        names, [a for a in args if isinstance(a, torch.Tensor)], strict=True) if a.dim() == 4}
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    axes = {name: {2: "height", 3: "width"} for name, a in zip(names, tensors, strict=True)
+            if a.dim() == 4}
     with _torchscript_exporter():
-        torch.onnx.export(_for_onnx(model, args, fast), args, str(path), dynamo=False,
-                          opset_version=opset, input_names=names, output_names=["output"],
-                          dynamic_axes=axes if dynamic_hw else None)
+        torch.onnx.export(_tensors_only(_for_onnx(model, args, fast), args), tensors, str(path),
+                          dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["output"], dynamic_axes=axes if dynamic_hw else None)
+
+
+class _FixedArguments(nn.Module):
+    """``model`` called with the example's non-tensor arguments fixed (and its own defaults
+    for the rest); only the tensors are arguments."""
+
+    def __init__(self, model: nn.Module, args: tuple) -> None:
+        super().__init__()
+        self.model = model
+        self.template = args
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        given = iter(tensors)
+        return self.model(*(next(given) if isinstance(a, torch.Tensor) else a
+                            for a in self.template))
+
+
+def _tensors_only(model: nn.Module, args: tuple) -> nn.Module:
+    """What the TorchScript-based exporter gets, so that only tensors become graph inputs:
+    it turns a Python number in ``args`` into an input, and also each parameter of
+    ``forward`` left to its default (RealCUGAN's ``alpha``), which the file's users then had
+    to feed. Such a model is wrapped in ``_FixedArguments``; others are exported as they are,
+    keeping their node names."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature: nothing to fill in
+        parameters = []
+    takes_more = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                     for p in parameters) > len(args)
+    if takes_more or not all(isinstance(a, torch.Tensor) for a in args):
+        return _FixedArguments(model, args)
+    return model
 
 
 def _channel_shuffle(g: Any, x: Any, groups: Any) -> Any:
