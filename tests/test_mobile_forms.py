@@ -218,3 +218,24 @@ def test_negative_pads_become_slices_with_the_same_output():
     # the reflect pad, and the positive part of the mixed one; no negative amount is left
     assert len(pads) == 2 and all(min(n.args[1]) >= 0 for n in pads)
     torch.testing.assert_close(module(x), Crops()(x), rtol=1e-6, atol=0)  # sums reordered
+
+
+class Pyramid(nn.Module):
+    """SAFMN's feature pyramid: adaptive max pools to a half and a quarter of the size, and
+    one whose size does not divide the input's (kept), upsampled back and summed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        out = x
+        for size in ((h // 2, w // 2), (h // 4, w // 4), (5, 5)):
+            out = out + F.interpolate(F.adaptive_max_pool2d(x, size), size=(h, w))
+        return out
+
+
+def test_adaptive_max_pools_that_divide_become_max_pools_with_the_same_output():
+    x = torch.rand(1, 3, 12, 16)
+    module, forms = rewrite(Pyramid(), x)
+    assert forms == {"adaptive-max-pool-as-pool": 2}
+    assert ops(module).count(aten.max_pool2d.default) == 2
+    assert ops(module).count(aten.adaptive_max_pool2d.default) == 1  # 12 is no multiple of 5
+    torch.testing.assert_close(module(x), Pyramid()(x), rtol=0, atol=0)

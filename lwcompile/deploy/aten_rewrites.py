@@ -29,7 +29,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
 - ``negative-pad-as-slice``: a constant pad by negative amounts (a crop: RealCUGAN's
   ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
   Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
-  not run.
+  not run;
+- ``adaptive-max-pool-as-pool``: an adaptive max pool whose output size divides its input
+  size (SAFMN's pyramid, ``adaptive_max_pool2d(x, (h // 8, w // 8))``) -> a max pool with
+  kernel = stride = the ratio. Not for speed either: the adaptive op is not core ATen, and
+  ExecuTorch refused the program.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -38,6 +42,7 @@ or lightened, and never touch the model itself.
 from __future__ import annotations
 
 import functools
+import operator
 from collections import Counter
 
 import torch
@@ -91,6 +96,8 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     for node in list(graph.nodes):
         if node.target in (aten.pad.default, aten.constant_pad_nd.default):
             done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
+        elif node.target is aten.adaptive_max_pool2d.default:
+            done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -295,6 +302,28 @@ def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
     out.meta = dict(pad.meta)
     pad.replace_all_uses_with(out)
     gm.graph.erase_node(pad)
+    return 1
+
+
+def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
+    x, size = pool.args[:2]
+    shape = node_shape(x)
+    values = [u for u in pool.users if u.target is operator.getitem and u.args[1] == 0]
+    unused = [u for u in pool.users if u.target is operator.getitem and u.args[1] == 1
+              and not u.users]
+    if shape is None or len(values) + len(unused) != len(pool.users) \
+            or not all(isinstance(s, int) and s > 0 and n % s == 0
+                       for s, n in zip(size, shape[-2:], strict=True)):
+        return 0
+    ratio = [n // s for s, n in zip(size, shape[-2:], strict=True)]
+    with gm.graph.inserting_before(pool):
+        out = gm.graph.call_function(aten.max_pool2d.default, (x, ratio, ratio))
+    for value in values:
+        out.meta = dict(value.meta)
+        value.replace_all_uses_with(out)
+    for user in values + unused:
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(pool)
     return 1
 
 
