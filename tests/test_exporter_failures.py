@@ -101,3 +101,20 @@ def test_mobile_export_checks_nested_outputs(tmp_path):
     assert len(got) == 3
     for g, want in zip(got, (image, mean, peak), strict=True):
         torch.testing.assert_close(g, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_a_program_the_runtime_cannot_run_is_refused_and_not_written(tmp_path, monkeypatch):
+    """As MoSR's int8 program met: lowered, then refused by the runtime (a delegate's
+    output shape); the check runs before the file is written."""
+    pytest.importorskip("executorch")
+    from lwcompile.deploy import mobile
+
+    def refusing(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        raise RuntimeError("method->execute() failed with error 0x10")
+
+    monkeypatch.setattr(mobile, "load_pte", lambda path: refusing)
+    with pytest.raises(lwcompile.ExportError, match="could not run the exported program: "
+                       "RuntimeError: method->execute.*nothing was written"):
+        lwcompile.export_mobile(nn.Conv2d(3, 3, 3), X, tmp_path / "a.pte")
+    assert list(tmp_path.iterdir()) == []

@@ -186,8 +186,9 @@ def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any) -> flo
         try:
             got = [g for g in load_pte(staged)(*example_inputs) if isinstance(g, Tensor)]
         except Exception as exc:
-            raise MobileExportError("the ExecuTorch runtime could not run the exported "
-                                    f"program: {one_line(exc)}") from exc
+            raise MobileExportError(
+                f"the ExecuTorch runtime could not run the exported program: {one_line(exc)} "
+                "(its log on stderr names the failing operator; nothing was written)") from exc
     want = [w for w in pytree.tree_leaves(expected) if isinstance(w, Tensor)]
     if len(got) != len(want):
         raise MobileExportError(f"the exported program returns {len(got)} tensors, the model "
