@@ -101,3 +101,12 @@ def test_a_failing_calibration_is_left_out_and_reported():
     with pytest.raises(lwcompile.Int8Error, match="every method: histogram: ValueError"):
         int8.choose_calibration({"histogram": broken}, list(VARIANCES), [()], REFERENCE,
                                 0.0, 3, 1)
+
+
+def test_the_chosen_calibrations_all_int8_model_is_not_made_again():
+    first, second = Simulated(VARIANCES), Simulated({n: v * 2 for n, v in VARIANCES.items()})
+    _, report = int8.choose_calibration({"a": second, "b": first}, list(VARIANCES), [()],
+                                        REFERENCE, 100.0, 1, 1)
+    assert report.calibration_method == "b" and report.float_layers == ["conv9"]
+    assert second.calls == [frozenset()]
+    assert first.calls.count(frozenset()) == 1 and len(first.calls) == 1 + 10

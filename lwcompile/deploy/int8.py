@@ -147,8 +147,8 @@ def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple
 
 def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: list[tuple],
                         reference: list[Tensor], target_psnr: float, max_float_layers: int,
-                        calibration_count: int,
-                        min_psnr: float | None = None) -> tuple[Any, Int8Report]:
+                        calibration_count: int, min_psnr: float | None = None,
+                        all_int8: tuple[Runner, Any] | None = None) -> tuple[Any, Int8Report]:
     """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr`` and
     fewer than ``max_float_layers`` are float, restore candidates one at a time and keep the
     one that helps most, if it helps by ``MIN_GAIN_DB`` or more.
@@ -159,12 +159,13 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
     ``sensitivity`` holds each still-quantised layer's gain from the latest round that
     measured it, largest first. With no round run (``max_float_layers=0``, or the target
     met) but the PSNR below ``min_psnr``, one round is measured anyway so that the refusal
-    can name the worst layers. Returns what ``quantize`` gave for the chosen set, and the
-    report."""
+    can name the worst layers. ``all_int8``: what ``quantize`` already gave with no layer
+    float (it is not made again: a large graph takes minutes to quantise). Returns what
+    ``quantize`` gave for the chosen set, and the report."""
     excluded: frozenset[str] = frozenset()
-    runner, kept = quantize(excluded)
+    runner, kept = all_int8 if all_int8 is not None else quantize(excluded)
     psnr, max_error = score(runner, inputs, reference)
-    all_int8 = psnr
+    first_psnr = psnr
     restorations: list[tuple[str, float]] = []
     sensitivity: dict[str, float] = {}
 
@@ -196,7 +197,7 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
     if not sensitivity and min_psnr is not None and psnr < min_psnr:
         measure([n for n in candidates if n not in excluded])
     report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
-                        len(inputs), restorations, sensitivity, all_int8)
+                        len(inputs), restorations, sensitivity, first_psnr)
     return kept, report
 
 
@@ -206,26 +207,31 @@ def choose_calibration(quantizers: dict[str, Quantize], candidates: Sequence[str
                        min_psnr: float | None = None) -> tuple[Any, Int8Report]:
     """Quantise everything once per activation calibration in ``quantizers`` (name ->
     quantise function), keep the one whose all-int8 model is closest to float, then choose
-    the float layers with it (``choose_float_layers``); the report names the calibration
+    the float layers with it (``choose_float_layers``, starting from that all-int8 model
+    rather than quantising it again); the report names the calibration
     kept and the all-int8 PSNR each gave. A calibration that fails (a histogram over a
     tensor of one value, say) is left out and its error reported; if all fail, ``Int8Error``."""
     scores: dict[str, float] = {}
     errors: dict[str, str] = {}
+    best: tuple[str, tuple[Runner, Any]] | None = None
     for name, quantize in quantizers.items():
         try:
-            scores[name] = score(quantize(frozenset())[0], inputs, reference)[0]
+            quantized = quantize(frozenset())
+            scores[name] = score(quantized[0], inputs, reference)[0]
         except LwCompileError:
             raise
         except Exception as exc:  # the runtime's quantiser, on this model's tensors
             errors[name] = one_line(exc)
-    if not scores:
+            continue
+        if best is None or scores[name] > scores[best[0]]:
+            best = name, quantized  # only the best is held
+    if best is None:
         raise Int8Error("int8 calibration failed with every method: " + "; ".join(
             f"{name}: {error}" for name, error in errors.items()))
-    best = max(scores, key=lambda name: scores[name])
-    kept, report = choose_float_layers(quantizers[best], candidates, inputs, reference,
+    kept, report = choose_float_layers(quantizers[best[0]], candidates, inputs, reference,
                                        target_psnr, max_float_layers, calibration_count,
-                                       min_psnr)
-    report.calibration_method = best
+                                       min_psnr, all_int8=best[1])
+    report.calibration_method = best[0]
     report.calibration_psnr_db = scores
     report.calibration_errors = errors
     return kept, report
