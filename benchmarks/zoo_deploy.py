@@ -1,0 +1,172 @@
+"""Deploy every spandrel zoo network, lightened, through every path a user would take.
+
+    python -m benchmarks.zoo_deploy                    # whole zoo, 2 networks at a time
+    python -m benchmarks.zoo_deploy --only SAFMN RealCUGAN_4x --timeout 600
+
+Per network (``examples/zoo.py``, random weights, its example input): ``lighten``, then
+``export_onnx`` fp32 (the file run in onnxruntime and compared with the eager light model),
+``export_onnx`` int8, ``export_mobile`` fp32 (ExecuTorch runs it and compares) and int8.
+A step ends ``ok``, with the ``LwCompileError`` subclass and message that refused it (an
+exporter's limit, named), or ``RAW`` with the exception type and where it came from: a raw
+error is a bug of lwcompile. int8 uses 2 calibration crops and 1 held-out crop (the
+measurement is of the path, not of quality: the weights are random). Each network runs in
+its own process with one thread and a time limit, so a hang or a crash is one row.
+
+Writes ``benchmarks/results/zoo_deploy.json`` (with the machine) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("lighten", "onnx fp32", "onnx int8", "xnnpack fp32", "xnnpack int8")
+
+
+def _child(name: str, out: Path) -> None:
+    """Run the steps for ``name`` in this process, writing the record after each step (a
+    step killed by the time limit leaves the ones before it)."""
+    import warnings
+
+    import torch
+
+    import lwcompile
+    from examples.zoo import ZOO, first_image
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    entry = ZOO[name]
+    model, x = entry.build(), entry.example_inputs()
+    record: dict[str, Any] = {"name": name}
+    folder = Path(tempfile.mkdtemp(prefix="zoo-deploy-"))
+    light: dict[str, Any] = {}
+
+    def step(label: str, work: Any) -> None:
+        start = time.perf_counter()
+        try:
+            detail = work()
+            record[label] = {"status": "ok", "detail": detail}
+        except lwcompile.LwCompileError as exc:
+            record[label] = {"status": type(exc).__name__, "detail": str(exc)[:400]}
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            record[label] = {"status": "RAW", "detail": f"{type(exc).__name__}: "
+                             f"{str(exc)[:300]} ({Path(where.filename).name}:{where.lineno})"}
+        record[label]["seconds"] = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps(record, indent=1))
+
+    def lighten() -> str:
+        light["model"] = lwcompile.lighten(model, x)
+        before, after = lwcompile.count_macs(model, *x), lwcompile.count_macs(light["model"], *x)
+        return f"MACs {before / after:.1f}x fewer"
+
+    def onnx_fp32() -> str:
+        import onnxruntime as ort
+
+        path = lwcompile.export_onnx(light["model"], x, folder / "fp32.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        tensors = [a for a in x if isinstance(a, torch.Tensor)]
+        got = session.run(None, {f"input_{i}": a.numpy() for i, a in enumerate(tensors)})[0]
+        with torch.no_grad():
+            want = first_image(light["model"](*x))
+        return f"onnx vs eager {float((torch.from_numpy(got) - want).abs().max()):.1e}"
+
+    def onnx_int8() -> str:
+        path = lwcompile.export_onnx(light["model"], x, folder / "int8.onnx", precision="int8",
+                                     calibration_count=2, evaluation_count=1)
+        return f"int8 vs float {path.int8_report.psnr_db:.1f} dB"
+
+    def mobile(precision: str) -> str:
+        export = lwcompile.export_mobile(light["model"], x, folder / f"{precision}.pte",
+                                         precision=precision, calibration_count=2,
+                                         evaluation_count=1)
+        if precision == "int8":
+            return f"int8 vs float {export.int8_report.psnr_db:.1f} dB"
+        return f"pte vs eager {export.max_abs_error:.1e}"
+
+    step("lighten", lighten)
+    if "model" not in light:
+        return
+    step("onnx fp32", onnx_fp32)
+    step("onnx int8", onnx_int8)
+    step("xnnpack fp32", lambda: mobile("fp32"))
+    step("xnnpack int8", lambda: mobile("int8"))
+
+
+def _run(name: str, timeout: float, folder: Path) -> dict[str, Any]:
+    out = folder / f"{name}.json"
+    start = time.perf_counter()
+    try:
+        subprocess.run([sys.executable, "-m", "benchmarks.zoo_deploy", "--child", name,
+                        "--record", str(out)], cwd=ROOT, timeout=timeout,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        ended = None
+    except subprocess.TimeoutExpired:
+        ended = f"time limit ({timeout:.0f} s)"
+    record = json.loads(out.read_text()) if out.exists() else {"name": name}
+    for label in STEPS:
+        if label not in record:
+            record[label] = {"status": "not run", "detail": ended or "the process died"}
+            ended = ended and "after the time limit"
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"{name}: " + ", ".join(f"{s} {record[s]['status']}" for s in STEPS), flush=True)
+    return record
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    lines = ["| network | " + " | ".join(STEPS) + " |", "|---" * (len(STEPS) + 1) + "|"]
+    for record in records:
+        cells = []
+        for label in STEPS:
+            result = record[label]
+            cells.append(result["detail"] if result["status"] == "ok" else
+                         f"**{result['status']}**: {result['detail'][:90]}")
+        lines.append(f"| {record['name']} | " + " | ".join(c.replace("|", "/") for c in cells)
+                     + " |")
+    counts = {label: sum(r[label]["status"] == "ok" for r in records) for label in STEPS}
+    raw = sum(r[label]["status"] == "RAW" for r in records for label in STEPS)
+    lines.append("")
+    lines.append(f"{len(records)} networks; ok: " + ", ".join(
+        f"{label} {n}" for label, n in counts.items()) + f"; raw errors: {raw}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="network names (default: the whole zoo)")
+    parser.add_argument("--timeout", type=float, default=480.0, help="seconds per network")
+    parser.add_argument("--jobs", type=int, default=2, help="networks at a time")
+    parser.add_argument("--out", default="zoo_deploy")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--record", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, Path(args.record))
+        return
+
+    from benchmarks.speed import machine
+    from examples.zoo import ZOO
+
+    names = args.only or list(ZOO)
+    with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp, \
+            ThreadPoolExecutor(args.jobs) as pool:
+        records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp)), names))
+    table = markdown(records)
+    print(table)
+    out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
+    out.write_text(json.dumps({"machine": machine(), "timeout_s": args.timeout,
+                               "networks": records, "table": table}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The lightened spandrel zoo networks exported to ONNX compute what the eager model does.
+
+Entries outside ``zoo.ZOO_FAST`` are marked ``zoo`` (``make zoo``). A network the default
+exporter cannot take is refused with an ``ExportError`` naming the reason, listed here
+(``benchmarks/zoo_deploy.py`` measures every path, XNNPACK and int8 included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lwcompile
+from examples import zoo
+from tests.helpers import zoo_cases
+
+pytest.importorskip("spandrel")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: network -> what the TorchScript-based ONNX exporter says it cannot do
+EXPORTER_LIMITS = {
+    "AuraSR": "kernel of unknown shape",  # convs whose weights are computed per input
+    "GFPGAN": "kernel of unknown shape",
+    "SAFMN": "adaptive pooling, since output_size is not constant",
+    "SAFMNBCIE": "adaptive pooling, since output_size is not constant",
+    "IPT": "aten::col2im",  # in ONNX from opset 18
+    "LaMa": "aten::fft_rfftn",  # its fast Fourier convolutions
+}
+#: of those, the ones the torch.export-based exporter (``dynamo=True``, the hint) takes
+DYNAMO_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE"}
+
+
+@pytest.mark.parametrize("name", zoo_cases(slow=frozenset({"LaMa", "NAFNet"})))
+def test_light_zoo_network_runs_in_onnxruntime_as_in_eager(name, tmp_path):
+    entry = zoo.ZOO[name]
+    inputs = entry.example_inputs()
+    light = lwcompile.lighten(entry.build(), inputs)
+    if name in EXPORTER_LIMITS:
+        with pytest.raises(lwcompile.ExportError, match=EXPORTER_LIMITS[name]) as info:
+            lwcompile.export_onnx(light, inputs, tmp_path / "light.onnx")
+        assert "dynamo=True" in str(info.value) and list(tmp_path.iterdir()) == []
+        if name not in DYNAMO_TAKES:
+            return
+    path = lwcompile.export_onnx(light, inputs, tmp_path / "light.onnx",
+                                 dynamo=name in EXPORTER_LIMITS)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [
+        f"input_{i}" for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    got = session.run(None, {f"input_{i}": a.numpy() for i, a in enumerate(inputs)})[0]
+    with torch.no_grad():
+        expected = zoo.first_image(light(*inputs))
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-3)
