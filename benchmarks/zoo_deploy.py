@@ -39,15 +39,23 @@ def _child(name: str, out: Path) -> None:
 
     import torch
 
-    import lwcompile
-    from examples.zoo import ZOO, first_image
+    from examples.zoo import ZOO
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     entry = ZOO[name]
     model, x = entry.build(), entry.example_inputs()
     record: dict[str, Any] = {"name": name}
-    folder = Path(tempfile.mkdtemp(prefix="zoo-deploy-"))
+    with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp:
+        _steps(model, x, Path(tmp), record, out)
+
+
+def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path) -> None:
+    import torch
+
+    import lwcompile
+    from examples.zoo import first_image
+
     light: dict[str, Any] = {}
 
     def step(label: str, work: Any) -> None:

@@ -157,6 +157,30 @@ def test_a_crop_by_negative_padding_runs_in_executorch(exported, tmp_path):
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
+class ScalesItsInput(nn.Module):
+    """Writes into its input, as spandrel's RCAN does (``x *= self.rgb_range``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x *= 255
+        return self.conv(x) / 255
+
+
+@pytest.mark.slow
+def test_a_model_writing_into_its_input_is_checked_on_its_own_output(exported, tmp_path):
+    x = torch.rand(1, 3, 8, 8)
+    export = export_mobile(ScalesItsInput(), (x,), tmp_path / "w.pte")
+    assert export.leading_outputs == 1 and export.max_abs_error < 1e-4
+    written, got = load_pte(export.path)(x.clone())
+    torch.testing.assert_close(written, x * 255)
+    with torch.no_grad():
+        torch.testing.assert_close(got, ScalesItsInput()(x.clone()), rtol=1e-5, atol=1e-5)
+
+
 def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)  # makes the import fail
     with pytest.raises(MobileUnavailableError, match=r"pip install lwcompile\[mobile\]") as info:

@@ -12,7 +12,9 @@ lowered program itself, so it is what the ``.pte`` does.
 Needs ExecuTorch (``pip install lwcompile[mobile]``); tested with executorch 1.5.1 and
 torch 2.13. Shapes are static: the ``.pte`` accepts inputs of the example inputs' shapes.
 A non-tensor argument (a noise level) is fixed to its example value by ``torch.export`` but
-keeps its place: call the program with every argument, as the model.
+keeps its place: call the program with every argument, as the model. A model that writes
+into its input (RCAN's ``x *= rgb_range``) gets a program that returns the written input
+first (ExecuTorch's convention); ``MobileExport.leading_outputs`` counts them.
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ class MobileExport:
     max_abs_error: float | None = None
     #: how far the int8 program is from float on held-out crops (None for fp32)
     int8_report: int8.Int8Report | None = None
+    #: outputs the program returns before the model's own: the inputs the model writes
+    #: into (RCAN's ``x *= rgb_range``), which ExecuTorch hands back
+    leading_outputs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "size_bytes": self.size_bytes,
                 "input_shapes": [list(s) for s in self.input_shapes], "forms": dict(self.forms),
                 "max_abs_error": self.max_abs_error, "report": self.report.to_dict(),
-                "int8": None if self.int8_report is None else self.int8_report.to_dict()}
+                "int8": None if self.int8_report is None else self.int8_report.to_dict(),
+                "leading_outputs": self.leading_outputs}
 
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
@@ -163,28 +169,46 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                 partitioner=[XnnpackPartitioner()],
             )
             report = delegation_report(lowered.exported_program())
+            leading = _leading_outputs(lowered.exported_program())
             program = lowered.to_executorch()
-            expected = model(*example_inputs) if verify else None
+            expected = model(*_fresh(example_inputs)) if verify else None
     except LwCompileError:
         raise
     except Exception as exc:
         raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
-    error = None if expected is None else _run_and_compare(program.buffer, example_inputs,
-                                                           expected)
+    error = None if expected is None else _run_and_compare(
+        program.buffer, _fresh(example_inputs), expected, leading)
     write_atomic(path, lambda f: f.write(program.buffer))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
-                        int8_report)
+                        int8_report, leading)
 
 
-def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any) -> float:
+def _fresh(args: tuple) -> tuple:
+    """Copies of the tensors: a model that writes into its input must not see it twice."""
+    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+
+
+def _leading_outputs(program: torch.export.ExportedProgram) -> int:
+    """How many outputs come before the user's: ExecuTorch returns each input the graph
+    writes into first."""
+    from torch.export.graph_signature import OutputKind
+
+    kinds = [spec.kind for spec in program.graph_signature.output_specs]
+    return kinds.index(OutputKind.USER_OUTPUT) if OutputKind.USER_OUTPUT in kinds else 0
+
+
+def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any,
+                     leading: int) -> float:
     """Max |program - eager| over the tensors of the outputs (nested ones flattened, as the
-    program returns them), running ``buffer`` from a temporary file before it is written."""
+    program returns them, after the ``leading`` written inputs), running ``buffer`` from a
+    temporary file before it is written."""
     with tempfile.TemporaryDirectory(prefix="lwcompile-pte-") as tmp:
         staged = Path(tmp) / "model.pte"
         staged.write_bytes(buffer)
         try:
-            got = [g for g in load_pte(staged)(*example_inputs) if isinstance(g, Tensor)]
+            got = [g for g in load_pte(staged)(*example_inputs)[leading:]
+                   if isinstance(g, Tensor)]
         except Exception as exc:
             raise MobileExportError(
                 f"the ExecuTorch runtime could not run the exported program: {one_line(exc)} "
