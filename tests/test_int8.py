@@ -204,6 +204,18 @@ def test_calibration_data_that_does_not_fit_is_refused(data, message, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_model_reading_other_than_grey_or_rgb_needs_its_own_calibration_data(tmp_path):
+    """FDnCNN reads an RGB image and its noise map: the bundled images cannot stand in."""
+    model, example = nn.Conv2d(4, 3, 3, padding=1), (torch.rand(1, 4, 16, 16),)
+    with pytest.raises(lwcompile.CalibrationDataError,
+                       match="reads 4 channels .* pass calibration= data with 4 channels"):
+        export_onnx(model, example, tmp_path / "m.onnx", precision="int8")
+    assert list(tmp_path.iterdir()) == []
+    path = export_onnx(model, example, tmp_path / "m.onnx", precision="int8",
+                       calibration=torch.rand(8, 4, 16, 16))
+    assert path.int8_report.calibration_count == 8
+
+
 def test_unknown_precision_lists_the_valid_ones(tmp_path):
     model, example = nn.Conv2d(1, 1, 3), (torch.rand(1, 1, 8, 8),)
     with pytest.raises(lwcompile.Int8Error, match="fp32, int8"):

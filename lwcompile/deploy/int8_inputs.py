@@ -97,8 +97,13 @@ def _bundled_crops(names: tuple[str, ...], example: Tensor, seed: int,
                    source: str) -> Iterator[Tensor]:
     """Crops of scikit-image's bundled images ``names``, those large enough for the example
     input's size (``batches`` would refuse a crop larger than any one of them)."""
-    size = max(example.shape[2:])
-    images = [i for i in load_images(names, example.shape[1]) if min(i.shape[-2:]) >= size]
+    size, channels = max(example.shape[2:]), example.shape[1]
+    if channels not in (1, 3):
+        raise CalibrationDataError(
+            f"the model reads {channels} channels and the bundled {source} images are grey "
+            f"or RGB: pass calibration= data with {channels} channels, as the deployment "
+            "will feed it (an image with its noise map, say)")
+    images = [i for i in load_images(names, channels) if min(i.shape[-2:]) >= size]
     if not images:
         raise CalibrationDataError(
             f"no {source} image is {size}x{size} or larger: pass calibration data of the "
