@@ -2,6 +2,7 @@
 
     python -m benchmarks.zoo_deploy                    # whole zoo, 2 networks at a time
     python -m benchmarks.zoo_deploy --only SAFMN RealCUGAN_4x --timeout 600
+    python -m benchmarks.zoo_deploy --only IPT --keep   # the rest of the recorded JSON kept
 
 Per network (``examples/zoo.py``, random weights, its example input): ``lighten``, then
 ``export_onnx`` fp32 (the file run in onnxruntime and compared with the eager light model),
@@ -12,7 +13,9 @@ error is a bug of lwcompile. int8 uses 2 calibration crops and 1 held-out crop (
 measurement is of the path, not of quality: the weights are random). Each network runs in
 its own process with one thread and a time limit, so a hang or a crash is one row.
 
-Writes ``benchmarks/results/zoo_deploy.json`` (with the machine) and prints a markdown table.
+Writes ``benchmarks/results/zoo_deploy.json`` (with the machine; each network with the time
+limit it ran under) and prints a markdown table. ``--keep`` keeps the recorded networks not
+named in ``--only``, so a long run can be finished in parts.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def _run(name: str, timeout: float, folder: Path) -> dict[str, Any]:
             record[label] = {"status": "not run", "detail": ended or "the process died"}
             ended = ended and "after the time limit"
     record["seconds"] = round(time.perf_counter() - start, 1)
+    record["timeout_s"] = timeout
     print(f"{name}: " + ", ".join(f"{s} {record[s]['status']}" for s in STEPS), flush=True)
     return record
 
@@ -154,6 +158,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=480.0, help="seconds per network")
     parser.add_argument("--jobs", type=int, default=2, help="networks at a time")
     parser.add_argument("--out", default="zoo_deploy")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the recorded networks not named in --only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,11 +174,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp, \
             ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp)), names))
+    out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
+    if args.keep and out.exists():
+        ran = {r["name"]: r for r in records}
+        kept = {r["name"]: r for r in json.loads(out.read_text())["networks"]}
+        records = [ran.get(n) or kept[n] for n in ZOO if n in ran or n in kept]
     table = markdown(records)
     print(table)
-    out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
-    out.write_text(json.dumps({"machine": machine(), "timeout_s": args.timeout,
-                               "networks": records, "table": table}, indent=1) + "\n")
+    out.write_text(json.dumps({"machine": machine(), "networks": records, "table": table},
+                              indent=1) + "\n")
     print(f"wrote {out}")
 
 
