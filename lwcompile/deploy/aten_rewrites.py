@@ -253,10 +253,7 @@ def _thin_conv_phases(gm: fx.GraphModule, conv: fx.Node, r: int = identities.PHA
         if h % r or w_ % r:
             out = graph.call_function(aten.slice.Tensor, (out, 2, 0, h))
             out = graph.call_function(aten.slice.Tensor, (out, 3, 0, w_))
-    out.meta = dict(conv.meta)
-    conv.replace_all_uses_with(out)
-    gm.graph.erase_node(conv)
-    return 1
+    return _replaced(gm, conv, out)
 
 
 def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
@@ -273,10 +270,7 @@ def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
             x, _constant(gm, depthwise_weight), None, stride, padding, dilation, w.shape[1]))
         total = gm.graph.call_function(aten.conv2d.default,
                                        (filtered, _constant(gm, sum_weight), bias))
-    total.meta = dict(conv.meta)
-    conv.replace_all_uses_with(total)
-    gm.graph.erase_node(conv)
-    return 1
+    return _replaced(gm, conv, total)
 
 
 def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
@@ -299,10 +293,7 @@ def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
         if max(amounts) > 0:
             out = gm.graph.call_function(aten.constant_pad_nd.default,
                                          (out, [max(a, 0) for a in amounts], value or 0.0))
-    out.meta = dict(pad.meta)
-    pad.replace_all_uses_with(out)
-    gm.graph.erase_node(pad)
-    return 1
+    return _replaced(gm, pad, out)
 
 
 def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
@@ -324,6 +315,14 @@ def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
     for user in values + unused:
         gm.graph.erase_node(user)
     gm.graph.erase_node(pool)
+    return 1
+
+
+def _replaced(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> int:
+    """``new`` takes ``old``'s place and recorded shape (later rewrites read it); one rewrite."""
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
     return 1
 
 
