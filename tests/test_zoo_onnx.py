@@ -27,6 +27,8 @@ EXPORTER_LIMITS = {
     "SAFMNBCIE": "adaptive pooling, since output_size is not constant",
     "IPT": "aten::col2im",  # in ONNX from opset 18
     "LaMa": "aten::fft_rfftn",  # its fast Fourier convolutions
+    "FFTformer": "aten::fft_rfft2",
+    "ATD": "operator Sort, Out parameter",
 }
 #: of those, the ones the torch.export-based exporter (``dynamo=True``, the hint) takes
 DYNAMO_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE"}
