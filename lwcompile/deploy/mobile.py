@@ -119,8 +119,10 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     are rewritten into equivalent forms XNNPACK fuses (``deploy.aten_rewrites``; outputs
     change by float rounding only). Constant subexpressions are folded before partitioning:
     ``1 - mask`` otherwise leaves a copy of the scalar 1 outside XNNPACK.
-    With ``verify``, the written file is run once on ``example_inputs`` by the ExecuTorch
-    runtime and compared with the eager model (``max_abs_error``).
+    With ``verify``, the program is run once on copies of ``example_inputs`` by the
+    ExecuTorch runtime before it is written, and compared with the eager model
+    (``max_abs_error``, over every tensor of nested outputs); a program the runtime cannot
+    run is a ``MobileExportError`` and no file.
 
     ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
     symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` (and ``degrade``) as
