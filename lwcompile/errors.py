@@ -1,11 +1,29 @@
 """Every failure a user can cause is an ``LwCompileError``: one ``except`` catches them all,
 and the message names the problem instead of surfacing a torch.fx traceback."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+@contextlib.contextmanager
+def raised_as(error: type[LwCompileError], message: str, hint: str = "") -> Iterator[None]:
+    """A raw error from the body (from inside torch, an exporter, a runtime) raised as
+    ``error("{message}: {one_line}{hint}")`` with the cause chained; an ``LwCompileError``
+    passes unchanged (it already names the problem)."""
+    try:
+        yield
+    except LwCompileError:
+        raise
+    except Exception as exc:
+        raise error(f"{message}: {one_line(exc)}{hint}") from exc
 
 
 class LwCompileWarning(UserWarning):

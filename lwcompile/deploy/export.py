@@ -29,10 +29,10 @@ from .. import arguments as check
 from ..errors import (
     ArgumentError,
     ExportError,
-    LwCompileError,
     LwCompileWarning,
     VerificationError,
     one_line,
+    raised_as,
 )
 from ..files import write_atomic
 from ..measure.inputs import blamed_on_inputs
@@ -60,19 +60,13 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-@contextlib.contextmanager
-def _exporter_failures(where: str, model: Any, hint: str = "") -> Iterator[None]:
+def _exporter_failures(where: str, model: Any,
+                       hint: str = "") -> contextlib.AbstractContextManager[None]:
     """A raw error from inside an exporter (an op it has no translation for, a Python
     construct torch.export rejects) raised as ``ExportError`` naming the model and the first
-    line of the complaint; lwcompile's own errors pass unchanged. Used outside
-    ``blamed_on_inputs``, so an example input the model itself rejects is still named."""
-    try:
-        yield
-    except LwCompileError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"{where}: could not export {type(model).__name__}: "
-                          f"{one_line(exc)}{hint}") from exc
+    line of the complaint. Used outside ``blamed_on_inputs``, so an example input the model
+    itself rejects is still named."""
+    return raised_as(ExportError, f"{where}: could not export {type(model).__name__}", hint)
 
 
 def _tensor_names(args: tuple) -> list[str]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .. import arguments as check
-from ..errors import ExportError, LwCompileError, one_line
+from ..errors import ExportError, LwCompileError, one_line, raised_as
 from ..files import write_atomic
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
@@ -148,36 +148,30 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     exir, XnnpackPartitioner = _executorch()
     if precision == "int8":
         from .int8_xnnpack import quantize_pt2e
-    example_inputs = tuple(example_inputs)
     path = Path(path)
     int8_report = None
     model = copy.deepcopy(model).eval()
-    example_inputs = tuple(a.clone() if isinstance(a, Tensor) else a for a in example_inputs)
-    try:
-        with torch.no_grad():
-            for_int8 = precision == "int8"
-            exported, forms = _deployed(model, example_inputs, optimize, for_int8)
-            if for_int8:
-                quantized, int8_report = quantize_pt2e(
-                    exported.module(), model, example_inputs, calibration, degrade=degrade,
-                    min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
-                    max_float_layers=max_float_layers, calibration_count=calibration_count,
-                    evaluation_count=evaluation_count, qat_steps=qat_steps,
-                    export_at=lambda args: _deployed(model, args, optimize,
-                                                     for_int8)[0].module())
-                exported = torch.export.export(quantized, example_inputs)
-            lowered = exir.to_edge_transform_and_lower(
-                exported, transform_passes=[_fold_constants_pass()],
-                partitioner=[XnnpackPartitioner()],
-            )
-            report = delegation_report(lowered.exported_program())
-            leading = _leading_outputs(lowered.exported_program())
-            program = lowered.to_executorch()
-            expected = model(*_fresh(example_inputs)) if verify else None
-    except LwCompileError:
-        raise
-    except Exception as exc:
-        raise MobileExportError(f"could not export for XNNPACK: {one_line(exc)}") from exc
+    example_inputs = _fresh(example_inputs)
+    with raised_as(MobileExportError, "could not export for XNNPACK"), torch.no_grad():
+        for_int8 = precision == "int8"
+        exported, forms = _deployed(model, example_inputs, optimize, for_int8)
+        if for_int8:
+            quantized, int8_report = quantize_pt2e(
+                exported.module(), model, example_inputs, calibration, degrade=degrade,
+                min_psnr=min_psnr, target_psnr=max(target_psnr, min_psnr or target_psnr),
+                max_float_layers=max_float_layers, calibration_count=calibration_count,
+                evaluation_count=evaluation_count, qat_steps=qat_steps,
+                export_at=lambda args: _deployed(model, args, optimize,
+                                                 for_int8)[0].module())
+            exported = torch.export.export(quantized, example_inputs)
+        lowered = exir.to_edge_transform_and_lower(
+            exported, transform_passes=[_fold_constants_pass()],
+            partitioner=[XnnpackPartitioner()],
+        )
+        report = delegation_report(lowered.exported_program())
+        leading = _leading_outputs(lowered.exported_program())
+        program = lowered.to_executorch()
+        expected = model(*_fresh(example_inputs)) if verify else None
     error = None if expected is None else _run_and_compare(
         program.buffer, _fresh(example_inputs), expected, leading)
     write_atomic(path, lambda f: f.write(program.buffer))
@@ -208,13 +202,11 @@ def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any,
     with tempfile.TemporaryDirectory(prefix="lwcompile-pte-") as tmp:
         staged = Path(tmp) / "model.pte"
         staged.write_bytes(buffer)
-        try:
+        with raised_as(MobileExportError,
+                       "the ExecuTorch runtime could not run the exported program",
+                       " (its log on stderr names the failing operator; nothing was written)"):
             got = [g for g in load_pte(staged)(*example_inputs)[leading:]
                    if isinstance(g, Tensor)]
-        except Exception as exc:
-            raise MobileExportError(
-                f"the ExecuTorch runtime could not run the exported program: {one_line(exc)} "
-                "(its log on stderr names the failing operator; nothing was written)") from exc
     want = [w for w in pytree.tree_leaves(expected) if isinstance(w, Tensor)]
     if len(got) != len(want):
         raise MobileExportError(f"the exported program returns {len(got)} tensors, the model "
