@@ -107,6 +107,9 @@ def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path
 
     step("lighten", lighten)
     if "model" not in light:
+        for label in STEPS[1:]:
+            record[label] = {"status": "not run", "detail": "lighten failed"}
+        out.write_text(json.dumps(record, indent=1))
         return
     step("onnx fp32", onnx_fp32)
     step("xnnpack fp32", lambda: mobile("fp32"))
