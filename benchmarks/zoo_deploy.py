@@ -15,7 +15,9 @@ its own process with one thread and a time limit, so a hang or a crash is one ro
 
 Writes ``benchmarks/results/zoo_deploy.json`` (with the machine; each network with the time
 limit it ran under) and prints a markdown table. ``--keep`` keeps the recorded networks not
-named in ``--only``, so a long run can be finished in parts.
+named in ``--only``, so a long run can be finished in parts; ``--steps`` runs only the named
+steps (``lighten`` always runs: the others need its model) and keeps the others' records,
+so the slow int8 steps can be given a longer time limit alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("lighten", "onnx fp32", "xnnpack fp32", "onnx int8", "xnnpack int8")
 
 
-def _child(name: str, out: Path) -> None:
+def _child(name: str, out: Path, steps: tuple[str, ...]) -> None:
     """Run the steps for ``name`` in this process, writing the record after each step (a
     step killed by the time limit leaves the ones before it)."""
     import warnings
@@ -51,10 +53,11 @@ def _child(name: str, out: Path) -> None:
     model, x = entry.build(), entry.example_inputs()
     record: dict[str, Any] = {"name": name}
     with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp:
-        _steps(model, x, Path(tmp), record, out)
+        _steps(model, x, Path(tmp), record, out, steps)
 
 
-def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path) -> None:
+def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path,
+           steps: tuple[str, ...]) -> None:
     import torch
 
     import lwcompile
@@ -111,30 +114,33 @@ def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path
             record[label] = {"status": "not run", "detail": "lighten failed"}
         out.write_text(json.dumps(record, indent=1))
         return
-    step("onnx fp32", onnx_fp32)
-    step("xnnpack fp32", lambda: mobile("fp32"))
-    step("onnx int8", onnx_int8)
-    step("xnnpack int8", lambda: mobile("int8"))
+    work = {"onnx fp32": onnx_fp32, "xnnpack fp32": lambda: mobile("fp32"),
+            "onnx int8": onnx_int8, "xnnpack int8": lambda: mobile("int8")}
+    for label in STEPS[1:]:
+        if label in steps:
+            step(label, work[label])
 
 
-def _run(name: str, timeout: float, folder: Path) -> dict[str, Any]:
+def _run(name: str, timeout: float, folder: Path, steps: tuple[str, ...]) -> dict[str, Any]:
     out = folder / f"{name}.json"
     start = time.perf_counter()
     try:
         subprocess.run([sys.executable, "-m", "benchmarks.zoo_deploy", "--child", name,
-                        "--record", str(out)], cwd=ROOT, timeout=timeout,
+                        "--record", str(out), "--steps", *steps], cwd=ROOT, timeout=timeout,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         ended = None
     except subprocess.TimeoutExpired:
         ended = f"time limit ({timeout:.0f} s)"
     record = json.loads(out.read_text()) if out.exists() else {"name": name}
-    for label in STEPS:
+    for label in (s for s in STEPS if s in steps):
         if label not in record:
             record[label] = {"status": "not run", "detail": ended or "the process died"}
             ended = ended and "after the time limit"
+        record[label]["time_limit_s"] = timeout  # for the network, all its steps together
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["timeout_s"] = timeout
-    print(f"{name}: " + ", ".join(f"{s} {record[s]['status']}" for s in STEPS), flush=True)
+    print(f"{name}: " + ", ".join(f"{s} {record[s]['status']}" for s in STEPS if s in record),
+          flush=True)
     return record
 
 
@@ -164,24 +170,33 @@ def main() -> None:
     parser.add_argument("--out", default="zoo_deploy")
     parser.add_argument("--keep", action="store_true",
                         help="keep the recorded networks not named in --only")
+    parser.add_argument("--steps", nargs="*", choices=STEPS, default=list(STEPS),
+                        help="steps to run (default: all; lighten always runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, Path(args.record))
+        _child(args.child, Path(args.record), tuple(args.steps))
         return
 
     from benchmarks.speed import machine
     from examples.zoo import ZOO
 
     names = args.only or list(ZOO)
+    steps = tuple(s for s in STEPS if s == "lighten" or s in args.steps)
     with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp, \
             ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp)), names))
+        records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp), steps), names))
     out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
-    if args.keep and out.exists():
+    kept = {r["name"]: r for r in json.loads(out.read_text())["networks"]} \
+        if out.exists() and (args.keep or steps != STEPS) else {}
+    for record in records:  # the steps not run this time, as recorded
+        for label in STEPS:
+            if label not in record:
+                record[label] = kept.get(record["name"], {}).get(label) or \
+                    {"status": "not run", "detail": "not asked for (--steps)"}
+    if args.keep:
         ran = {r["name"]: r for r in records}
-        kept = {r["name"]: r for r in json.loads(out.read_text())["networks"]}
         records = [ran.get(n) or kept[n] for n in ZOO if n in ran or n in kept]
     table = markdown(records)
     print(table)

@@ -377,3 +377,52 @@ def test_onnx_int8_weights_use_7_bits_where_the_cpu_would_saturate(saturating, m
     assert weights
     largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
     assert largest <= 64 if saturating else largest == 127
+
+
+class _ShapeArithmetic(nn.Module):
+    """A conv whose output is reshaped by sizes read at run time (as windowed attention
+    does): the exporter writes the sizes as Shape/Gather/Constant nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        tokens = self.mix(y.flatten(2).transpose(1, 2))
+        return self.out(tokens.transpose(1, 2).reshape(b, c, h, w))
+
+
+def test_onnx_int8_quantises_the_graph_onnxruntime_prepared(tmp_path):
+    model, x = _ShapeArithmetic().eval(), (torch.rand(1, 1, 16, 16),)
+    plain = export_onnx(model, x, tmp_path / "fp32.onnx")
+    assert [n for n in onnx.load(str(plain)).graph.node if n.op_type == "Constant"]
+    path = export_onnx(model, x, tmp_path / "int8.onnx", precision="int8")
+    graph = onnx.load(str(path)).graph
+    # the exporter's constants became initializers before the quantiser walked the graph
+    assert not [n for n in graph.node if n.op_type in ("Constant", "Identity")]
+    assert {"QuantizeLinear", "MatMul", "Conv"} <= {n.op_type for n in graph.node}
+    args = held_out(x, path.int8_report)
+    with torch.no_grad():
+        want = [model(*a) for a in args]
+    got = [run_ort(path, a) for a in args]
+    assert psnr(want, got) == pytest.approx(path.int8_report.psnr_db, abs=1e-3)
+
+
+def test_prepare_leaves_a_graph_onnxruntime_cannot_optimise_as_exported(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.example", 1)]),
+              str(path))
+    before = onnx.load(str(path)).graph.node
+    int8_onnx.prepare(path)  # onnxruntime cannot load the op, so cannot optimise the graph
+    assert onnx.load(str(path)).graph.node == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]

@@ -213,7 +213,7 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                  calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
     """Float export to a temporary file (fine-tuned for int8 first with ``qat_steps``),
     quantised and measured; written only if accepted."""
-    from .int8_onnx import quantization_aware, quantize_onnx
+    from .int8_onnx import prepare, quantization_aware, quantize_onnx
 
     int8.validate_options(min_psnr, target_psnr, max_float_layers, calibration_count,
                           evaluation_count)
@@ -221,6 +221,7 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
         float_path, tuned_path, tuned = Path(tmp) / "float.onnx", None, None
         deployed = _for_onnx(model, args, fast)  # made once: the tuned file is this form too
         _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo, fast=False)
+        prepare(float_path)
         reference = copy.deepcopy(model).eval()
         if qat_steps:  # ``deployed`` is export's own copy, its float file already written
             tuned = quantization_aware(deployed, reference, args, calibration, degrade,
@@ -228,6 +229,7 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                                        _tensor_names(args))
             tuned_path = Path(tmp) / "tuned.onnx"
             _write_onnx(deployed, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
+            prepare(tuned_path)
         data, report = quantize_onnx(
             float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
             min_psnr=min_psnr,

@@ -16,6 +16,12 @@ the weights are quantised to 7 bits (onnxruntime's ``reduce_range``), which keep
 sum in range (``saturating_cpu``; the report's ``weight_bits``). The file is still measured on
 this machine, so the report is what this CPU gives.
 
+Before any of this the float file goes through onnxruntime's own preparation for its
+quantiser (``prepare``): the exporter's constants, identities and shape arithmetic on fixed
+sizes are folded away. The quantiser's passes cost time with the square of the node count
+(it rewires every node's inputs for each tensor it quantises), and a transformer's exported
+graph is mostly such bookkeeping.
+
 Quantisation-aware fine-tuning (``quantization_aware``) simulates this scheme (uint8
 per-tensor activations with learnable ranges, int8 per-channel symmetric weights, 7-bit
 where the export writes 7-bit; the specs of torchao's x86 QAT configuration) on exactly the
@@ -75,6 +81,29 @@ def _onnxruntime() -> tuple[Any, Any]:
             f"int8 ONNX export needs onnx and onnxruntime, which are not installed "
             f"({one_line(exc)}); install them with `{INSTALL_HINT}`") from exc
     return onnx, onnxruntime
+
+
+def prepare(path: Path) -> None:
+    """Rewrite the float ONNX file at ``path`` as onnxruntime's ``quant_pre_process`` leaves
+    it for its quantiser: graph optimisations of the basic level (constant folding, identity
+    and redundant node removal, conv + batch-norm folding; each exact up to float rounding)
+    and ONNX shape inference. Symbolic shape inference is skipped: it fails on a file whose
+    height and width are free. Where onnxruntime cannot optimise the graph its preparation
+    goes on with shape inference alone, and where that fails too the file is left as
+    exported: the quantiser takes either, only more slowly."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_name(path.stem + ".prepared.onnx")
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # a failure is handled here, not logged
+    try:
+        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    except Exception:  # onnxruntime's optimiser or shape inference, on this graph
+        prepared.unlink(missing_ok=True)
+        return
+    finally:
+        logging.disable(previous)
+    prepared.replace(path)
 
 
 class _Reader:
