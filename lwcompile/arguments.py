@@ -33,15 +33,16 @@ def inputs(where: str, name: str, value: Any, *, optional: bool = False) -> tupl
     if value is None and optional:
         return None
     if isinstance(value, torch.Tensor):
-        return (_own_copy(value),)
+        return (own_copy(value),)
     if isinstance(value, (list, tuple)):
-        return tuple(_own_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
+        return tuple(own_copy(v) if isinstance(v, torch.Tensor) else v for v in value)
     raise ArgumentError(f"{where}: {name} must be a tensor or a tuple/list of the forward's "
                         f"positional arguments{' (or None)' if optional else ''}, "
                         f"got {_got(value)}")
 
 
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
+def own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference-mode) copy of ``t`` that keeps its ``requires_grad``."""
     with torch.inference_mode(False):
         return t.detach().clone().requires_grad_(t.requires_grad)
 

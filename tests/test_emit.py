@@ -173,3 +173,24 @@ def _called_modules(model: nn.Module, args: tuple) -> list[nn.Module]:
 class _OneLevel(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+
+def test_emit_fast_of_a_model_that_writes_its_input_is_checked_on_the_same_inputs():
+    """Each run of the check (and of the timing, folding and sinking before it) gets its own
+    copy of the example: a model scaling its input in place (RCAN) would otherwise be
+    compared on inputs its earlier runs had scaled, and wrongly refused."""
+
+    class WritesItsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.norm = nn.BatchNorm2d(4).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x *= 255.0
+            return self.norm(self.conv(x))
+
+    model, x = WritesItsInput().eval(), torch.rand(1, 1, 16, 16)
+    fast = emit_fast(model, (x,), channels_last=None)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.clone()), model(x.clone()), rtol=1e-4, atol=1e-3)

@@ -426,3 +426,90 @@ def test_prepare_leaves_a_graph_onnxruntime_cannot_optimise_as_exported(tmp_path
     int8_onnx.prepare(path)  # onnxruntime cannot load the op, so cannot optimise the graph
     assert onnx.load(str(path)).graph.node == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+
+
+def test_xnnpack_search_trials_reuse_each_activation_range(monkeypatch):
+    """Trials that keep a conv float observe the same float values as the all-int8 model:
+    each activation's range is computed once, and a trial converted with the reused ranges
+    is the one a fresh calibration gives."""
+    pytest.importorskip("executorch")
+    import copy
+
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    from lwcompile.deploy import int8_xnnpack
+
+    quantizer, config_for, prepare_pt2e, convert_pt2e = int8_xnnpack._pt2e()
+    model, x = original("dncnn").eval(), inputs("dncnn")
+    graph = torch.export.export(model, x).module()
+    calibration = int8_inputs.calibration_inputs(None, x, 2, None)
+    convs = int8_xnnpack.conv_layers(graph)
+
+    def calibrated(excluded: frozenset[str]) -> torch.fx.GraphModule:
+        annotator = quantizer().set_global(config_for(is_per_channel=True))
+        annotator.set_filter_function(lambda n: int8_xnnpack._module_path(n) not in excluded)
+        prepared = prepare_pt2e(copy.deepcopy(graph), annotator)
+        with torch.no_grad():
+            for args in calibration:
+                prepared(*args)
+        return prepared
+
+    computed = []
+    search = HistogramObserver.calculate_qparams
+    monkeypatch.setattr(HistogramObserver, "calculate_qparams",
+                        lambda self: computed.append(self) or search(self))
+    known: dict = {}
+    int8_xnnpack._reuse_ranges(calibrated(frozenset()), known)
+    assert len(computed) == len(known) > len(convs)  # every activation, once
+    trial = calibrated(frozenset({convs[1]}))
+    int8_xnnpack._reuse_ranges(trial, known)
+    assert len(computed) == len(known)  # the trial computed none again
+    with torch.no_grad():
+        got = convert_pt2e(trial)(*calibration[0])
+        want = convert_pt2e(calibrated(frozenset({convs[1]})))(*calibration[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _WritesItsInput(nn.Module):
+    """Scales its input in place first, as RCAN does (``x *= rgb_range``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x *= 4.0
+        return self.out(torch.relu(self.conv(x))) / 4.0
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "xnnpack"])
+def test_int8_of_a_model_that_writes_its_input_measures_the_same_inputs(runtime, tmp_path):
+    """Calibration, the float reference and every int8 run each see the crops as drawn: a
+    run on inputs an earlier run wrote into would measure (and calibrate) other inputs."""
+    torch.manual_seed(0)
+    model, x = _WritesItsInput().eval(), (torch.rand(1, 1, 16, 16),)
+    if runtime == "onnxruntime":
+        path = export_onnx(model, x, tmp_path / "m.onnx", precision="int8")
+        report = path.int8_report
+
+        def run(args: tuple) -> torch.Tensor:
+            return run_ort(path, args)
+    else:
+        pytest.importorskip("executorch")
+        from lwcompile.deploy.mobile import load_pte
+
+        export = lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8")
+        report = export.int8_report
+
+        def run(args: tuple) -> torch.Tensor:
+            return load_pte(export.path)(*args)[-1]
+    args = held_out(x, report)
+    drawn = [a[0].clone() for a in args]
+    with torch.no_grad():
+        want = [model(a.clone()) for a in drawn]
+    got = [run((a.clone(),)) for a in drawn]
+    assert all(torch.equal(a[0], d) for a, d in zip(args, drawn, strict=True))
+    assert report.psnr_db > 35  # int8 of two small convs, on the inputs it was calibrated for
+    tolerance = 1e-3 if runtime == "onnxruntime" else 1.0  # XNNPACK rounds like pt2e, nearly
+    assert psnr(want, got) == pytest.approx(report.psnr_db, abs=tolerance)

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..arguments import own_copy
 from ..errors import NothingToLighten, UntraceableError, VerificationError
 from ..graph_check import GraphCheck
 from ..measure.cost import Measured, count_params
@@ -68,7 +69,7 @@ def exclusive(compile_fn: Callable[..., _T]) -> Callable[..., _T]:
         _refuse_scripted(model)
         with torch.inference_mode(False):
             args, kwargs = torch.utils._pytree.tree_map_only(
-                torch.Tensor, _own_copy, (args, kwargs))
+                torch.Tensor, own_copy, (args, kwargs))
             return compile_fn(model, args, kwargs, *rest, **options)
 
     return wrapper
@@ -85,10 +86,6 @@ def _refuse_scripted(model: nn.Module) -> None:
             f"{type(model).__name__}: {where} is a torch.jit.script/trace module, which "
             "lwcompile cannot trace, hook or check; lighten the unscripted Python module and "
             "script the result")
-
-
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import arguments as check
 from ..errors import VerificationError
-from ..measure.inputs import blamed_on_inputs
+from ..measure.inputs import blamed_on_inputs, fresh
 from ..measure.profile import time_interleaved
 from ..nn import GSAT, ChannelsLast, FusedLIST, ThinConvPhases, accept_unbatched
 from ..tracing.fx_helpers import make_picklable, one_at_a_time
@@ -97,18 +97,18 @@ def _emit_fast(model: nn.Module, args: tuple, merge: bool, fold_bn: bool, sink: 
         inline_modules(gm, (nn.Sequential, FusedLIST, GSAT))
         pointwise_before_upsampling(gm)
     if fold_bn:
-        fast = fold_batchnorm(fast, args)
+        fast = fold_batchnorm(fast, fresh(args))
     if sink:
         with torch.no_grad():
             for gm in [m for m in fast.modules() if isinstance(m, fx.GraphModule)]:
                 if gm is fast:  # nested graphs' inputs are not the example inputs
-                    sink_concats(gm, args)
+                    sink_concats(gm, fresh(args))
     if phases:
         thin_convs_on_phases(fast)
     if depthwise_sum:
         single_output_convs_as_depthwise_sum(fast)
     if channels_last is None:
-        channels_last = _channels_last_faster(fast, args)
+        channels_last = _channels_last_faster(fast, fresh(args))
     if channels_last:
         fast = ChannelsLast(fast)
     _check_same(model, fast, args, rtol, atol)
@@ -134,8 +134,8 @@ def _channels_last_faster(model: nn.Module, args: tuple, runs: int = 5) -> bool:
 def _check_same(model: nn.Module, fast: nn.Module, args: tuple, rtol: float,
                 atol: float) -> None:
     with torch.no_grad():
-        expected = copy.deepcopy(model).eval()(*args)
-        got = fast(*args)
+        expected = copy.deepcopy(model).eval()(*fresh(args))
+        got = fast(*fresh(args))
     try:
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, check_stride=False)
     except AssertionError as exc:

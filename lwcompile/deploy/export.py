@@ -35,7 +35,7 @@ from ..errors import (
     raised_as,
 )
 from ..files import write_atomic
-from ..measure.inputs import blamed_on_inputs
+from ..measure.inputs import blamed_on_inputs, fresh
 from ..nn import ChannelsLast
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
@@ -109,7 +109,7 @@ def _for_onnx(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     if not onnxruntime_forms(rewritten):
         return prepared
     with torch.no_grad():
-        expected, got = prepared(*args), rewritten(*args)
+        expected, got = prepared(*fresh(args)), rewritten(*fresh(args))
     try:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, check_stride=False)
     except AssertionError as exc:

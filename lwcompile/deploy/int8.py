@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LwCompileError, one_line
+from ..measure.inputs import fresh
 
 PRECISIONS = ("fp32", "int8")
 #: below this PSNR (dB, int8 output vs float) layers are restored to float, a few at most
@@ -125,7 +126,7 @@ def first_output(out: Any) -> Tensor:
 
 def float_outputs(model: nn.Module, inputs: list[tuple]) -> list[Tensor]:
     with torch.no_grad():
-        return [first_output(model(*args)).detach().float() for args in inputs]
+        return [first_output(model(*fresh(args))).detach().float() for args in inputs]
 
 
 def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
@@ -142,7 +143,7 @@ def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
 
 def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:
     """(PSNR in dB, max abs error) of ``runner``'s outputs on ``inputs`` against ``reference``."""
-    return compare(reference, [first_output(runner(args)) for args in inputs])
+    return compare(reference, [first_output(runner(fresh(args))) for args in inputs])
 
 
 def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: list[tuple],

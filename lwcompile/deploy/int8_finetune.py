@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import one_line
+from ..measure.inputs import fresh
 from ..train.data import Degrade
 from . import int8, int8_inputs
 
@@ -255,7 +256,7 @@ def _calibrate(prepared: torch.fx.GraphModule, calibration: list[tuple]) -> dict
         fake.enable_observer()
     with torch.no_grad():
         for args in calibration:
-            prepared(*args)
+            prepared(*fresh(args))
     learned = {n: m for n, m in fakes.items() if isinstance(m, LearnableFakeQuantize)}
     for fake in fakes.values():
         fake.enable_fake_quant()
@@ -264,7 +265,7 @@ def _calibrate(prepared: torch.fx.GraphModule, calibration: list[tuple]) -> dict
     return learned
 
 
-def _quantised_nodes(prepared: torch.fx.GraphModule) -> list[tuple[str, str]]:
+def quantised_nodes(prepared: torch.fx.GraphModule) -> list[tuple[str, str]]:
     """``(module name, name of the node it quantises)`` for every module call in a pt2e
     prepared graph that reads a node (observers and fake-quantise modules among them)."""
     return [(str(node.target), node.args[0].name) for node in prepared.graph.nodes
@@ -275,7 +276,7 @@ def _ranges(prepared: torch.fx.GraphModule,
             learned: dict[str, Any]) -> dict[str, tuple[float, int]]:
     """The learned ``(scale, zero_point)`` by the name of the node each quantises."""
     ranges = {}
-    for module, producer in _quantised_nodes(prepared):
+    for module, producer in quantised_nodes(prepared):
         if module in learned:
             scale, zero_point = learned[module].calculate_qparams()
             ranges[producer] = (float(scale.flatten()[0]), int(zero_point.flatten()[0]))
@@ -289,8 +290,8 @@ def _train(prepared: nn.Module, reference: nn.Module, inputs: list[tuple],
     for step in range(steps):
         args = inputs[step % len(inputs)]
         with torch.no_grad():
-            target = int8.first_output(reference(*args)).detach()
-        out = int8.first_output(prepared(*args))
+            target = int8.first_output(reference(*fresh(args))).detach()
+        out = int8.first_output(prepared(*fresh(args)))
         loss = nn.functional.mse_loss(out, target)
         if not torch.isfinite(loss):
             raise FinetuneError(f"quantisation-aware fine-tuning diverged at step {step} "
@@ -308,7 +309,7 @@ def apply_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, 
     from torchao.quantization.pt2e import MinMaxObserver
 
     done = set()
-    for module, producer in _quantised_nodes(prepared):
+    for module, producer in quantised_nodes(prepared):
         observer = getattr(prepared, module)
         if (module in done or producer not in ranges
                 or not isinstance(observer, MinMaxObserver)

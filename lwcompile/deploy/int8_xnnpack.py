@@ -13,6 +13,9 @@ ranges it learned and measured beside the calibrations of the untuned graph.
 
 A conv kept float is left out of the annotation by a filter on the module path each graph
 node records (``nn_module_stack``); its float output is what the next quantised op reads.
+The search for such convs quantises once per trial, but every trial observes the same float
+values, so each activation's range is computed once and reused (``_reuse_ranges``): the
+histogram observer's search for a range takes seconds per tensor, the same on every trial.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import one_line
+from ..measure.inputs import fresh
 from ..train.data import Degrade
 from . import int8, int8_inputs
 
@@ -86,6 +90,33 @@ def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
     return names
 
 
+def _reuse_ranges(prepared: torch.fx.GraphModule,
+                  known: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Fix every per-tensor (activation) observer of the calibrated ``prepared`` graph to the
+    ``(scale, zero_point)`` in ``known`` for the node it observes, computing and recording
+    the ones not known yet. Trials that differ only in which convs stay float observe every
+    tensor on the same float values, so each range is the same on every trial; per-channel
+    (weight) observers are left alone."""
+    from torchao.quantization.pt2e.observer import (
+        FixedQParamsObserver,
+        UniformQuantizationObserverBase,
+    )
+
+    from .int8_finetune import quantised_nodes
+
+    for module, producer in quantised_nodes(prepared):
+        observer = getattr(prepared, module)
+        if not isinstance(observer, UniformQuantizationObserverBase) or \
+                observer.qscheme != torch.per_tensor_affine:
+            continue
+        if producer not in known:
+            known[producer] = observer.calculate_qparams()
+        scale, zero_point = known[producer]
+        setattr(prepared, module, FixedQParamsObserver(
+            float(scale), int(zero_point), dtype=observer.dtype, qscheme=observer.qscheme,
+            quant_min=observer.quant_min, quant_max=observer.quant_max))
+
+
 def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                   example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
@@ -117,6 +148,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,
                   ranges: dict[str, tuple[float, int]]) -> int8.Quantize:
         config = _activation_config(config_for(is_per_channel=True), calibration_name)
+        known: dict[str, tuple[Tensor, Tensor]] = {}  # this calibration's activation ranges
 
         def quantize(excluded: frozenset[str]) -> tuple[int8.Runner, torch.fx.GraphModule]:
             annotator = XNNPACKQuantizer().set_global(config)
@@ -125,11 +157,12 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
             prepared = prepare_pt2e(copy.deepcopy(pristine), annotator)
             with torch.no_grad():
                 for args in calib:
-                    prepared(*args)
+                    prepared(*fresh(args))
             if ranges:  # the fine-tuned graph, with the ranges it was tuned for
                 from .int8_finetune import apply_ranges
 
                 apply_ranges(prepared, ranges)
+            _reuse_ranges(prepared, known)
             converted = convert_pt2e(prepared)
 
             def run(args: tuple) -> Tensor:

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from .. import arguments as check
 from ..errors import ExportError, LwCompileError, one_line, raised_as
 from ..files import write_atomic
+from ..measure.inputs import fresh
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
@@ -151,7 +152,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     path = Path(path)
     int8_report = None
     model = copy.deepcopy(model).eval()
-    example_inputs = _fresh(example_inputs)
+    example_inputs = fresh(example_inputs)
     with raised_as(MobileExportError, "could not export for XNNPACK"), torch.no_grad():
         for_int8 = precision == "int8"
         exported, forms = _deployed(model, example_inputs, optimize, for_int8)
@@ -171,18 +172,13 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
         report = delegation_report(lowered.exported_program())
         leading = _leading_outputs(lowered.exported_program())
         program = lowered.to_executorch()
-        expected = model(*_fresh(example_inputs)) if verify else None
+        expected = model(*fresh(example_inputs)) if verify else None
     error = None if expected is None else _run_and_compare(
-        program.buffer, _fresh(example_inputs), expected, leading)
+        program.buffer, fresh(example_inputs), expected, leading)
     write_atomic(path, lambda f: f.write(program.buffer))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
                         int8_report, leading)
-
-
-def _fresh(args: tuple) -> tuple:
-    """Copies of the tensors: a model that writes into its input must not see it twice."""
-    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
 
 def _leading_outputs(program: torch.export.ExportedProgram) -> int:

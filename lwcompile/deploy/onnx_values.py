@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..measure.inputs import fresh
+
 #: largest difference, as a fraction of the node's largest magnitude, of values taken as equal
 TOLERANCE = 1e-4
 
@@ -46,7 +48,7 @@ def node_values(graph: torch.fx.GraphModule, args: tuple,
             return out
 
     with torch.no_grad():
-        Recorder(graph).run(*args)
+        Recorder(graph).run(*fresh(args))
     return values
 
 

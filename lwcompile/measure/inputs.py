@@ -17,6 +17,14 @@ from .cost import Measured, measure
 DEFAULT_SIZE = 64
 
 
+def fresh(args: tuple) -> tuple:
+    """Copies of the tensors in ``args``, for one run of a model. A model that writes into
+    its input (RCAN's ``x *= rgb_range``) would otherwise see the values its previous run
+    wrote: a check would compare, a calibration observe and a measurement score runs on
+    different inputs."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """A 1xCx64x64 image, C taken from the model's first conv: enough for single-image models."""
     required = [
