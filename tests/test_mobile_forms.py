@@ -220,6 +220,28 @@ def test_negative_pads_become_slices_with_the_same_output():
     torch.testing.assert_close(module(x), Crops()(x), rtol=1e-6, atol=0)  # sums reordered
 
 
+class WindowPadding(nn.Module):
+    """Windowed attention's padding to a multiple of the window (DAT, RGT): by nothing when
+    the size already is one, by zeros where it is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = 4
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (0, -w % window, 0, -h % window))
+        return padded[..., :h, :w] * 2
+
+
+def test_pads_by_nothing_are_removed_and_others_kept():
+    for size, removed in (((12, 8), 1), ((10, 8), 0)):
+        x = torch.rand(1, 3, *size)
+        module, forms = rewrite(WindowPadding(), x)
+        assert forms == ({"empty-pad-removed": 1} if removed else {})
+        pads = [n for n in module.graph.nodes
+                if n.target in (aten.pad.default, aten.constant_pad_nd.default)]
+        assert len(pads) == 1 - removed
+        torch.testing.assert_close(module(x), WindowPadding()(x), rtol=0, atol=0)
+
+
 class Pyramid(nn.Module):
     """SAFMN's feature pyramid: adaptive max pools to a half and a quarter of the size, and
     one whose size does not divide the input's (kept), upsampled back and summed."""

@@ -30,6 +30,10 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
   Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
   not run;
+- ``empty-pad-removed``: a pad by zero on every side (windowed attention padding to a
+  multiple of the window, when the size already is one: DAT, RGT) -> its input. Not for
+  speed: XNNPACK refuses to build a quantised pad by nothing, so the int8 program could not
+  load;
 - ``adaptive-max-pool-as-pool``: an adaptive max pool whose output size divides its input
   size (SAFMN's pyramid, ``adaptive_max_pool2d(x, (h // 8, w // 8))``) -> a max pool with
   kernel = stride = the ratio. Not for speed either: the adaptive op is not core ATen, and
@@ -95,7 +99,10 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
             done["depthwise-sum"] += _depthwise_sum(gm, node)
     for node in list(graph.nodes):
         if node.target in (aten.pad.default, aten.constant_pad_nd.default):
-            done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
+            if _empty_pad_removed(gm, node):
+                done["empty-pad-removed"] += 1
+            else:
+                done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
         elif node.target is aten.adaptive_max_pool2d.default:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
     graph.eliminate_dead_code()
@@ -271,6 +278,15 @@ def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
         total = gm.graph.call_function(aten.conv2d.default,
                                        (filtered, _constant(gm, sum_weight), bias))
     return _replaced(gm, conv, total)
+
+
+def _empty_pad_removed(gm: fx.GraphModule, pad: fx.Node) -> bool:
+    amounts = pad.args[1]
+    if not all(isinstance(a, int) and a == 0 for a in amounts):
+        return False
+    pad.replace_all_uses_with(pad.args[0])
+    gm.graph.erase_node(pad)
+    return True
 
 
 def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
