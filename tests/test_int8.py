@@ -513,3 +513,54 @@ def test_int8_of_a_model_that_writes_its_input_measures_the_same_inputs(runtime,
     assert report.psnr_db > 35  # int8 of two small convs, on the inputs it was calibrated for
     tolerance = 1e-3 if runtime == "onnxruntime" else 1.0  # XNNPACK rounds like pt2e, nearly
     assert psnr(want, got) == pytest.approx(report.psnr_db, abs=tolerance)
+
+
+class _ConvCalledTwice(nn.Module):
+    """One depthwise conv module applied to two branches, as RGT's ``reduction1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.reduce = nn.Conv2d(8, 8, 2, stride=2, groups=8)
+        self.tail = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.head(x))
+        a, b = self.reduce(y), self.reduce(torch.relu(self.mid(y)))
+        return self.tail(a + b)
+
+
+def test_each_conv_reads_its_own_parameters_before_pt2e():
+    pytest.importorskip("torchao")
+    from lwcompile.deploy.int8_xnnpack import own_parameter_reads
+
+    model, x = _ConvCalledTwice().eval(), torch.rand(1, 1, 16, 16)
+    graph = torch.export.export(model, (x,)).module()
+    assert own_parameter_reads(graph) == 2  # the second call's weight and bias
+    convs = [n for n in graph.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    reads = [n.args[1] for n in convs] + [n.args[2] for n in convs]
+    assert len(set(reads)) == len(reads) == 10
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_mobile_int8_of_a_conv_module_called_twice_loads_and_runs(tmp_path):
+    """The quantiser annotated the shared parameters for the first call only: the second
+    conv stayed float between int8 activations and XNNPACK refused to build the program."""
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    torch.manual_seed(0)
+    model, x = _ConvCalledTwice().eval(), (torch.rand(1, 1, 16, 16),)
+    export = lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8",
+                                     max_float_layers=0)
+    delegated = export.report.delegated
+    assert delegated["quantized_decomposed.dequantize_per_channel"] == delegated[
+        "aten.convolution"] == 5  # every conv call's weight is int8
+    args = held_out(x, export.int8_report)
+    with torch.no_grad():
+        want = [model(*a) for a in args]
+    got = [load_pte(export.path)(*a)[0] for a in args]
+    assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)

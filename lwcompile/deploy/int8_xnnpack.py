@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,34 @@ def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
     return names
 
 
+def own_parameter_reads(graph_module: torch.fx.GraphModule) -> int:
+    """Give every conv its own copy of its weight and bias, in place (exact); returns how
+    many copies were added. A conv module called twice (RGT's ``reduction1``) reads the same
+    parameter nodes twice, and the quantiser annotates a parameter node once: the second
+    conv stayed float between quantised activations, which XNNPACK refuses to build, so the
+    program did not load. A copy, not a second read of the same tensor: XNNPACK packs a
+    quantised conv's weights once per tensor, with the first conv's input zero point
+    folded into the bias."""
+    added = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        convs = [u for u in node.users if u.target is torch.ops.aten.conv2d.default
+                 and node in u.args[1:3]]
+        value = functools.reduce(getattr, node.target.split("."), graph_module)
+        for i, conv in enumerate(convs[1:], start=1):
+            name = f"{node.target.replace('.', '_')}_call{i}"
+            graph_module.register_buffer(name, value.detach().clone())
+            with graph_module.graph.inserting_before(conv):
+                own = graph_module.graph.get_attr(name)
+            own.meta = dict(node.meta)
+            conv.replace_input_with(node, own)
+            added += 1
+    if added:
+        graph_module.recompile()
+    return added
+
+
 def _reuse_ranges(prepared: torch.fx.GraphModule,
                   known: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Fix every per-tensor (activation) observer of the calibrated ``prepared`` graph to the
@@ -130,6 +159,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     fake int8 first (``int8_finetune``), on smaller crops where ``export_at(args)`` gives
     the same graph exported at the size of ``args``."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
+    own_parameter_reads(graph_module)
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
@@ -143,6 +173,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                                   example_inputs, calibration, degrade,
                                   XNNPACKQuantizer().set_global(qat_config), qat_steps,
                                   calibration_count)
+        own_parameter_reads(tuned.graph)
         candidates[LEARNED] = (CALIBRATIONS[1], tuned.graph, tuned.ranges)
 
     def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,
