@@ -564,3 +564,34 @@ def test_mobile_int8_of_a_conv_module_called_twice_loads_and_runs(tmp_path):
         want = [model(*a) for a in args]
     got = [load_pte(export.path)(*a)[0] for a in args]
     assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)
+
+
+@pytest.mark.slow
+def test_mobile_int8_program_that_computes_something_else_is_refused(monkeypatch, tmp_path):
+    """A program further from float than the quantised model it was lowered from is not
+    written: here the second call of a conv reads the first call's weight tensor, which
+    XNNPACK packs once with the first call's input zero point."""
+    pytest.importorskip("executorch")
+    from lwcompile.deploy import int8_xnnpack
+
+    def shared_reads(graph_module: torch.fx.GraphModule) -> int:
+        for node in list(graph_module.graph.nodes):
+            convs = [u for u in node.users if u.target is torch.ops.aten.conv2d.default
+                     and node in u.args[1:3]] if node.op == "get_attr" else []
+            for conv in convs[1:]:
+                with graph_module.graph.inserting_before(conv):
+                    again = graph_module.graph.get_attr(node.target)
+                again.meta = dict(node.meta)
+                conv.replace_input_with(node, again)
+        graph_module.recompile()
+        return 0
+
+    monkeypatch.setattr(int8_xnnpack, "own_parameter_reads", shared_reads)
+    torch.manual_seed(0)
+    model, x = _ConvCalledTwice().eval(), (torch.rand(1, 1, 16, 16),)
+    from lwcompile.deploy.mobile import MobileExportError
+
+    with pytest.raises(MobileExportError, match="computes something else"):
+        lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8",
+                                max_float_layers=0)
+    assert not (tmp_path / "m.pte").exists()

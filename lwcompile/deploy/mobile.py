@@ -123,7 +123,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     With ``verify``, the program is run once on copies of ``example_inputs`` by the
     ExecuTorch runtime before it is written, and compared with the eager model
     (``max_abs_error``, over every tensor of nested outputs); a program the runtime cannot
-    run is a ``MobileExportError`` and no file.
+    run is a ``MobileExportError`` and no file; so is an int8 program whose output is further
+    from float than the quantised model it was lowered from (by ``INT8_PROGRAM_SLACK_DB``).
 
     ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
     symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` (and ``degrade``) as
@@ -173,8 +174,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
         leading = _leading_outputs(lowered.exported_program())
         program = lowered.to_executorch()
         expected = model(*fresh(example_inputs)) if verify else None
+        simulated = quantized(*fresh(example_inputs)) if verify and for_int8 else None
     error = None if expected is None else _run_and_compare(
-        program.buffer, fresh(example_inputs), expected, leading)
+        program.buffer, fresh(example_inputs), expected, leading, simulated)
     write_atomic(path, lambda f: f.write(program.buffer))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
@@ -190,11 +192,20 @@ def _leading_outputs(program: torch.export.ExportedProgram) -> int:
     return kinds.index(OutputKind.USER_OUTPUT) if OutputKind.USER_OUTPUT in kinds else 0
 
 
+#: how far (dB) the int8 program's output may be further from float than the quantised torch
+#: model's (which the int8 report measured): XNNPACK rounds a little differently
+INT8_PROGRAM_SLACK_DB = 3.0
+#: the quantised model's PSNR above which the program is held to this one instead
+INT8_PROGRAM_CHECKED_DB = 45.0
+
+
 def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any,
-                     leading: int) -> float:
+                     leading: int, simulated: Any = None) -> float:
     """Max |program - eager| over the tensors of the outputs (nested ones flattened, as the
     program returns them, after the ``leading`` written inputs), running ``buffer`` from a
-    temporary file before it is written."""
+    temporary file before it is written. ``simulated``: the quantised torch model's output
+    for an int8 program; a program further from float than it by more than
+    ``INT8_PROGRAM_SLACK_DB`` computes something else, and is refused."""
     with tempfile.TemporaryDirectory(prefix="lwcompile-pte-") as tmp:
         staged = Path(tmp) / "model.pte"
         staged.write_bytes(buffer)
@@ -207,6 +218,16 @@ def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any,
     if len(got) != len(want):
         raise MobileExportError(f"the exported program returns {len(got)} tensors, the model "
                                 f"{len(want)}")
+    if simulated is not None and want:
+        # capped: a near-exact simulation must not make XNNPACK's own rounding a refusal
+        simulated_db = min(int8.compare([want[0]], [int8.first_output(simulated)])[0],
+                           INT8_PROGRAM_CHECKED_DB)
+        program_db = int8.compare([want[0]], [got[0]])[0]
+        if program_db < simulated_db - INT8_PROGRAM_SLACK_DB:
+            raise MobileExportError(
+                f"the int8 program's output is {program_db:.1f} dB PSNR from float on the "
+                f"example input, where the quantised model it was lowered from is "
+                f"{simulated_db:.1f} dB: XNNPACK computes something else; nothing was written")
     return max((float((g - w).abs().max()) for g, w in zip(got, want, strict=True)),
                default=0.0)
 
