@@ -38,7 +38,7 @@ import dataclasses
 import io
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,19 @@ def _onnxruntime() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def _logging_off(level: int) -> Iterator[None]:
+    """Log records up to ``level`` dropped in the block, whatever logger they go to
+    (onnxruntime's quantiser and torchao log on the root logger), and the previous
+    setting restored after it."""
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def prepare(path: Path) -> None:
     """Rewrite the float ONNX file at ``path`` as onnxruntime's ``quant_pre_process`` leaves
     it for its quantiser: graph optimisations of the basic level (constant folding, identity
@@ -94,15 +107,12 @@ def prepare(path: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = path.with_name(path.stem + ".prepared.onnx")
-    previous = logging.root.manager.disable
-    logging.disable(logging.ERROR)  # a failure is handled here, not logged
     try:
-        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+        with _logging_off(logging.ERROR):  # a failure is handled here, not logged
+            quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
     except Exception:  # onnxruntime's optimiser or shape inference, on this graph
         prepared.unlink(missing_ok=True)
         return
-    finally:
-        logging.disable(previous)
     prepared.replace(path)
 
 
@@ -133,19 +143,15 @@ def _quantize_static(source: Path, out: Path, feeds: list[dict[str, np.ndarray]]
     method, options = CALIBRATIONS[calibration_name]
     if overrides:
         options = {**options, "TensorQuantOverrides": overrides}
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its advice to pre-process, on the root logger
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram's progress
-            quantize_static(str(source), str(out), _Reader(list(feeds)),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            reduce_range=saturating_cpu(), nodes_to_exclude=sorted(excluded),
-                            calibrate_method=getattr(CalibrationMethod, method),
-                            extra_options=options,
-                            calibration_cache_path=None if cache is None else str(cache))
-    finally:
-        logging.disable(previous)
+    # its advice to pre-process goes to the root logger, the histogram's progress to stdout
+    with _logging_off(logging.WARNING), contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(str(source), str(out), _Reader(list(feeds)),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=saturating_cpu(), nodes_to_exclude=sorted(excluded),
+                        calibrate_method=getattr(CalibrationMethod, method),
+                        extra_options=options,
+                        calibration_cache_path=None if cache is None else str(cache))
 
 
 def session(path: str | Path, threads: int = 2, spinning: bool = False) -> Any:
@@ -244,20 +250,17 @@ def quantization_aware(module: nn.Module, reference: nn.Module, example_inputs: 
     values are loaded into ``module`` in place, and the ``int8_finetune.Tuned`` returned
     holds them with the learned activation ranges. The tensors fake-quantised are the ones
     onnxruntime quantises in that file (``onnxruntime_simulation``)."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # torchao's import warns that this CPU has no triton
     try:
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            get_default_x86_inductor_quantization_config,
-        )
+        with _logging_off(logging.WARNING):  # torchao's import warns that this CPU has no triton
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                get_default_x86_inductor_quantization_config,
+            )
 
-        from .onnxruntime_simulation import OnnxruntimeQuantizer
+            from .onnxruntime_simulation import OnnxruntimeQuantizer
     except ImportError as exc:
         raise int8.Int8Error(
             f"quantisation-aware fine-tuning needs torchao, which is not installed "
             f"({one_line(exc)}); install it with `{INSTALL_HINT}`") from exc
-    finally:
-        logging.disable(previous)
     from .int8_finetune import FinetuneError, finetune_on_crops, learnable, load_values
 
     def export_at(args: tuple) -> torch.fx.GraphModule:

@@ -105,6 +105,8 @@ def own_parameter_reads(graph_module: torch.fx.GraphModule) -> int:
             continue
         convs = [u for u in node.users if u.target is torch.ops.aten.conv2d.default
                  and node in u.args[1:3]]
+        if len(convs) < 2:
+            continue
         value = functools.reduce(getattr, node.target.split("."), graph_module)
         for i, conv in enumerate(convs[1:], start=1):
             name = f"{node.target.replace('.', '_')}_call{i}"
