@@ -595,3 +595,44 @@ def test_mobile_int8_program_that_computes_something_else_is_refused(monkeypatch
         lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8",
                                 max_float_layers=0)
     assert not (tmp_path / "m.pte").exists()
+
+
+class _ZeroPads(nn.Module):
+    """Zero pads of quantised activations: an explicit one (windowed attention padding to a
+    multiple of the window) or the one ExecuTorch's decomposition of an unfold starts with
+    (IPT's non-overlapping patches, folded back)."""
+
+    def __init__(self, unfold: bool) -> None:
+        super().__init__()
+        self.head, self.tail = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+        self.unfold = unfold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.head(x))
+        h, w = y.shape[-2:]
+        if self.unfold:
+            y = torch.nn.functional.fold(torch.nn.functional.unfold(y, 2, stride=2) * 2,
+                                         (h, w), 2, stride=2)
+        else:
+            y = torch.nn.functional.pad(y, (1, 2, 1, 2))[..., 1:-2, 1:-2] * 2
+        return self.tail(y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unfold", [False, True])
+def test_mobile_int8_with_zero_pads_of_quantised_tensors_loads_and_runs(unfold, tmp_path):
+    """XNNPACK took the pad in float with a dequantised int8 input and refused to build it:
+    the program did not load (HAT, IPT). The pad now runs on the int8 tensor, exactly."""
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    torch.manual_seed(0)
+    model, x = _ZeroPads(unfold).eval(), (torch.rand(1, 1, 16, 16),)
+    export = lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8",
+                                     max_float_layers=0)
+    assert export.report.portable.get("aten.constant_pad_nd", 0) >= 1  # on int8, outside XNNPACK
+    args = held_out(x, export.int8_report)
+    with torch.no_grad():
+        want = [model(*a) for a in args]
+    got = [load_pte(export.path)(*a)[0] for a in args]
+    assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)

@@ -119,7 +119,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     ``optimize``, BatchNorms and ReLUs after a concat and concats feeding squeezing convs
     are rewritten into equivalent forms XNNPACK fuses (``deploy.aten_rewrites``; outputs
     change by float rounding only). Constant subexpressions are folded before partitioning:
-    ``1 - mask`` otherwise leaves a copy of the scalar 1 outside XNNPACK.
+    ``1 - mask`` otherwise leaves a copy of the scalar 1 outside XNNPACK. In int8, a zero pad
+    of a dequantised tensor pads the int8 tensor instead (``_pads_on_int8_pass``), which
+    XNNPACK would otherwise refuse to build.
     With ``verify``, the program is run once on copies of ``example_inputs`` by the
     ExecuTorch runtime before it is written, and compared with the eager model
     (``max_abs_error``, over every tensor of nested outputs); a program the runtime cannot
@@ -167,7 +169,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                                                  for_int8)[0].module())
             exported = torch.export.export(quantized, example_inputs)
         lowered = exir.to_edge_transform_and_lower(
-            exported, transform_passes=[_fold_constants_pass()],
+            exported, transform_passes=[_fold_constants_pass(), _pads_on_int8_pass()],
             partitioner=[XnnpackPartitioner()],
         )
         report = delegation_report(lowered.exported_program())
@@ -253,6 +255,52 @@ def load_pte(path: str | Path) -> Callable[..., list[Tensor]]:
 
     method = Runtime.get().load_program(Path(path)).load_method("forward")
     return lambda *inputs: list(method.execute(list(inputs)))
+
+
+def _pads_on_int8_pass() -> Any:
+    """An ExecuTorch pass moving every zero pad of a dequantised tensor before the
+    dequantisation: ``pad(dequantize(q), 0)`` is ``dequantize(pad(q, zero_point))``, exactly.
+
+    XNNPACK takes a pad in float only, and built one whose input came from a dequantisation
+    with an int8 input and a float output, which it refused (``StaticConstantPad``: invalid
+    parameter): the int8 program did not load. A zero pad after a quantised op is common
+    (windowed attention padding to a multiple of the window, and ExecuTorch's decomposition
+    of an unfold: HAT, IPT). On the int8 tensor the pad runs in ExecuTorch's own kernels.
+    """
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+
+    pad = exir_ops.edge.aten.constant_pad_nd.default
+    dequantize = exir_ops.edge.quantized_decomposed.dequantize_per_tensor.default
+
+    class PadsOnInt8(ExportedProgramPassBase):
+        def call(self, exported_program: Any) -> ExportedProgramPassResult:
+            graph = exported_program.graph_module.graph
+            moved = 0
+            for node in list(graph.nodes):
+                source = node.args[0] if node.target is pad else None
+                if getattr(source, "target", None) is not dequantize or (
+                        node.args[2] if len(node.args) > 2 else 0.0) != 0:
+                    continue
+                quantized, _, zero_point = source.args[:3]
+                if not isinstance(zero_point, int):
+                    continue
+                with graph.inserting_before(node):
+                    padded = graph.call_function(pad, (quantized, node.args[1], zero_point))
+                    out = graph.call_function(dequantize, (padded, *source.args[1:]),
+                                              dict(source.kwargs))
+                padded.meta["val"] = torch.ops.aten.constant_pad_nd.default(
+                    quantized.meta["val"], node.args[1], zero_point)
+                out.meta = dict(node.meta)
+                node.replace_all_uses_with(out)
+                graph.erase_node(node)
+                moved += 1
+            if moved:
+                graph.eliminate_dead_code()
+                exported_program.graph_module.recompile()
+            return ExportedProgramPassResult(exported_program, moved > 0)
+
+    return PadsOnInt8()
 
 
 def _fold_constants_pass() -> Any:
