@@ -636,3 +636,37 @@ def test_mobile_int8_with_zero_pads_of_quantised_tensors_loads_and_runs(unfold, 
         want = [model(*a) for a in args]
     got = [load_pte(export.path)(*a)[0] for a in args]
     assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)
+
+
+class _IndexArithmetic(nn.Module):
+    """SCUNet's relative position bias: an integer index computed with Python numbers
+    (``coords + window - 1``), then used to gather a learned table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.table = nn.Parameter(torch.rand(7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coords = torch.arange(4)
+        index = (coords[:, None] - coords[None, :]) + 4 - 1  # 0..6, int64
+        bias = self.table[index[..., 0] * 1]
+        return self.conv(x) + bias.sum()
+
+
+def test_integer_arithmetic_stays_integer_through_pt2e_preparation():
+    """The quantiser wrote the numbers as float32 tensors: the index became float and the
+    prepared graph failed torch.export's dtype assertion (SCUNet's int8 export)."""
+    pytest.importorskip("torchao")
+    import copy
+
+    from lwcompile.deploy import int8_xnnpack
+
+    quantizer, config, prepare_pt2e, _ = int8_xnnpack._pt2e()
+    model, x = _IndexArithmetic().eval(), torch.rand(1, 1, 8, 8)
+    graph = torch.export.export(model, (x,)).module()
+    assert int8_xnnpack.integer_scalars_as_tensors(graph) == 2  # "+ 4 - 1" and "* 1"
+    prepared = prepare_pt2e(copy.deepcopy(graph),
+                            quantizer().set_global(config(is_per_channel=True)))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=0, atol=0)

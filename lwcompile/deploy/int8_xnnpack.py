@@ -121,6 +121,34 @@ def own_parameter_reads(graph_module: torch.fx.GraphModule) -> int:
     return added
 
 
+def integer_scalars_as_tensors(graph_module: torch.fx.GraphModule) -> int:
+    """Write each number added to or multiplied with an integer tensor as a 0-d tensor of
+    that tensor's dtype, in place (exact); returns how many. The quantiser turns every such
+    number into a float32 tensor to annotate the op, which made integer index arithmetic
+    float (SCUNet's relative position index: ``coords + window_size - 1``), and the graph
+    then failed the dtype assertions torch.export wrote for it."""
+    written = 0
+    for node in list(graph_module.graph.nodes):
+        value = node.meta.get("val")
+        if node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor) or \
+                not isinstance(value, Tensor) or value.is_floating_point():
+            continue
+        args = list(node.args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, int | bool):
+                name = f"_integer_scalar_{written}"
+                while hasattr(graph_module, name):
+                    name += "_"
+                graph_module.register_buffer(name, torch.tensor(arg, dtype=value.dtype))
+                with graph_module.graph.inserting_before(node):
+                    args[i] = graph_module.graph.get_attr(name)
+                written += 1
+        node.args = tuple(args)
+    if written:
+        graph_module.recompile()
+    return written
+
+
 def _reuse_ranges(prepared: torch.fx.GraphModule,
                   known: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Fix every per-tensor (activation) observer of the calibrated ``prepared`` graph to the
@@ -162,6 +190,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     the same graph exported at the size of ``args``."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
     own_parameter_reads(graph_module)
+    integer_scalars_as_tensors(graph_module)
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
@@ -176,6 +205,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                                   XNNPACKQuantizer().set_global(qat_config), qat_steps,
                                   calibration_count)
         own_parameter_reads(tuned.graph)
+        integer_scalars_as_tensors(tuned.graph)
         candidates[LEARNED] = (CALIBRATIONS[1], tuned.graph, tuned.ranges)
 
     def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,
