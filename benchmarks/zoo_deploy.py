@@ -14,10 +14,12 @@ measurement is of the path, not of quality: the weights are random). Each networ
 its own process with one thread and a time limit, so a hang or a crash is one row.
 
 Writes ``benchmarks/results/zoo_deploy.json`` (with the machine; each network with the time
-limit it ran under) and prints a markdown table. ``--keep`` keeps the recorded networks not
-named in ``--only``, so a long run can be finished in parts; ``--steps`` runs only the named
-steps (``lighten`` always runs: the others need its model) and keeps the others' records,
-so the slow int8 steps can be given a longer time limit alone.
+limit it ran under, each step with the CPU it ran on, and ``cpus`` listing them: kept
+records may come from another machine) and prints a markdown table. ``--keep`` keeps the
+recorded networks not named in ``--only``, so a long run can be finished in parts;
+``--steps`` runs only the named steps (``lighten`` always runs: the others need its
+model) and keeps the others' records, so the slow int8 steps can be given a longer time
+limit alone.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path
             step(label, work[label])
 
 
+def cpu_label(machine: dict[str, Any]) -> str:
+    """The CPU a step ran on, as each step record names it: model and vector ISA flags."""
+    return f"{machine['cpu']} ({', '.join(machine['isa'])})"
+
+
 def _run(name: str, timeout: float, folder: Path, steps: tuple[str, ...]) -> dict[str, Any]:
     out = folder / f"{name}.json"
     start = time.perf_counter()
@@ -184,9 +191,13 @@ def main() -> None:
 
     names = args.only or list(ZOO)
     steps = tuple(s for s in STEPS if s == "lighten" or s in args.steps)
+    here = machine()
     with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp, \
             ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp), steps), names))
+    for record in records:  # a kept record keeps the CPU it ran on
+        for label in steps:
+            record[label]["cpu"] = cpu_label(here)
     out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     kept = {r["name"]: r for r in json.loads(out.read_text())["networks"]} \
         if out.exists() and (args.keep or steps != STEPS) else {}
@@ -200,8 +211,10 @@ def main() -> None:
         records = [ran.get(n) or kept[n] for n in ZOO if n in ran or n in kept]
     table = markdown(records)
     print(table)
-    out.write_text(json.dumps({"machine": machine(), "networks": records, "table": table},
-                              indent=1) + "\n")
+    cpus = sorted({r[label]["cpu"] for r in records for label in STEPS
+                   if "cpu" in r.get(label, {})})
+    out.write_text(json.dumps({"machine": here, "cpus": cpus, "networks": records,
+                               "table": table}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
