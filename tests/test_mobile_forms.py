@@ -261,3 +261,38 @@ def test_adaptive_max_pools_that_divide_become_max_pools_with_the_same_output():
     assert ops(module).count(aten.max_pool2d.default) == 2
     assert ops(module).count(aten.adaptive_max_pool2d.default) == 1  # 12 is no multiple of 5
     torch.testing.assert_close(module(x), Pyramid()(x), rtol=0, atol=0)
+
+
+class GridAttention(nn.Module):
+    """OmniSR's grid attention layout: an image of a batch of one to tokens and back through
+    7-D reshapes and permutes; ``elementwise_7d`` also scales the 7-D tensor itself."""
+
+    def __init__(self, elementwise_7d: bool = False) -> None:
+        super().__init__()
+        self.elementwise_7d = elementwise_7d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        grid = x.reshape(n, c // 2, 2, h // 4, 4, w // 4, 4).permute(0, 3, 5, 1, 2, 4, 6)
+        if self.elementwise_7d:
+            grid = grid * 2
+        tokens = torch.relu(grid.reshape(n, h // 4 * w // 4, c * 16))
+        grid = tokens.reshape(n, h // 4, w // 4, c // 2, 2, 4, 4).permute(0, 3, 4, 1, 5, 2, 6)
+        return grid.contiguous().reshape(n, c, h, w)
+
+
+def _ranks(module: torch.fx.GraphModule, x: torch.Tensor) -> set[int]:
+    return {len(n.meta["val"].shape) for n in torch.export.export(module, (x,)).graph.nodes
+            if isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def test_seven_dimensional_layouts_of_one_image_drop_their_leading_unit_dimension():
+    x = torch.rand(1, 4, 8, 8)
+    module, forms = rewrite(GridAttention(), x)
+    assert forms == {"unit-dims-dropped": 2}
+    assert max(_ranks(module, x)) == 6
+    torch.testing.assert_close(module(x), GridAttention()(x), rtol=0, atol=0)
+    # an op other than a layout change reads the 7-D shape back
+    module, forms = rewrite(GridAttention(elementwise_7d=True), x)
+    assert forms == {"unit-dims-dropped": 2} and 7 in _ranks(module, x)
+    torch.testing.assert_close(module(x), GridAttention(elementwise_7d=True)(x), rtol=0, atol=0)

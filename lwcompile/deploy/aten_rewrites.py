@@ -34,6 +34,10 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   multiple of the window, when the size already is one: DAT, RGT) -> its input. Not for
   speed: XNNPACK refuses to build a quantised pad by nothing, so the int8 program could not
   load;
+- ``unit-dims-dropped``: a reshape to more than 6 dimensions whose leading ones are of size
+  one (OmniSR's grid attention: ``(1, 4, 16, 8, 8, 8, 8)``), and the permutes and copies
+  that follow it, drop those leading dimensions. Not for speed: XNNPACK defines tensors of
+  at most 6 dimensions and refused the program, so OmniSR's program did not load;
 - ``adaptive-max-pool-as-pool``: an adaptive max pool whose output size divides its input
   size (SAFMN's pyramid, ``adaptive_max_pool2d(x, (h // 8, w // 8))``) -> a max pool with
   kernel = stride = the ratio. Not for speed either: the adaptive op is not core ATen, and
@@ -105,6 +109,7 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
                 done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
         elif node.target is aten.adaptive_max_pool2d.default:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
+    done["unit-dims-dropped"] += _unit_dims_dropped(gm)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
@@ -310,6 +315,41 @@ def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
             out = gm.graph.call_function(aten.constant_pad_nd.default,
                                          (out, [max(a, 0) for a in amounts], value or 0.0))
     return _replaced(gm, pad, out)
+
+
+#: XNNPACK's largest tensor rank (``XNN_MAX_TENSOR_DIMS``)
+_MAX_RANK = 6
+_RESHAPES = (aten.reshape.default, aten.view.default)
+_COPIES = (aten.clone.default, aten.contiguous.default)
+
+
+def _unit_dims_dropped(gm: fx.GraphModule) -> int:
+    """Reshapes to more than ``_MAX_RANK`` dimensions whose extra leading ones are of size
+    one reshape to the shape without them; a permute keeping those dimensions first, or a
+    copy, of such a tensor works on it without them too. Other users get the full shape back
+    by a reshape. Returns how many reshapes were shortened."""
+    dropped: dict[fx.Node, int] = {}  # node -> leading unit dimensions it no longer has
+    for node in list(gm.graph.nodes):
+        shape = node_shape(node)
+        source = node.args[0] if node.args else None
+        if node.target in _RESHAPES and shape is not None and len(shape) > _MAX_RANK \
+                and all(d == 1 for d in shape[:len(shape) - _MAX_RANK]):
+            k = len(shape) - _MAX_RANK
+            node.args = (source, list(shape[k:]))
+            dropped[node] = k
+        elif source in dropped and node.target is aten.permute.default and \
+                list(node.args[1][:dropped[source]]) == list(range(dropped[source])):
+            k = dropped[source]
+            node.args = (source, [d - k for d in node.args[1][k:]])
+            dropped[node] = k
+        elif source in dropped and node.target in _COPIES:
+            dropped[node] = dropped[source]
+    for node in dropped:
+        for user in [u for u in node.users if u not in dropped and u.target not in _RESHAPES]:
+            with gm.graph.inserting_before(user):
+                full = gm.graph.call_function(aten.reshape.default, (node, node_shape(node)))
+            user.replace_input_with(node, full)
+    return sum(1 for node in dropped if node.target in _RESHAPES)
 
 
 def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
