@@ -195,9 +195,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zoo-deploy-") as tmp, \
             ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda n: _run(n, args.timeout, Path(tmp), steps), names))
+    cpu = cpu_label(here)
     for record in records:  # a kept record keeps the CPU it ran on
         for label in steps:
-            record[label]["cpu"] = cpu_label(here)
+            record[label]["cpu"] = cpu
     out = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     kept = {r["name"]: r for r in json.loads(out.read_text())["networks"]} \
         if out.exists() and (args.keep or steps != STEPS) else {}

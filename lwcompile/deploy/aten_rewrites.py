@@ -49,14 +49,18 @@ or lightened, and never touch the model itself.
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections import Counter
 
 import torch
 from torch import fx
 
-from ..tracing.fx_helpers import channel_concat_parts, node_shape
+from ..tracing.fx_helpers import (
+    channel_concat_parts,
+    node_shape,
+    stored_constant,
+    stored_value,
+)
 from . import identities
 
 aten = torch.ops.aten
@@ -383,15 +387,8 @@ def _replaced(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> int:
 
 
 def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if node is None:
-        return None
-    return functools.reduce(getattr, node.target.split("."), gm).detach()
+    return None if node is None else stored_value(gm, node)
 
 
 def _constant(gm: fx.GraphModule, value: torch.Tensor) -> fx.Node:
-    """A new attribute of ``gm`` holding ``value``, read by a get_attr node at the cursor."""
-    name = f"_xnnpack_form_{sum(1 for _ in gm.buffers())}"
-    while hasattr(gm, name):
-        name += "_"
-    gm.register_buffer(name, value.contiguous().clone())
-    return gm.graph.get_attr(name)
+    return stored_constant(gm, value, "_xnnpack_form")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import one_line
 from ..measure.inputs import fresh
+from ..tracing.fx_helpers import stored_constant, stored_value
 from ..train.data import Degrade
 from . import int8, int8_inputs
 
@@ -107,12 +107,10 @@ def own_parameter_reads(graph_module: torch.fx.GraphModule) -> int:
                  and node in u.args[1:3]]
         if len(convs) < 2:
             continue
-        value = functools.reduce(getattr, node.target.split("."), graph_module)
-        for i, conv in enumerate(convs[1:], start=1):
-            name = f"{node.target.replace('.', '_')}_call{i}"
-            graph_module.register_buffer(name, value.detach().clone())
+        value = stored_value(graph_module, node)
+        for conv in convs[1:]:
             with graph_module.graph.inserting_before(conv):
-                own = graph_module.graph.get_attr(name)
+                own = stored_constant(graph_module, value, f"{node.target.replace('.', '_')}_call")
             own.meta = dict(node.meta)
             conv.replace_input_with(node, own)
             added += 1
@@ -136,17 +134,21 @@ def integer_scalars_as_tensors(graph_module: torch.fx.GraphModule) -> int:
         args = list(node.args)
         for i, arg in enumerate(args):
             if isinstance(arg, int | bool):
-                name = f"_integer_scalar_{written}"
-                while hasattr(graph_module, name):
-                    name += "_"
-                graph_module.register_buffer(name, torch.tensor(arg, dtype=value.dtype))
                 with graph_module.graph.inserting_before(node):
-                    args[i] = graph_module.graph.get_attr(name)
+                    args[i] = stored_constant(graph_module, torch.tensor(arg, dtype=value.dtype),
+                                              "_integer_scalar")
                 written += 1
         node.args = tuple(args)
     if written:
         graph_module.recompile()
     return written
+
+
+def _for_the_quantiser(graph_module: torch.fx.GraphModule) -> None:
+    """``graph_module`` rewritten, exactly, where XNNPACKQuantizer would otherwise make it
+    unloadable (``own_parameter_reads``) or wrong (``integer_scalars_as_tensors``)."""
+    own_parameter_reads(graph_module)
+    integer_scalars_as_tensors(graph_module)
 
 
 def _reuse_ranges(prepared: torch.fx.GraphModule,
@@ -189,8 +191,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
     fake int8 first (``int8_finetune``), on smaller crops where ``export_at(args)`` gives
     the same graph exported at the size of ``args``."""
     XNNPACKQuantizer, config_for, prepare_pt2e, convert_pt2e = _pt2e()
-    own_parameter_reads(graph_module)
-    integer_scalars_as_tensors(graph_module)
+    _for_the_quantiser(graph_module)
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
@@ -204,8 +205,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                                   example_inputs, calibration, degrade,
                                   XNNPACKQuantizer().set_global(qat_config), qat_steps,
                                   calibration_count)
-        own_parameter_reads(tuned.graph)
-        integer_scalars_as_tensors(tuned.graph)
+        _for_the_quantiser(tuned.graph)
         candidates[LEARNED] = (CALIBRATIONS[1], tuned.graph, tuned.ranges)
 
     def quantizer(calibration_name: str, pristine: torch.fx.GraphModule,

@@ -78,6 +78,21 @@ def one_at_a_time(entry_point: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+def stored_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr ``node`` of ``gm`` reads, detached."""
+    return functools.reduce(getattr, node.target.split("."), gm).detach()
+
+
+def stored_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Node:
+    """A new buffer of ``gm`` holding a copy of ``value`` under a free name starting with
+    ``prefix``, read by a get_attr node at the graph's cursor."""
+    name = f"{prefix}_{sum(1 for _ in gm.buffers())}"
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, value.detach().contiguous().clone())
+    return gm.graph.get_attr(name)
+
+
 def node_shape(node: object) -> torch.Size | None:
     """The shape recorded on a graph node (``tensor_meta`` or ``val``), or None."""
     if not isinstance(node, fx.Node):
