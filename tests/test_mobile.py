@@ -106,8 +106,10 @@ def test_light_dncnn_is_fully_delegated(exported):
 def test_light_glcic_resizes_shuffles_and_mask_arithmetic_are_delegated(exported):
     _, _, export = exported("glcic")
     report = export.report
-    # GSAT's channel shuffle becomes view/permute/clone, the resizes stay bilinear
-    assert report.delegated["aten.upsample_bilinear2d.vec"] == 4
+    # GSAT's channel shuffle becomes view/permute/clone; the two upsamplings stay bilinear,
+    # the two halvings (the sizes are even) become strided convs
+    assert report.delegated["aten.upsample_bilinear2d.vec"] == 2
+    assert export.forms["halving-bilinear-as-conv"] == 2
     assert report.delegated["aten.permute_copy"] == 4
     # without constant folding, the scalar of `1 - mask` stays outside as a portable copy
     assert report.portable == {} and report.partitions == 1

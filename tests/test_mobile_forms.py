@@ -296,3 +296,89 @@ def test_seven_dimensional_layouts_of_one_image_drop_their_leading_unit_dimensio
     module, forms = rewrite(GridAttention(elementwise_7d=True), x)
     assert forms == {"unit-dims-dropped": 2} and 7 in _ranks(module, x)
     torch.testing.assert_close(module(x), GridAttention(elementwise_7d=True)(x), rtol=0, atol=0)
+
+
+class DownsampleThenSqueeze(nn.Module):
+    """The light form of a strided conv: a bilinear resize to the conv's output size, then a
+    LIST (whose squeeze is 1x1); ``plain`` also returns the resized tensor itself."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.down = Resize("conv", kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+        self.list = LIST(16, 32)
+        self.plain = plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        low = self.down(x)
+        return (self.list(low), low) if self.plain else self.list(low)
+
+
+def test_halving_resize_and_squeeze_become_one_strided_conv_with_the_same_output():
+    torch.manual_seed(0)
+    model = DownsampleThenSqueeze().eval()
+    x = torch.rand(1, 16, 12, 10)
+    module, forms = rewrite(model, x)
+    assert forms == {"halving-bilinear-as-conv": 1}
+    assert not any("upsample" in str(t) for t in ops(module))
+    strided = next(n for n in module.graph.nodes if n.target is aten.conv2d.default)
+    assert strided.args[0].op == "placeholder" and list(strided.args[3]) == [2, 2]
+    assert tuple(strided.meta["val"].shape) == (1, 4, 6, 5)  # the squeeze's output
+    torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_halving_resize_read_elsewhere_becomes_a_depthwise_average():
+    torch.manual_seed(0)
+    model = DownsampleThenSqueeze(plain=True).eval()
+    x = torch.rand(1, 16, 12, 10)
+    module, forms = rewrite(model, x)
+    assert forms == {"halving-bilinear-as-conv": 1}
+    average = next(n for n in module.graph.nodes if n.target is aten.conv2d.default)
+    assert average.args[0].op == "placeholder" and average.args[6] == 16  # depthwise
+    for got, want in zip(module(x), model(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(13, 10), (12, 9)])
+def test_resizes_that_do_not_halve_exactly_are_kept(size):
+    """At an odd size the resize samples between other pixels: no average."""
+    model = DownsampleThenSqueeze().eval()
+    x = torch.rand(1, 16, *size)
+    module, forms = rewrite(model, x)
+    assert forms == {}
+    assert any("upsample" in str(t) for t in ops(module))
+    model = nn.Upsample(scale_factor=0.4, mode="bilinear")  # 10 -> 4: not a halving
+    assert rewrite(model, torch.rand(1, 2, 10, 10))[1] == {}
+
+
+class NormAfterActivation(nn.Module):
+    """GSAT's tail: a residual add and ReLU, then a BatchNorm no conv can absorb; and a
+    conv-BN pair (the quantiser folds that one itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.after = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), \
+            nn.BatchNorm2d(8)
+        for bn in (self.bn, self.after):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.after(torch.relu(self.bn(self.conv(x)) + x)))
+
+
+def test_a_lone_batchnorm_becomes_a_depthwise_conv_for_int8_only():
+    torch.manual_seed(0)
+    model = NormAfterActivation().eval()
+    x = torch.randn(1, 8, 6, 6)
+    module, forms = rewrite(model, x)
+    assert forms == {}  # fp32: ExecuTorch makes the conv itself
+    module = torch.export.export(model, (x,)).module()
+    assert xnnpack_forms(module, quantized=True) == {"batchnorm-as-depthwise": 1}
+    assert ops(module).count(aten.batch_norm.default) == 1  # the conv's, left to fold
+    depthwise = [n for n in module.graph.nodes
+                 if n.target is aten.conv2d.default and len(n.args) > 6 and n.args[6] == 8]
+    assert len(depthwise) == 1 and depthwise[0].args[0].target is aten.relu.default
+    torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)

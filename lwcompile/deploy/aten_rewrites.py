@@ -9,6 +9,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
 
 - ``bn-into-cat-convs``: ``bn(cat(conv_i))`` -> ``cat(conv_i')``, each conv folded with its
   part of the BatchNorm (eval statistics);
+- ``batchnorm-as-depthwise`` (int8 only): an eval BatchNorm that no conv before it can
+  absorb (after a ReLU or an add: GSAT's output) -> a depthwise 1x1 conv. The quantiser
+  annotates convs and not a lone BatchNorm, so it ran in float between two conversions;
+  as a conv it runs in int8 with the ReLU after it fused. In fp32 ExecuTorch makes the
+  same conv itself;
 - ``relu-into-cat-parts``, ``prelu-into-cat-parts``, ``activation-into-cat-parts``: an
   elementwise activation of a concat read by nothing else -> the concat of each part's
   activation (a per-channel PReLU's slopes sliced by part). After convs XNNPACK fuses
@@ -17,6 +22,13 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   the adds move less memory than the concat they remove (a squeezing conv after LIST);
 - ``conv-before-upsample``: ``conv1x1(upsample(x))`` -> ``upsample(conv1x1(x))`` (bilinear
   or nearest): the conv runs at the low resolution, the upsample moves its channels;
+- ``halving-bilinear-as-conv``: a bilinear resize to exactly half the size (a strided conv
+  replaced by resize + LIST) -> a 2x2 stride-2 conv: one dense conv with the 1x1 conv
+  after it folded in (LIST's squeeze), else a depthwise one. The shapes of an exported
+  program are fixed, so whether the size halves is known. XNNPACK delegates bilinear
+  resizing in float only, so in int8 the resize was a float island: its input converted
+  to float, resized and converted back. The module-level graphs keep the resize: their
+  height and width stay dynamic, and at odd sizes the resize is no average;
 - ``thin-conv-phases``: a large-kernel "same" conv writing at most a few channels
   (SRResNet's 9x9 output conv) -> ``pixel_unshuffle``, the conv on pixel phases,
   ``pixel_shuffle``: the GEMM is no longer 3 columns wide. Sizes that are not multiples
@@ -75,6 +87,10 @@ _ACTIVATIONS = {
                      aten.hardswish.default), "activation-into-cat-parts"),
 }
 
+#: convs a BatchNorm right after is folded into (by XNNPACK, or the quantiser's patterns)
+_CONVS = frozenset({aten.conv2d.default, aten.convolution.default,
+                    aten.conv_transpose2d.input})
+
 _UPSAMPLE_MODES = {aten.upsample_bilinear2d.vec: "bilinear",
                    aten.upsample_bilinear2d.default: "bilinear",
                    aten.upsample_nearest2d.vec: "nearest",
@@ -90,12 +106,18 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
         if node.target is aten.batch_norm.default and not _arg(node, 5, False):
             done["bn-into-cat-convs"] += _fold_bn(gm, node)
     for node in list(graph.nodes):
+        if node.target is aten.batch_norm.default and quantized and not _arg(node, 5, False):
+            done["batchnorm-as-depthwise"] += _batchnorm_as_depthwise(gm, node)
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ACTIVATIONS:
             done[_ACTIVATIONS[node.target]] += _activation_into_parts(gm, node)
     for node in list(graph.nodes):
         if node.op == "call_function" and _UPSAMPLE_MODES.get(node.target) \
                 in identities.COMMUTING_UPSAMPLE_MODES:
             done["conv-before-upsample"] += _conv_before_upsample(gm, node)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and _UPSAMPLE_MODES.get(node.target) == "bilinear":
+            done["halving-bilinear-as-conv"] += _halving_bilinear_as_conv(gm, node)
     for node in list(graph.nodes):
         if (parts := channel_concat_parts(node)) is not None:
             done["conv-over-cat-split"] += _split_convs(gm, node, parts)
@@ -159,6 +181,22 @@ def _fold_bn(gm: fx.GraphModule, bn: fx.Node) -> int:
     bn.replace_all_uses_with(cat)
     gm.graph.erase_node(bn)
     return 1
+
+
+def _batchnorm_as_depthwise(gm: fx.GraphModule, bn: fx.Node) -> int:
+    x, shape = bn.args[0], node_shape(bn.args[0])
+    if (shape is None or len(shape) != 4 or not all(map(_is_attr, bn.args[1:5]))
+            or bn.args[3] is None or bn.args[4] is None
+            or (getattr(x, "target", None) in _CONVS and len(x.users) == 1)):
+        return 0
+    weight, bias, mean, var = (_tensor(gm, a) for a in bn.args[1:5])
+    channels = int(shape[1])
+    w, b = identities.fold_bn(torch.ones(channels, 1, 1, 1, dtype=mean.dtype), None,
+                              identities.BatchNormStats(mean, var, bn.args[7], weight, bias))
+    with gm.graph.inserting_before(bn):
+        conv = gm.graph.call_function(aten.conv2d.default, (
+            x, _constant(gm, w), _constant(gm, b), [1, 1], [0, 0], [1, 1], channels))
+    return _replaced(gm, bn, conv)
 
 
 def _activation_into_parts(gm: fx.GraphModule, act: fx.Node) -> int:
@@ -239,6 +277,52 @@ def _conv_before_upsample(gm: fx.GraphModule, up: fx.Node) -> int:
         late.meta = dict(conv.meta)
     conv.replace_all_uses_with(late)
     gm.graph.erase_node(conv)
+    gm.graph.erase_node(up)
+    return 1
+
+
+def _scales(up: fx.Node) -> list[float | None]:
+    """The scale factors an ``upsample_bilinear2d`` node was given (None where absent)."""
+    if up.target is aten.upsample_bilinear2d.vec:
+        return list(_arg(up, 3) or [None, None])
+    return [_arg(up, 3), _arg(up, 4)]
+
+
+def _pointwise_user(up: fx.Node) -> fx.Node | None:
+    """The only reader of ``up`` if it is a plain 1x1 conv (stride 1, no padding, groups
+    1) with stored weight and bias, else None."""
+    users = list(up.users)
+    if len(users) != 1 or users[0].target is not aten.conv2d.default:
+        return None
+    x, weight, bias, stride, padding, dilation, groups = _conv_args(users[0])
+    shape = node_shape(weight)
+    if (x is not up or weight is None or not _is_attr(weight) or not _is_attr(bias)
+            or shape is None or tuple(shape[2:]) != (1, 1) or list(stride) != [1, 1]
+            or list(padding) != [0, 0] or groups != 1):
+        return None
+    return users[0]
+
+
+def _halving_bilinear_as_conv(gm: fx.GraphModule, up: fx.Node) -> int:
+    source = up.args[0]
+    low, high = node_shape(up), node_shape(source)
+    if (low is None or high is None or len(high) != 4 or _arg(up, 2, False)
+            or not identities.halves_exactly(high[-2:], low[-2:], _scales(up))):
+        return 0
+    dtype = getattr(source.meta.get("val"), "dtype", torch.float32)
+    average = identities.halving_average(int(high[1]), dtype)
+    pointwise = _pointwise_user(up)
+    with gm.graph.inserting_before(up):
+        if pointwise is None:
+            conv = gm.graph.call_function(aten.conv2d.default, (
+                source, _constant(gm, average), None, [2, 2], [0, 0], [1, 1], int(high[1])))
+            return _replaced(gm, up, conv)
+        args = _conv_args(pointwise)
+        weight, bias = identities.depthwise_then_pointwise(
+            (average, None), (_tensor(gm, args[1]), _tensor(gm, args[2])))
+        conv = gm.graph.call_function(aten.conv2d.default, (
+            source, _constant(gm, weight), _constant(gm, bias), [2, 2]))
+    _replaced(gm, pointwise, conv)
     gm.graph.erase_node(up)
     return 1
 

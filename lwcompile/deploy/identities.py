@@ -22,6 +22,10 @@ changes outputs by float rounding only.
   a thin conv (few outputs, large kernel) becomes a GEMM r^2 times wider.
 - A conv writing one channel is a depthwise conv (each input channel filtered by its own
   slice of the kernel) followed by a 1x1 conv that sums the channels (``depthwise_sum``).
+- A bilinear resize (``align_corners=False``) to exactly half the size samples every output
+  pixel half-way between two input pixels in each direction: it is the 2x2 average, a
+  depthwise 2x2 stride-2 conv (``halving_average``). A 1x1 conv after it folds in as one
+  dense 2x2 stride-2 conv (``depthwise_then_pointwise``), which reads the input once.
 """
 
 from __future__ import annotations
@@ -210,6 +214,23 @@ def depthwise_then_pointwise(depthwise: tuple[Tensor, Tensor | None],
     if dw_b is not None:
         bias = bias + mix @ dw_b
     return weight.detach(), bias.detach()
+
+
+def halving_average(channels: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The depthwise 2x2 stride-2 kernel of a bilinear resize to half the size: output
+    pixel i samples input position ``2 i + 0.5`` (``align_corners=False``), weight 1/2 on
+    each neighbour in each direction, so 1/4 on each of the four."""
+    return torch.full((channels, 1, 2, 2), 0.25, dtype=dtype)
+
+
+def halves_exactly(in_size: Sequence[int], out_size: Sequence[int],
+                   scales: Sequence[float | None]) -> bool:
+    """Whether a bilinear resize from ``in_size`` to ``out_size`` (spatial) is the 2x2
+    average: every output dimension is exactly half its input, and any given scale factor
+    is 1/2 (another factor with the same rounded size samples elsewhere)."""
+    return (len(in_size) == len(out_size) == 2
+            and all(i == 2 * o > 0 for i, o in zip(in_size, out_size, strict=True))
+            and all(s is None or s == 0.5 for s in scales))
 
 
 def pointwise_as_kernel(pointwise: tuple[Tensor, Tensor | None],
