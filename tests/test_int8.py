@@ -638,6 +638,45 @@ def test_mobile_int8_with_zero_pads_of_quantised_tensors_loads_and_runs(unfold, 
     assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)
 
 
+class _MishGating(nn.Module):
+    """MoSR's block: a channel mean subtracted, a conv split three ways, Mish gating one
+    part, a concat of the others, Mish again, a residual."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, 64, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.fc2 = nn.Conv2d(32, dim, 3, padding=1)
+        self.act = nn.Mish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, i, c = torch.split(self.fc1(x - x.mean(1, keepdim=True)), [32, 16, 16], dim=1)
+        return self.act(self.fc2(self.act(g) * torch.cat((i, self.conv(c)), dim=1))) + x
+
+
+@pytest.mark.slow
+def test_mobile_int8_with_mish_runs(tmp_path):
+    """ExecuTorch's softplus split the program at every Mish, and a tensor crossing one of
+    those boundaries came back from the int8 program with two dimensions swapped, so it
+    failed to run (MoSR, MoESR). Mish is now XNNPACK ops, rewritten after quantising."""
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _MishGating(), _MishGating(),
+                          nn.Conv2d(16, 3, 3, padding=1)).eval()
+    x = (torch.rand(1, 3, 32, 32),)
+    export = lwcompile.export_mobile(model, x, tmp_path / "m.pte", precision="int8",
+                                     max_float_layers=0)
+    assert export.forms["mish-as-exp"] == 4
+    args = held_out(x, export.int8_report)
+    with torch.no_grad():
+        want = [model(*a) for a in args]
+    got = [load_pte(export.path)(*a)[0] for a in args]
+    assert psnr(want, got) == pytest.approx(export.int8_report.psnr_db, abs=1.0)
+    assert export.int8_report.psnr_db > 40
+
+
 class _IndexArithmetic(nn.Module):
     """SCUNet's relative position bias: an integer index computed with Python numbers
     (``coords + window - 1``), then used to gather a learned table."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.deploy.aten_rewrites import xnnpack_forms
+from lwcompile.deploy.aten_rewrites import float_op_forms, xnnpack_forms
 from lwcompile.deploy.identities import phase_weight
 from lwcompile.nn import LIST, Resize
 from tests.helpers import image_and_mask
@@ -382,3 +382,25 @@ def test_a_lone_batchnorm_becomes_a_depthwise_conv_for_int8_only():
                  if n.target is aten.conv2d.default and len(n.args) > 6 and n.args[6] == 8]
     assert len(depthwise) == 1 and depthwise[0].args[0].target is aten.relu.default
     torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_mish_becomes_xnnpack_ops_with_the_same_output_over_the_whole_range():
+    """ExecuTorch's softplus left XNNPACK at every Mish (MoSR's int8 program then failed to
+    run); the exp form is all XNNPACK ops, and equal to Mish from -1e30 to 1e30."""
+    x = torch.cat([torch.linspace(-100, 100, 20001),
+                   torch.tensor([-1e30, -88.0, 19.99, 20.0, 20.01, 1e30])]).view(1, 1, 1, -1)
+    module, forms = rewrite(nn.Mish(), x)
+    assert forms == {"mish-as-exp": 1}
+    assert aten.mish.default not in ops(module)
+    assert set(ops(module)) <= {aten.clamp.default, aten.exp.default, aten.add.Tensor,
+                                aten.mul.Tensor, aten.div.Tensor}
+    torch.testing.assert_close(module(x), F.mish(x), rtol=1e-6, atol=1e-6)
+
+
+def test_mish_stays_for_the_quantiser_and_is_rewritten_after_it():
+    """Rewritten before quantising, Mish's adds and muls would be annotated for int8."""
+    module = torch.export.export(nn.Mish(), (torch.rand(1, 2, 4, 4),)).module()
+    assert xnnpack_forms(module, quantized=True) == {}
+    assert aten.mish.default in ops(module)
+    assert float_op_forms(module) == {"mish-as-exp": 1}
+    assert aten.mish.default not in ops(module)

@@ -38,6 +38,14 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   and a 1x1 conv summing its channels (the output channel is no longer padded to the
   SIMD width). Not for int8 (``quantized``): XNNPACK's int8 measured no faster with it,
   and each depthwise output would be rounded before the sum;
+- ``mish-as-exp``: ``mish(x) = x tanh(softplus(x))`` -> ``x n / (n + 2)`` with
+  ``n = e (e + 2)``, ``e = exp(min(x, MISH_LINEAR_FROM))``: ``tanh(log(1 + e))`` is
+  ``((1 + e)^2 - 1) / ((1 + e)^2 + 1)``. ExecuTorch decomposes Mish into a softplus whose
+  compare, ``log1p`` and select XNNPACK does not take, so every Mish split the program into
+  more partitions (MoSR: two per block) and a tensor crossing such a boundary came back
+  from XNNPACK's int8 program with its dimensions swapped, which made it fail to run. The
+  form is all XNNPACK ops; above the clamp the factor is 1 in float32, as torch's softplus
+  threshold makes it, and far below zero it tends to ``e`` with no cancellation;
 - ``negative-pad-as-slice``: a constant pad by negative amounts (a crop: RealCUGAN's
   ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
   Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
@@ -127,6 +135,8 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     for node in list(graph.nodes):
         if node.target is aten.conv2d.default and not quantized:
             done["depthwise-sum"] += _depthwise_sum(gm, node)
+    if not quantized:  # in int8 after quantising: ``float_op_forms``
+        done += _float_op_forms(gm)
     for node in list(graph.nodes):
         if node.target in (aten.pad.default, aten.constant_pad_nd.default):
             if _empty_pad_removed(gm, node):
@@ -139,6 +149,26 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+    return +done
+
+
+def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
+    """Rewrite, in place, the ops that stay float in an int8 program (``mish-as-exp``);
+    returns rewrites per kind. ``xnnpack_forms`` runs them for fp32; for int8,
+    ``export_mobile`` runs this on the quantised graph, since before the quantiser their
+    rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
+    done = _float_op_forms(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
+    done: Counter[str] = Counter()
+    for node in list(gm.graph.nodes):
+        if node.target is aten.mish.default:
+            done["mish-as-exp"] += _mish_as_exp(gm, node)
     return +done
 
 
@@ -371,6 +401,28 @@ def _depthwise_sum(gm: fx.GraphModule, conv: fx.Node) -> int:
         total = gm.graph.call_function(aten.conv2d.default,
                                        (filtered, _constant(gm, sum_weight), bias))
     return _replaced(gm, conv, total)
+
+
+#: where ``mish_as_exp`` stops growing ``exp``: beyond it ``n / (n + 2)`` is 1 in float32
+MISH_LINEAR_FROM = 20.0
+
+
+def _mish_as_exp(gm: fx.GraphModule, mish: fx.Node) -> int:
+    graph, x = gm.graph, mish.args[0]
+
+    def op(target: object, *args: object) -> fx.Node:
+        node = graph.call_function(target, args)
+        node.meta = dict(mish.meta)  # every step has the input's shape and dtype
+        return node
+
+    with graph.inserting_before(mish):
+        dtype = getattr(mish.meta.get("val"), "dtype", torch.float32)
+        two = _constant(gm, torch.tensor(2.0, dtype=dtype))
+        e = op(aten.exp.default, op(aten.clamp.default, x, None, MISH_LINEAR_FROM))
+        n = op(aten.mul.Tensor, e, op(aten.add.Tensor, e, two))
+        factor = op(aten.div.Tensor, n, op(aten.add.Tensor, n, two))
+        out = op(aten.mul.Tensor, x, factor)
+    return _replaced(gm, mish, out)
 
 
 def _empty_pad_removed(gm: fx.GraphModule, pad: fx.Node) -> bool:

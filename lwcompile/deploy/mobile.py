@@ -38,7 +38,7 @@ from ..measure.inputs import fresh
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
-from .aten_rewrites import xnnpack_forms
+from .aten_rewrites import float_op_forms, xnnpack_forms
 from .delegation import DelegationReport, delegation_report
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
@@ -167,6 +167,8 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
                 evaluation_count=evaluation_count, qat_steps=qat_steps,
                 export_at=lambda args: _deployed(model, args, optimize,
                                                  for_int8)[0].module())
+            if optimize:
+                forms += float_op_forms(quantized)
             exported = torch.export.export(quantized, example_inputs)
         lowered = exir.to_edge_transform_and_lower(
             exported, transform_passes=[_fold_constants_pass(), _pads_on_int8_pass()],
