@@ -15,6 +15,15 @@ from tests.helpers import image_and_mask
 aten = torch.ops.aten
 
 
+def with_statistics(bn: nn.BatchNorm2d) -> None:
+    """Give ``bn`` non-trivial eval statistics and affine parameters, in place."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+
+
 class ListBlocks(nn.Module):
     """Two LIST-BN-ReLU blocks and a 3x3 output conv, as in the light DnCNN."""
 
@@ -23,12 +32,8 @@ class ListBlocks(nn.Module):
         self.body = nn.Sequential(LIST(32, 32), nn.BatchNorm2d(32), nn.ReLU(),
                                   LIST(32, 32), nn.BatchNorm2d(32), nn.ReLU(),
                                   nn.Conv2d(32, 3, 3, padding=1))
-        for bn in (self.body[1], self.body[4]):  # non-trivial eval statistics
-            with torch.no_grad():
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.2, 0.2)
+        for bn in (self.body[1], self.body[4]):
+            with_statistics(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -359,11 +364,7 @@ class NormAfterActivation(nn.Module):
         self.conv, self.bn, self.after = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), \
             nn.BatchNorm2d(8)
         for bn in (self.bn, self.after):
-            with torch.no_grad():
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.2, 0.2)
+            with_statistics(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.after(torch.relu(self.bn(self.conv(x)) + x)))
