@@ -405,3 +405,27 @@ def test_mish_stays_for_the_quantiser_and_is_rewritten_after_it():
     assert aten.mish.default in ops(module)
     assert float_op_forms(module) == {"mish-as-exp": 1}
     assert aten.mish.default not in ops(module)
+
+
+class ChannelNorm(nn.Module):
+    """NAFNet's and MoSR's LayerNorm over the channels of an image, beside means XNNPACK
+    takes itself (over height and width) or that drop the dimension (kept)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        var = (x - u).pow(2).mean(-3, keepdim=True)
+        return (x - u) / torch.sqrt(var + 1e-6) + x.mean((2, 3), keepdim=True) \
+            + x.mean(1).unsqueeze(1)
+
+
+def test_channel_means_become_one_output_convs_with_the_same_output():
+    x = torch.randn(1, 24, 9, 7)
+    module, forms = rewrite(ChannelNorm(), x)
+    assert forms == {"channel-mean-as-conv": 2}
+    assert ops(module).count(aten.mean.dim) == 2  # over (2, 3), and the one without keepdim
+    assert ops(module).count(aten.conv2d.default) == 2
+    torch.testing.assert_close(module(x), ChannelNorm()(x), rtol=1e-5, atol=1e-5)
+    # in int8 they stay means for the quantiser, as Mish does
+    module = torch.export.export(ChannelNorm(), (x,)).module()
+    assert xnnpack_forms(module, quantized=True) == {}
+    assert float_op_forms(module) == {"channel-mean-as-conv": 2}

@@ -46,6 +46,10 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   from XNNPACK's int8 program with its dimensions swapped, which made it fail to run. The
   form is all XNNPACK ops; above the clamp the factor is 1 in float32, as torch's softplus
   threshold makes it, and far below zero it tends to ``e`` with no cancellation;
+- ``channel-mean-as-conv``: a mean over the channels of an image (``x.mean(1,
+  keepdim=True)``: a channel LayerNorm's, NAFNet's and MoSR's) -> a 1x1 conv to one
+  channel with weights 1/C. XNNPACK averages over height and width only, so each such
+  mean cut the program into more partitions;
 - ``negative-pad-as-slice``: a constant pad by negative amounts (a crop: RealCUGAN's
   ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
   Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
@@ -153,7 +157,8 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
 
 
 def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
-    """Rewrite, in place, the ops that stay float in an int8 program (``mish-as-exp``);
+    """Rewrite, in place, the ops that stay float in an int8 program (``mish-as-exp``,
+    ``channel-mean-as-conv``);
     returns rewrites per kind. ``xnnpack_forms`` runs them for fp32; for int8,
     ``export_mobile`` runs this on the quantised graph, since before the quantiser their
     rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
@@ -169,6 +174,8 @@ def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
     for node in list(gm.graph.nodes):
         if node.target is aten.mish.default:
             done["mish-as-exp"] += _mish_as_exp(gm, node)
+        elif node.target is aten.mean.dim:
+            done["channel-mean-as-conv"] += _channel_mean_as_conv(gm, node)
     return +done
 
 
@@ -423,6 +430,19 @@ def _mish_as_exp(gm: fx.GraphModule, mish: fx.Node) -> int:
         factor = op(aten.div.Tensor, n, op(aten.add.Tensor, n, two))
         out = op(aten.mul.Tensor, x, factor)
     return _replaced(gm, mish, out)
+
+
+def _channel_mean_as_conv(gm: fx.GraphModule, mean: fx.Node) -> int:
+    x, shape = mean.args[0], node_shape(mean.args[0])
+    dims = _arg(mean, 1)
+    if (shape is None or len(shape) != 4 or not isinstance(dims, list | tuple)
+            or [d % 4 for d in dims] != [1] or not _arg(mean, 2, False) or mean.kwargs):
+        return 0
+    dtype = getattr(mean.meta.get("val"), "dtype", torch.float32)
+    weight = torch.full((1, int(shape[1]), 1, 1), 1.0 / int(shape[1]), dtype=dtype)
+    with gm.graph.inserting_before(mean):
+        conv = gm.graph.call_function(aten.conv2d.default, (x, _constant(gm, weight)))
+    return _replaced(gm, mean, conv)
 
 
 def _empty_pad_removed(gm: fx.GraphModule, pad: fx.Node) -> bool:
