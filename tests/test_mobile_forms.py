@@ -429,3 +429,25 @@ def test_channel_means_become_one_output_convs_with_the_same_output():
     module = torch.export.export(ChannelNorm(), (x,)).module()
     assert xnnpack_forms(module, quantized=True) == {}
     assert float_op_forms(module) == {"channel-mean-as-conv": 2}
+
+
+class Splits(nn.Module):
+    """NAFNet's SimpleGate (a chunk in two), MoSR's three-way split by sizes, a split by a
+    size that leaves a shorter last part, and a chunk that does."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a, b = x.chunk(2, dim=1)
+        c, d, e = torch.split(x, [4, 6, 2], dim=1)
+        f = torch.split(x, 5, dim=-1)
+        g = x.chunk(3, dim=-1)
+        return a * b, c * 2 + d[:, :4] + e.sum(1, keepdim=True), f[-1], f[0], g[2]
+
+
+def test_splits_and_chunks_become_slices_with_the_same_output():
+    x = torch.randn(1, 12, 5, 11)
+    module, forms = rewrite(Splits(), x)
+    assert forms == {"split-as-slices": 4}
+    assert {str(t) for t in ops(module)} == {"aten.slice.Tensor", "aten.mul.Tensor",
+                                              "aten.add.Tensor", "aten.sum.dim_IntList"}
+    for got, want in zip(module(x), Splits()(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -50,6 +50,8 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   keepdim=True)``: a channel LayerNorm's, NAFNet's and MoSR's) -> a 1x1 conv to one
   channel with weights 1/C. XNNPACK averages over height and width only, so each such
   mean cut the program into more partitions;
+- ``split-as-slices``: a split or chunk (NAFNet's SimpleGate, ``x.chunk(2, dim=1)``) ->
+  one slice per part. XNNPACK has no split, so each split cut the program;
 - ``negative-pad-as-slice``: a constant pad by negative amounts (a crop: RealCUGAN's
   ``F.pad(x, (-4, -4, -4, -4))``) -> slices, and a pad by the positive amounts if any.
   Not for speed: ExecuTorch's pad kernel refuses negative amounts, so the program could
@@ -73,6 +75,7 @@ or lightened, and never touch the model itself.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import Counter
 
@@ -158,7 +161,7 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
 
 def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
     """Rewrite, in place, the ops that stay float in an int8 program (``mish-as-exp``,
-    ``channel-mean-as-conv``);
+    ``channel-mean-as-conv``, ``split-as-slices``);
     returns rewrites per kind. ``xnnpack_forms`` runs them for fp32; for int8,
     ``export_mobile`` runs this on the quantised graph, since before the quantiser their
     rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
@@ -176,6 +179,9 @@ def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
             done["mish-as-exp"] += _mish_as_exp(gm, node)
         elif node.target is aten.mean.dim:
             done["channel-mean-as-conv"] += _channel_mean_as_conv(gm, node)
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default,
+                             aten.chunk.default):
+            done["split-as-slices"] += _split_as_slices(gm, node)
     return +done
 
 
@@ -443,6 +449,30 @@ def _channel_mean_as_conv(gm: fx.GraphModule, mean: fx.Node) -> int:
     with gm.graph.inserting_before(mean):
         conv = gm.graph.call_function(aten.conv2d.default, (x, _constant(gm, weight)))
     return _replaced(gm, mean, conv)
+
+
+def _split_as_slices(gm: fx.GraphModule, split: fx.Node) -> int:
+    x, shape = split.args[0], node_shape(split.args[0])
+    dim = _arg(split, 2, 0)
+    users = list(split.users)
+    if (shape is None or not isinstance(dim, int) or split.kwargs or not users
+            or any(u.target is not operator.getitem for u in users)):
+        return 0
+    dim %= len(shape)
+    size, length = split.args[1], int(shape[dim])
+    if split.target is aten.chunk.default:  # chunks of ceil(length / n), as torch.chunk
+        size = -(-length // size)
+    sizes = list(size) if isinstance(size, list | tuple) else \
+        [min(size, length - start) for start in range(0, length, size)]
+    starts = [0, *itertools.accumulate(sizes)]
+    for user in users:
+        i = user.args[1]
+        with gm.graph.inserting_before(user):
+            part = gm.graph.call_function(aten.slice.Tensor,
+                                          (x, dim, starts[i], starts[i + 1]))
+        _replaced(gm, user, part)
+    gm.graph.erase_node(split)
+    return 1
 
 
 def _empty_pad_removed(gm: fx.GraphModule, pad: fx.Node) -> bool:
