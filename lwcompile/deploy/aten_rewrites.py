@@ -466,7 +466,7 @@ def _split_as_slices(gm: fx.GraphModule, split: fx.Node) -> int:
         [min(size, length - start) for start in range(0, length, size)]
     starts = [0, *itertools.accumulate(sizes)]
     for user in users:
-        i = user.args[1]
+        i = user.args[1] % len(sizes)
         with gm.graph.inserting_before(user):
             part = gm.graph.call_function(aten.slice.Tensor,
                                           (x, dim, starts[i], starts[i + 1]))
