@@ -119,10 +119,10 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.target is aten.batch_norm.default and not _arg(node, 5, False):
-            done["bn-into-cat-convs"] += _fold_bn(gm, node)
-    for node in list(graph.nodes):
-        if node.target is aten.batch_norm.default and quantized and not _arg(node, 5, False):
-            done["batchnorm-as-depthwise"] += _batchnorm_as_depthwise(gm, node)
+            if _fold_bn(gm, node):
+                done["bn-into-cat-convs"] += 1
+            elif quantized:
+                done["batchnorm-as-depthwise"] += _batchnorm_as_depthwise(gm, node)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ACTIVATIONS:
             done[_ACTIVATIONS[node.target]] += _activation_into_parts(gm, node)
@@ -153,9 +153,7 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
         elif node.target is aten.adaptive_max_pool2d.default:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
+    _tidied(gm)
     return +done
 
 
@@ -166,10 +164,15 @@ def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
     ``export_mobile`` runs this on the quantised graph, since before the quantiser their
     rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
     done = _float_op_forms(gm)
+    _tidied(gm)
+    return done
+
+
+def _tidied(gm: fx.GraphModule) -> None:
+    """Drop the nodes the rewrites left unread, check the graph and regenerate its code."""
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return done
 
 
 def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
@@ -352,7 +355,7 @@ def _halving_bilinear_as_conv(gm: fx.GraphModule, up: fx.Node) -> int:
     if (low is None or high is None or len(high) != 4 or _arg(up, 2, False)
             or not identities.halves_exactly(high[-2:], low[-2:], _scales(up))):
         return 0
-    dtype = getattr(source.meta.get("val"), "dtype", torch.float32)
+    dtype = _dtype(source)
     average = identities.halving_average(int(high[1]), dtype)
     pointwise = _pointwise_user(up)
     with gm.graph.inserting_before(up):
@@ -429,7 +432,7 @@ def _mish_as_exp(gm: fx.GraphModule, mish: fx.Node) -> int:
         return node
 
     with graph.inserting_before(mish):
-        dtype = getattr(mish.meta.get("val"), "dtype", torch.float32)
+        dtype = _dtype(mish)
         two = _constant(gm, torch.tensor(2.0, dtype=dtype))
         e = op(aten.exp.default, op(aten.clamp.default, x, None, MISH_LINEAR_FROM))
         n = op(aten.mul.Tensor, e, op(aten.add.Tensor, e, two))
@@ -444,7 +447,7 @@ def _channel_mean_as_conv(gm: fx.GraphModule, mean: fx.Node) -> int:
     if (shape is None or len(shape) != 4 or not isinstance(dims, list | tuple)
             or [d % 4 for d in dims] != [1] or not _arg(mean, 2, False) or mean.kwargs):
         return 0
-    dtype = getattr(mean.meta.get("val"), "dtype", torch.float32)
+    dtype = _dtype(mean)
     weight = torch.full((1, int(shape[1]), 1, 1), 1.0 / int(shape[1]), dtype=dtype)
     with gm.graph.inserting_before(mean):
         conv = gm.graph.call_function(aten.conv2d.default, (x, _constant(gm, weight)))
@@ -570,6 +573,11 @@ def _replaced(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> int:
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
     return 1
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    """The dtype of the tensor ``node`` computes, as recorded (float32 where not)."""
+    return getattr(node.meta.get("val"), "dtype", torch.float32)
 
 
 def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

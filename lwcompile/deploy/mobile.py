@@ -118,7 +118,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     the model itself is never switched or run, so other threads may keep using it. With
     ``optimize``, BatchNorms and ReLUs after a concat and concats feeding squeezing convs
     are rewritten into equivalent forms XNNPACK fuses (``deploy.aten_rewrites``; outputs
-    change by float rounding only). Constant subexpressions are folded before partitioning:
+    change by float rounding only); in int8 the forms of ops that stay float (Mish, channel
+    means, splits) are applied to the quantised graph (``float_op_forms``), so that the
+    quantiser sees them as they were. Constant subexpressions are folded before partitioning:
     ``1 - mask`` otherwise leaves a copy of the scalar 1 outside XNNPACK. In int8, a zero pad
     of a dequantised tensor pads the int8 tensor instead (``_pads_on_int8_pass``), which
     XNNPACK would otherwise refuse to build.
