@@ -4,12 +4,16 @@ and the message names the problem instead of surfacing a torch.fx traceback."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
+
+#: the colour codes some exporters put in their messages (the ONNX exporter's steps)
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
-    text = str(exc).strip().splitlines()
+    text = _TERMINAL_COLOURS.sub("", str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 

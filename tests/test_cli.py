@@ -360,9 +360,10 @@ def test_export_writes_a_pte_that_executorch_runs(capsys, workdir):
 
 def test_export_onnx_keeps_height_and_width_free(capsys, workdir):
     ort = pytest.importorskip("onnxruntime")
-    code, _, err = run_cli(capsys, "export", "lwc_tiny:build", "--onnx", "-o", "tiny.model",
-                           "--input", "1x3x16x16")
+    code, out, err = run_cli(capsys, "export", "lwc_tiny:build", "--onnx", "-o", "tiny.model",
+                             "--input", "1x3x16x16")
     assert code == 0, err
+    assert "height and width dynamic; torchscript exporter)" in out
     session = ort.InferenceSession(str(workdir / "tiny.model"),
                                    providers=["CPUExecutionProvider"])
     x = torch.rand(1, 3, 20, 12)
@@ -378,6 +379,7 @@ def test_export_int8_onnx_reports_its_measured_error(capsys, workdir):
     assert code == 0, err
     result = json.loads(out)["export"]
     assert result["precision"] == "int8" and result["int8"]["calibration_count"] == 8
+    assert result["exporter"] == "torchscript"
     assert result["int8"]["psnr_db"] > 20
     session = ort.InferenceSession(str(workdir / "tiny.onnx"),
                                    providers=["CPUExecutionProvider"])

@@ -1,8 +1,9 @@
 """The lightened spandrel zoo networks exported to ONNX compute what the eager model does.
 
-Entries outside ``zoo.ZOO_FAST`` are marked ``zoo`` (``make zoo``). A network the default
-exporter cannot take is refused with an ``ExportError`` naming the reason, listed here
-(``benchmarks/zoo_deploy.py`` measures every path, XNNPACK and int8 included).
+Entries outside ``zoo.ZOO_FAST`` are marked ``zoo`` (``make zoo``). A network the
+TorchScript-based exporter cannot take goes to the torch.export-based one; one neither takes is
+refused with an ``ExportError`` naming both reasons, listed here (``benchmarks/zoo_deploy.py``
+measures every path, XNNPACK and int8 included).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ EXPORTER_LIMITS = {
     "FFTformer": "aten::fft_rfft2",
     "ATD": "operator Sort, Out parameter",
 }
-#: of those, the ones the torch.export-based exporter (``dynamo=True``, the hint) takes
-DYNAMO_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE"}
+#: of those, the ones the torch.export-based exporter takes
+TORCH_EXPORT_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE", "IPT", "FFTformer", "GFPGAN"}
 
 
 def cases() -> list:
@@ -47,14 +48,14 @@ def test_light_zoo_network_runs_in_onnxruntime_as_in_eager(name, tmp_path):
     entry = zoo.ZOO[name]
     inputs = entry.example_inputs()
     light = lwcompile.lighten(entry.build(), inputs)
-    if name in EXPORTER_LIMITS:
+    if name in EXPORTER_LIMITS and name not in TORCH_EXPORT_TAKES:
         with pytest.raises(lwcompile.ExportError, match=EXPORTER_LIMITS[name]) as info:
             lwcompile.export_onnx(light, inputs, tmp_path / "light.onnx")
-        assert "dynamo=True" in str(info.value) and list(tmp_path.iterdir()) == []
-        if name not in DYNAMO_TAKES:
-            return
-    path = lwcompile.export_onnx(light, inputs, tmp_path / "light.onnx",
-                                 dynamo=name in EXPORTER_LIMITS)
+        assert str(info.value).endswith("(torch.export-based exporter)")
+        assert list(tmp_path.iterdir()) == []
+        return
+    path = lwcompile.export_onnx(light, inputs, tmp_path / "light.onnx")
+    assert path.exporter == ("torch.export" if name in EXPORTER_LIMITS else "torchscript")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [
         f"input_{i}" for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]

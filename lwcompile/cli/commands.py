@@ -100,8 +100,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     shapes = ", ".join("x".join(map(str, a.shape)) for a in inputs
                        if isinstance(a, torch.Tensor))
     text = (f"{path} ({path.stat().st_size / 1024:.0f} KiB, example inputs {shapes}; height "
-            "and width dynamic)")
-    written = {"path": str(path), "precision": args.precision}
+            f"and width dynamic; {path.exporter} exporter)")
+    written = {"path": str(path), "precision": args.precision, "exporter": path.exporter}
     if path.int8_report is not None:
         text += f"\n{path.int8_report}"
         written["int8"] = path.int8_report.to_dict()

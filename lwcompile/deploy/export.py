@@ -3,10 +3,14 @@
 Height and width stay symbolic by default, so ``Resize`` (which computes its output size
 from the input's at run time) stays size-generic instead of freezing the example's size.
 
-ONNX goes through torch's TorchScript-based exporter by default: for these CNNs it exports
-much faster than the torch.export-based one, writes opset 17 natively (the new exporter starts at
-18 and converts down) and needs no onnxscript. ``dynamo=True`` selects the new exporter
-(torch's recommended path; the old one is deprecated).
+ONNX goes through torch's TorchScript-based exporter first: for these CNNs it exports much
+faster than the torch.export-based one, writes opset 17 natively and needs no onnxscript.
+Where it has no translation for the model (FFTs, adaptive pooling to a computed size,
+``col2im``), the torch.export-based exporter (torch's recommended path; the old one is
+deprecated) writes the file instead, at its own opset 18 unless another is asked for. Its
+files are checked with ONNX's own checker: its conversion down to an older opset can leave a
+node that opset does not know (a ``Split`` with ``num_outputs``), which onnxruntime refuses to
+load. ``dynamo=True`` or ``False`` picks one exporter.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .. import arguments as check
 from ..errors import (
     ArgumentError,
     ExportError,
+    LwCompileError,
     LwCompileWarning,
     VerificationError,
     one_line,
@@ -60,13 +65,19 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def _exporter_failures(where: str, model: Any,
-                       hint: str = "") -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _exporter_failures(where: str, model: Any, hint: str = "") -> Iterator[None]:
     """A raw error from inside an exporter (an op it has no translation for, a Python
     construct torch.export rejects) raised as ``ExportError`` naming the model and the first
-    line of the complaint. Used outside ``blamed_on_inputs``, so an example input the model
-    itself rejects is still named."""
-    return raised_as(ExportError, f"{where}: could not export {type(model).__name__}", hint)
+    line of the complaint, or of both exporters' complaints where both were tried. Used
+    outside ``blamed_on_inputs``, so an example input the model itself rejects is still
+    named."""
+    message = f"{where}: could not export {type(model).__name__}"
+    with raised_as(ExportError, message, hint):
+        try:
+            yield
+        except _Complaint as exc:
+            raise ExportError(f"{message}: {exc}") from exc
 
 
 def _tensor_names(args: tuple) -> list[str]:
@@ -117,17 +128,25 @@ def _for_onnx(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     return rewritten
 
 
-class OnnxFile(type(Path())):
-    """The written file's path; ``int8_report`` says how far an int8 export is from float
-    (None for fp32)."""
+#: the exporters, as ``OnnxFile.exporter`` names them
+TORCHSCRIPT, TORCH_EXPORT = "torchscript", "torch.export"
+#: the opset each writes unless told otherwise (the torch.export-based one's own)
+OPSET = {TORCHSCRIPT: 17, TORCH_EXPORT: 18}
 
+
+class OnnxFile(type(Path())):
+    """The written file's path; ``exporter`` names the exporter that wrote it (``TORCHSCRIPT``
+    or ``TORCH_EXPORT``); ``int8_report`` says how far an int8 export is from float (None for
+    fp32)."""
+
+    exporter: str | None = None
     int8_report: int8.Int8Report | None = None
 
 
 @one_at_a_time  # the exporters register symbolics and trace with process-wide state
 def export_onnx(model: nn.Module | torch.export.ExportedProgram,
                 example_inputs: Sequence[Any], path: str | Path, dynamic_hw: bool = True,
-                opset: int = 17, dynamo: bool = False, fast: bool = True, *,
+                opset: int | None = None, dynamo: bool | None = None, fast: bool = True, *,
                 precision: str = "fp32", calibration: Any = None,
                 degrade: Degrade | None = None, min_psnr: float | None = None,
                 target_psnr: float = int8.DEFAULT_TARGET_PSNR,
@@ -143,6 +162,12 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
     ``dynamic_hw`` every 4-D input's height and width are symbolic. An ``ExportedProgram``
     (from ``export_program``) is converted with the new exporter, keeping the shapes it was
     exported with.
+
+    ``dynamo=None`` exports with the TorchScript-based exporter and, where that one cannot
+    take the model, with the torch.export-based one; ``True`` or ``False`` uses only the
+    torch.export-based or only the TorchScript-based exporter. The returned path's
+    ``exporter`` says which wrote the file. ``opset=None`` is each exporter's own (``OPSET``:
+    17 and 18).
 
     ``precision="int8"`` quantises with onnxruntime (QDQ, per-channel int8 weights; see
     ``deploy.int8_onnx``), calibrated on ``calibration_count`` crops of ``calibration``
@@ -162,9 +187,10 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         check.module("export_onnx", "model", model)
     args = check.inputs("export_onnx", "example_inputs", example_inputs)
     path = OnnxFile(check.destination("export_onnx", "path", path))
-    for name, value in (("dynamic_hw", dynamic_hw), ("dynamo", dynamo), ("fast", fast)):
+    for name, value in (("dynamic_hw", dynamic_hw), ("fast", fast)):
         check.flag("export_onnx", name, value)
-    _check_opset(opset, dynamo or isinstance(model, torch.export.ExportedProgram))
+    check.flag("export_onnx", "dynamo", dynamo, optional=True)
+    _check_opset(opset, bool(dynamo) or isinstance(model, torch.export.ExportedProgram))
     int8.check_precision(precision)
     qat_steps = int8.check_qat_steps("export_onnx", qat_steps, precision)
     if precision == "int8":
@@ -180,34 +206,39 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
         written = Path(tmp) / "model.onnx"  # the destination is written whole or not at all
         with _exporter_failures("export_onnx", model, _onnx_hint(dynamo)):
             if isinstance(model, torch.export.ExportedProgram):
-                _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
+                path.exporter = _write_onnx(model, args, written, dynamic_hw, opset, dynamo,
+                                            fast)
             else:
                 with blamed_on_inputs("export_onnx", model, args):
-                    _write_onnx(model, args, written, dynamic_hw, opset, dynamo, fast)
+                    path.exporter = _write_onnx(model, args, written, dynamic_hw, opset,
+                                                dynamo, fast)
         with written.open("rb") as source:
             write_atomic(path, lambda f: shutil.copyfileobj(source, f))
     return path
 
 
-def _onnx_hint(dynamo: bool) -> str:
-    return "" if dynamo else (" (with the default TorchScript-based exporter; dynamo=True "
-                              "tries the torch.export-based one)")
+def _onnx_hint(dynamo: bool | None) -> str:
+    return (" (with the TorchScript-based exporter alone, as dynamo=False asks; dynamo=None "
+            "also tries the torch.export-based one)") if dynamo is False else ""
 
 
 def _check_opset(opset: Any, new_exporter: bool) -> None:
     from torch.onnx import _constants
 
+    if opset is None:
+        return
     check.integer("export_onnx", "opset", opset)
     low = _constants.ONNX_MIN_OPSET  # the new exporter converts down from its own 18
     high = _constants.ONNX_MAX_OPSET if new_exporter else \
         _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
     if not low <= opset <= high:
+        exporter = "torch.export-based" if new_exporter else "TorchScript-based"
         raise ArgumentError(f"export_onnx: opset must be from {low} to {high} with the "
-                            f"{'torch.export-based' if new_exporter else 'default'} exporter, "
-                            f"got {opset}")
+                            f"{exporter} exporter, got {opset}")
 
 
-def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool, opset: int,
+def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool,
+                 opset: int | None,
                  dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
                  max_float_layers: int, calibration_count: int, evaluation_count: int,
                  calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
@@ -220,7 +251,8 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
     with tempfile.TemporaryDirectory(prefix="lwcompile-onnx-") as tmp:
         float_path, tuned_path, tuned = Path(tmp) / "float.onnx", None, None
         deployed = _for_onnx(model, args, fast)  # made once: the tuned file is this form too
-        _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo, fast=False)
+        path.exporter = _write_onnx(deployed, args, float_path, dynamic_hw, opset, dynamo,
+                                    fast=False)
         prepare(float_path)
         reference = copy.deepcopy(model).eval()
         if qat_steps:  # ``deployed`` is export's own copy, its float file already written
@@ -228,7 +260,8 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
                                        qat_steps, calibration_count, float_path,
                                        _tensor_names(args))
             tuned_path = Path(tmp) / "tuned.onnx"
-            _write_onnx(deployed, args, tuned_path, dynamic_hw, opset, dynamo, fast=False)
+            _write_onnx(deployed, args, tuned_path, dynamic_hw, opset,
+                        path.exporter == TORCH_EXPORT, fast=False)
             prepare(tuned_path)
         data, report = quantize_onnx(
             float_path, reference, args, _tensor_names(args), calibration, degrade=degrade,
@@ -241,16 +274,73 @@ def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool
     return path
 
 
+class _Complaint(Exception):
+    """An exporter's failure already worded for the user (the root cause, and which exporter
+    said it)."""
+
+
 def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, path: Path,
-                dynamic_hw: bool, opset: int, dynamo: bool, fast: bool) -> None:
-    names = _tensor_names(args)
+                dynamic_hw: bool, opset: int | None, dynamo: bool | None, fast: bool) -> str:
+    """Write ``model`` to ``path`` with the exporter ``dynamo`` asks for (None: the
+    TorchScript-based one, else the torch.export-based one) and return which wrote it."""
     if dynamo or isinstance(model, torch.export.ExportedProgram):
+        _write_with_torch_export(model, args, path, dynamic_hw, opset, fast)
+        return TORCH_EXPORT
+    try:
+        _write_with_torchscript(model, args, path, dynamic_hw, opset, fast)
+        return TORCHSCRIPT
+    except LwCompileError:
+        raise
+    except Exception as first:
+        if dynamo is False:
+            raise
+        try:
+            _write_with_torch_export(model, args, path, dynamic_hw, opset, fast)
+        except _Complaint as second:
+            raise _Complaint(f"{one_line(first)} (TorchScript-based exporter); {second}"
+                             ) from first
+        return TORCH_EXPORT
+
+
+def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, args: tuple,
+                             path: Path, dynamic_hw: bool, opset: int | None,
+                             fast: bool) -> None:
+    """The torch.export-based exporter, its file checked: converted down from opset 18 it
+    can keep attributes the older opset lacks, which onnxruntime then refuses to load. Its
+    failures are raised as a ``_Complaint`` naming their root cause (its own first line is
+    a generic "Failed to convert")."""
+    import onnx
+
+    opset = opset or OPSET[TORCH_EXPORT]
+    try:
         if not isinstance(model, torch.export.ExportedProgram):
             model = _export(_for_onnx(model, args, fast), args, dynamic_hw)
         program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
-                                    input_names=names, output_names=["output"], verbose=False)
+                                    input_names=_tensor_names(args), output_names=["output"],
+                                    verbose=False)
         program.save(str(path), external_data=False)
-        return
+        onnx.checker.check_model(str(path), full_check=True)
+    except LwCompileError:
+        raise
+    except onnx.checker.ValidationError as exc:
+        advice = "; opset=18 is written without converting" if opset < 18 else ""
+        raise _Complaint(f"the torch.export-based exporter wrote a file that is not valid "
+                         f"ONNX at opset {opset} ({one_line(exc)}){advice}") from exc
+    except Exception as exc:
+        raise _Complaint(f"{one_line(_root_cause(exc))} (torch.export-based exporter)"
+                         ) from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _write_with_torchscript(model: nn.Module, args: tuple, path: Path, dynamic_hw: bool,
+                            opset: int | None, fast: bool) -> None:
+    opset = opset or OPSET[TORCHSCRIPT]
+    names = _tensor_names(args)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     axes = {name: {2: "height", 3: "width"} for name, a in zip(names, tensors, strict=True)
             if a.dim() == 4}

@@ -1,0 +1,101 @@
+"""``export_onnx`` writes with the TorchScript-based exporter and, where that one has no
+translation for the model, with the torch.export-based one; the file says which
+(``OnnxFile.exporter``), runs in onnxruntime as the model does, and a file the second
+exporter writes invalid is refused, not written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lwcompile
+from lwcompile.deploy.export import OPSET, TORCH_EXPORT, TORCHSCRIPT
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+X = torch.rand(1, 3, 16, 16)
+
+
+class PooledToHalf(nn.Module):
+    """An adaptive max pool to a size computed from the input's (as SAFMN's): the
+    TorchScript-based exporter refuses a non-constant output size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pooled = F.adaptive_max_pool2d(self.conv(x), (h // 2, w // 2))
+        return F.interpolate(pooled, size=(h, w), mode="nearest")
+
+
+class Gated(nn.Module):
+    """A chunk into two halves (NAFNet's SimpleGate): the torch.export-based exporter writes
+    a ``Split`` that its conversion from opset 18 down to 17 leaves invalid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv(x).chunk(2, dim=1)
+        return a * b
+
+
+def _run(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0])
+
+
+def _opset(path) -> int:
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "")
+
+
+def test_a_model_the_torchscript_exporter_takes_is_written_by_it(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()).eval()
+    path = lwcompile.export_onnx(model, (X,), tmp_path / "a.onnx")
+    assert path.exporter == TORCHSCRIPT and _opset(path) == OPSET[TORCHSCRIPT] == 17
+    torch.testing.assert_close(_run(path, X), model(X).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_torchscript_exporter_lacks_goes_to_the_torch_export_based_one(tmp_path):
+    model = PooledToHalf().eval()
+    path = lwcompile.export_onnx(model, (X,), tmp_path / "a.onnx")
+    assert path.exporter == TORCH_EXPORT and _opset(path) == OPSET[TORCH_EXPORT] == 18
+    for x in (X, torch.rand(1, 3, 24, 20)):  # height and width stay symbolic
+        with torch.no_grad():
+            torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_false_keeps_to_the_torchscript_exporter_and_says_what_else_there_is(tmp_path):
+    with pytest.raises(lwcompile.ExportError, match="adaptive pooling") as info:
+        lwcompile.export_onnx(PooledToHalf(), (X,), tmp_path / "a.onnx", dynamo=False)
+    assert "dynamo=None also tries the torch.export-based one" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_the_torch_export_based_exporter_writes_invalid_is_refused(tmp_path):
+    with pytest.raises(lwcompile.ExportError, match=r"not valid ONNX at opset 17 \("
+                       r"ValidationError: Unrecognized attribute: num_outputs") as info:
+        lwcompile.export_onnx(Gated(), (X,), tmp_path / "a.onnx", dynamo=True, opset=17)
+    assert "opset=18 is written without converting" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    model = Gated().eval()
+    path = lwcompile.export_onnx(model, (X,), tmp_path / "b.onnx", dynamo=True)
+    assert path.exporter == TORCH_EXPORT and _opset(path) == 18
+    with torch.no_grad():
+        torch.testing.assert_close(_run(path, X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_export_falls_back_alike(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    path = lwcompile.export_onnx(PooledToHalf(), (x,), tmp_path / "a.onnx", fast=False,
+                                 precision="int8", calibration_count=2, evaluation_count=1)
+    assert path.exporter == TORCH_EXPORT
+    assert path.int8_report.psnr_db > 35
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
