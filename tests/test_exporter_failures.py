@@ -1,6 +1,8 @@
 """When an exporter cannot take a model, the user gets an ``ExportError`` naming the model and
 the exporter's complaint (cases met on the spandrel zoo: AuraSR, GFPGAN, MMRealSR), nothing
-is written, and a program whose outputs nest is still checked against the model."""
+is written, and a program whose outputs nest is still checked against the model. A submodule
+called with a keyword named ``mod`` (AuraSR), which torch.export's tracer took for its own,
+exports."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ class Scale(nn.Module):
 
 
 class CallsWithMod(nn.Module):
-    """Calls a submodule with a keyword named ``mod``, as AuraSR does: torch.export's module
-    call wrapper takes ``mod`` itself and fails with a TypeError."""
+    """Calls a submodule with a keyword named ``mod``, as AuraSR does: torch.fx's patched
+    module call, which torch.export traces with, names its own first parameter ``mod``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,17 +60,47 @@ def test_an_op_both_onnx_exporters_lack_is_an_export_error_naming_both(precision
     assert list(tmp_path.iterdir()) == []
 
 
+class BranchesOnData(nn.Module):
+    """Branches on a value the input holds, which torch.export cannot trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+class DrawsNoise(nn.Module):
+    """Adds noise drawn at inference (as GFPGAN and AuraSR do): not a core ATen op, so
+    ExecuTorch refuses it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x)
+
+
 def test_torch_export_rejecting_the_model_is_an_export_error():
     with pytest.raises(lwcompile.ExportError, match="export_program: could not export "
-                       "CallsWithMod: TypeError: .*multiple values for argument 'mod'"):
-        lwcompile.export_program(CallsWithMod(), X)
+                       "BranchesOnData: .*data-dependent"):
+        lwcompile.export_program(BranchesOnData(), X)
 
 
 def test_mobile_export_failures_are_export_errors(tmp_path):
     pytest.importorskip("executorch")
-    with pytest.raises(lwcompile.ExportError, match="could not export for XNNPACK: TypeError"):
-        lwcompile.export_mobile(CallsWithMod(), X, tmp_path / "a.pte")
+    with pytest.raises(lwcompile.ExportError, match="could not export for XNNPACK: "
+                       "SpecViolationError: Operator torch._ops.aten.randn_like"):
+        lwcompile.export_mobile(DrawsNoise(), X, tmp_path / "a.pte")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_submodule_called_with_a_keyword_named_mod_exports(tmp_path):
+    model = CallsWithMod().eval()
+    with torch.no_grad():
+        expected = model(*X)
+    program = lwcompile.export_program(model, X)
+    torch.testing.assert_close(program.module()(*X), expected)
+    assert type(model.scale) is Scale  # the user's model is left as it was
+    onnx_path = lwcompile.export_onnx(model, X, tmp_path / "a.onnx", dynamo=True)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input_0": X[0].numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_input_the_model_rejects_is_still_named_as_such(tmp_path):
@@ -89,6 +121,19 @@ class ImageAndDegrees(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         y = self.conv(x)
         return y, [y.mean(dim=(2, 3)), y.amax(dim=(2, 3))]
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_a_submodule_called_with_a_keyword_named_mod_runs_in_executorch(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import load_pte
+
+    model = CallsWithMod().eval()
+    export = lwcompile.export_mobile(model, X, tmp_path / "a.pte")
+    assert export.max_abs_error is not None and export.max_abs_error < 1e-5
+    (got,) = load_pte(tmp_path / "a.pte")(*X)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(*X), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # lowers to ExecuTorch

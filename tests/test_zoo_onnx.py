@@ -32,7 +32,10 @@ EXPORTER_LIMITS = {
     "ATD": "operator Sort, Out parameter",
 }
 #: of those, the ones the torch.export-based exporter takes
-TORCH_EXPORT_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE", "IPT", "FFTformer", "GFPGAN"}
+TORCH_EXPORT_TAKES = {"LaMa", "SAFMN", "SAFMNBCIE", "IPT", "FFTformer", "GFPGAN", "AuraSR"}
+#: networks that draw noise at inference, their file compared with eager within this (two
+#: eager runs of AuraSR differ by up to 0.0065 of a 0.4 peak, its file by 0.012)
+NOISE = {"AuraSR": 0.05}
 
 
 def cases() -> list:
@@ -62,4 +65,5 @@ def test_light_zoo_network_runs_in_onnxruntime_as_in_eager(name, tmp_path):
     got = session.run(None, {f"input_{i}": a.numpy() for i, a in enumerate(inputs)})[0]
     with torch.no_grad():
         expected = zoo.first_image(light(*inputs))
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-3,
+                               atol=NOISE.get(name, 1e-3))

@@ -7,5 +7,6 @@
   ONNX; ``emit`` (``emit_fast``) runs them in order;
 - ``aten_rewrites``: the ATen-level adapter, for ExecuTorch/XNNPACK;
 - ``export`` (``export_onnx``, ``export_program``), ``mobile`` (``export_mobile``);
+  ``keyword_calls`` keeps torch.export's tracer from taking a ``mod`` keyword for its own;
 - ``persist`` (``save``, ``load``, ``info``).
 """

@@ -46,6 +46,7 @@ from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
 from .emit import emit_fast
+from .keyword_calls import keyword_calls_exportable
 from .module_rewrites import onnxruntime_forms
 
 
@@ -103,6 +104,9 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
 
 
 def _export(model: nn.Module, args: tuple, dynamic_hw: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model``, a copy of the user's (``keyword_calls_exportable``
+    changes it)."""
+    keyword_calls_exportable(model)
     dims = tuple({2: Dim.AUTO, 3: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() == 4
                  else None for a in args)
     return torch.export.export(model, args, strict=False,

@@ -40,6 +40,7 @@ from ..train.data import Degrade
 from . import int8
 from .aten_rewrites import float_op_forms, xnnpack_forms
 from .delegation import DelegationReport, delegation_report
+from .keyword_calls import keyword_calls_exportable
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
 
@@ -157,6 +158,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     path = Path(path)
     int8_report = None
     model = copy.deepcopy(model).eval()
+    keyword_calls_exportable(model)
     example_inputs = fresh(example_inputs)
     with raised_as(MobileExportError, "could not export for XNNPACK"), torch.no_grad():
         for_int8 = precision == "int8"
