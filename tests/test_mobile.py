@@ -183,6 +183,29 @@ def test_a_model_writing_into_its_input_is_checked_on_its_own_output(exported, t
         torch.testing.assert_close(got, ScalesItsInput()(x.clone()), rtol=1e-5, atol=1e-5)
 
 
+class LearnedExponent(nn.Module):
+    """Raises its input to a number read from a parameter (``.item()``), as HVICIDNet's
+    ``density_k``: ExecuTorch's constant folding made the number and could not store it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.k = nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).abs() ** self.k.item()
+
+
+@pytest.mark.slow
+def test_a_number_read_from_a_parameter_is_written_into_the_program(exported, tmp_path):
+    model, x = LearnedExponent().eval(), torch.rand(1, 3, 8, 8)
+    export = export_mobile(model, (x,), tmp_path / "k.pte")
+    (got,) = load_pte(export.path)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)  # makes the import fail
     with pytest.raises(MobileUnavailableError, match=r"pip install lwcompile\[mobile\]") as info:

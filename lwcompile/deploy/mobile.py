@@ -313,14 +313,42 @@ def _fold_constants_pass() -> Any:
     """An ExecuTorch pass folding ops whose inputs are all constants into new constants.
 
     ``_skip_dim_order=False`` matters: the edge dialect turns a Python scalar into a
-    ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take.
+    ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take. A number read
+    from a constant tensor (``.item()`` of a parameter: HVICIDNet's learned exponent, a
+    ``_local_scalar_dense``) is first written into the ops that use it: the folding would
+    make it a Python number, of which it cannot make a constant, and failed.
     """
+    from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
-    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+    from executorch.exir.passes.constant_prop_pass import (
+        constant_prop_pass,
+        get_constant_placeholder_dict,
+    )
+
+    # the edge dialect keeps it as the ATen op
+    read_scalar = {torch.ops.aten._local_scalar_dense.default,
+                   exir_ops.edge.aten._local_scalar_dense.default}
+
+    def inline_constant_scalars(exported_program: Any) -> None:
+        constants = get_constant_placeholder_dict(exported_program)
+        graph = exported_program.graph_module.graph
+        for node in list(graph.nodes):
+            if node.target not in read_scalar or node.args[0] not in constants:
+                continue
+            for user in list(node.users):
+                user.args, user.kwargs = _replaced(
+                    (user.args, user.kwargs), node, constants[node.args[0]].item())
+            graph.erase_node(node)
 
     class FoldConstants(ExportedProgramPassBase):
         def call(self, exported_program: Any) -> ExportedProgramPassResult:
+            inline_constant_scalars(exported_program)
             folded = constant_prop_pass(exported_program, _skip_dim_order=False)
             return ExportedProgramPassResult(folded, True)
 
     return FoldConstants()
+
+
+def _replaced(arguments: Any, node: Any, value: Any) -> Any:
+    """``arguments`` (nested) with ``node`` replaced by ``value``."""
+    return pytree.tree_map(lambda a: value if a is node else a, arguments)
