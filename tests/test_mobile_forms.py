@@ -451,3 +451,46 @@ def test_splits_and_chunks_become_slices_with_the_same_output():
                                               "aten.add.Tensor", "aten.sum.dim_IntList"}
     for got, want in zip(module(x), Splits()(x), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class ChannelExtremes(nn.Module):
+    """HVICIDNet's HSV value (``x.max(1)[0]``), a max over the width kept for XNNPACK, and a
+    max whose indices are read."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        value = x.max(1)[0]
+        widest = x.max(3, keepdim=True)[0]
+        peak, where = x.max(2)
+        return value * 2, widest, peak + where
+
+
+def test_maxes_xnnpack_cannot_lower_become_amax_with_the_same_output():
+    x = torch.randn(1, 3, 6, 5)
+    module, forms = rewrite(ChannelExtremes(), x)
+    assert forms == {"max-dim-as-amax": 1}
+    assert ops(module).count(aten.amax.default) == 1
+    assert ops(module).count(aten.max.dim) == 2
+    for got, want in zip(module(x), ChannelExtremes()(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_a_channel_max_runs_in_executorch(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import export_mobile, load_pte
+
+    class Value(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * x.max(1, keepdim=True)[0]
+
+    model, x = Value().eval(), torch.rand(1, 3, 8, 8)
+    export = export_mobile(model, (x,), tmp_path / "v.pte")
+    assert export.forms == {"max-dim-as-amax": 1}
+    (got,) = load_pte(export.path)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)

@@ -67,7 +67,12 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
 - ``adaptive-max-pool-as-pool``: an adaptive max pool whose output size divides its input
   size (SAFMN's pyramid, ``adaptive_max_pool2d(x, (h // 8, w // 8))``) -> a max pool with
   kernel = stride = the ratio. Not for speed either: the adaptive op is not core ATen, and
-  ExecuTorch refused the program.
+  ExecuTorch refused the program;
+- ``max-dim-as-amax``: the values of a max over one dimension (``x.max(1)[0]``, HVICIDNet's
+  HSV value) whose indices nothing reads -> ``amax``, unless XNNPACK can run it (over
+  height or width, keeping the dimension). Not for speed: XNNPACK's partitioner takes any
+  such max of a 4-D tensor and its lowering then refuses the others, so the program could
+  not be made; ``amax`` runs in ExecuTorch's own kernels.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -152,6 +157,8 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
                 done["negative-pad-as-slice"] += _negative_pad_as_slice(gm, node)
         elif node.target is aten.adaptive_max_pool2d.default:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
+        elif node.target is aten.max.dim:
+            done["max-dim-as-amax"] += _max_dim_as_amax(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
     _tidied(gm)
     return +done
@@ -564,6 +571,27 @@ def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
     for user in values + unused:
         gm.graph.erase_node(user)
     gm.graph.erase_node(pool)
+    return 1
+
+
+def _max_dim_as_amax(gm: fx.GraphModule, top: fx.Node) -> int:
+    x, shape = top.args[0], node_shape(top.args[0])
+    dim, keepdim = _arg(top, 1), _arg(top, 2, False)
+    users = list(top.users)
+    if (shape is None or not isinstance(dim, int) or top.kwargs
+            or any(u.target is not operator.getitem for u in users)):
+        return 0
+    dim %= len(shape)
+    if (keepdim and dim in (2, 3)) or any(u.args[1] != 0 for u in users if u.users):
+        return 0  # XNNPACK runs it, or its indices are read
+    with gm.graph.inserting_before(top):
+        amax = gm.graph.call_function(aten.amax.default, (x, [dim], keepdim))
+    for user in users:
+        if user.args[1] == 0:
+            _replaced(gm, user, amax)
+    for user in list(top.users):  # the indices' getitems, unread
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(top)
     return 1
 
 
