@@ -206,6 +206,33 @@ def test_a_number_read_from_a_parameter_is_written_into_the_program(exported, tm
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
+class TimesAQuantisedConstant(nn.Module):
+    """Multiplies its int8-rounded input by a constant quantised in the graph, as XNNPACK's
+    quantiser leaves the numbers it writes as 0-d tensors beside int8 operands
+    (HVICIDNet): ExecuTorch's channels-last pass could not read such a constant's layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("c", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd, int8 = torch.ops.quantized_decomposed, (0, -128, 127, torch.int8)
+        q = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.01, *int8), 0.01, *int8)
+        c = qd.dequantize_per_tensor(qd.quantize_per_tensor(self.c, 0.01, *int8), 0.01, *int8)
+        return q * c
+
+
+@pytest.mark.slow
+def test_a_constant_quantised_in_the_graph_is_quantised_once_at_export(exported, tmp_path):
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  the quantized_decomposed ops
+
+    model, x = TimesAQuantisedConstant().eval(), torch.rand(1, 3, 8, 8)
+    export = export_mobile(model, (x,), tmp_path / "q.pte")
+    assert export.report.delegated["quantized_decomposed.quantize_per_tensor"] == 1  # x only
+    (got,) = load_pte(export.path)(x)
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+
+
 def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)  # makes the import fail
     with pytest.raises(MobileUnavailableError, match=r"pip install lwcompile\[mobile\]") as info:

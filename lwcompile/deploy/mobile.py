@@ -58,6 +58,7 @@ def _executorch() -> tuple[Any, Any]:
     """Import ExecuTorch lazily: it is an optional, heavy dependency of this module only."""
     try:
         import executorch.exir as exir
+        import executorch.kernels.quantized  # noqa: F401  out variants of (de)quantising
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
             XnnpackPartitioner,
         )
@@ -313,24 +314,30 @@ def _fold_constants_pass() -> Any:
     """An ExecuTorch pass folding ops whose inputs are all constants into new constants.
 
     ``_skip_dim_order=False`` matters: the edge dialect turns a Python scalar into a
-    ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take. A number read
+    ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take. Quantising a
+    constant is folded too (ExecuTorch's default leaves every quantisation op): the numbers
+    XNNPACK's quantiser writes as 0-d tensors beside int8 operands (HVICIDNet's) were
+    otherwise quantised at run time, outside the delegate, where the program has no kernel
+    for it. Dequantisations stay, so that XNNPACK still sees int8 weights. A number read
     from a constant tensor (``.item()`` of a parameter: HVICIDNet's learned exponent, a
     ``_local_scalar_dense``) is first written into the ops that use it: the folding would
     make it a Python number, of which it cannot make a constant, and failed.
     """
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
-    from executorch.exir.passes.constant_prop_pass import (
-        constant_prop_pass,
-        get_constant_placeholder_dict,
-    )
+    from executorch.exir.passes import constant_prop_pass as folding
+
+    quantisations = {exir_ops.edge.quantized_decomposed.quantize_per_tensor.default,
+                     exir_ops.edge.quantized_decomposed.quantize_per_tensor.tensor,
+                     exir_ops.edge.quantized_decomposed.quantize_per_channel.default}
+    skipped = set(folding._DEFAULT_SKIP_TARGETS) - quantisations
 
     # the edge dialect keeps it as the ATen op
     read_scalar = {torch.ops.aten._local_scalar_dense.default,
                    exir_ops.edge.aten._local_scalar_dense.default}
 
     def inline_constant_scalars(exported_program: Any) -> None:
-        constants = get_constant_placeholder_dict(exported_program)
+        constants = folding.get_constant_placeholder_dict(exported_program)
         graph = exported_program.graph_module.graph
         for node in list(graph.nodes):
             if node.target not in read_scalar or node.args[0] not in constants:
@@ -343,7 +350,8 @@ def _fold_constants_pass() -> Any:
     class FoldConstants(ExportedProgramPassBase):
         def call(self, exported_program: Any) -> ExportedProgramPassResult:
             inline_constant_scalars(exported_program)
-            folded = constant_prop_pass(exported_program, _skip_dim_order=False)
+            folded = folding.constant_prop_pass(exported_program, custom_skip_targets=skipped,
+                                                _skip_dim_order=False)
             return ExportedProgramPassResult(folded, True)
 
     return FoldConstants()
