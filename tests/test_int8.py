@@ -250,6 +250,37 @@ def test_compare_is_psnr_over_the_reference_range():
     db, max_error = int8.compare(reference, [torch.tensor([0.1, 2.0])])
     assert db == pytest.approx(10 * math.log10(4 / 0.005)) and max_error == pytest.approx(0.1)
     assert int8.compare(reference, reference)[0] == math.inf
+    # int8 rounding a divisor to zero: infinitely far, not a math domain error
+    assert int8.compare(reference, [torch.tensor([0.0, math.inf])])[0] == -math.inf
+    assert int8.compare(reference, [torch.tensor([math.nan, 2.0])])[0] == -math.inf
+    assert int8.compare(reference, [torch.tensor([0.0, 3e38])])[0] == -math.inf
+
+
+@pytest.mark.slow
+def test_int8_that_makes_outputs_infinite_is_measured_not_a_crash(tmp_path):
+    """A division by a tensor int8 can round to zero: its calibrations were each refused
+    with a bare "math domain error" and the export failed."""
+
+    class RelativeChange(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return (y - x) / (y.abs() + 1e-8)
+
+    pytest.importorskip("executorch")
+    export = lwcompile.export_mobile(RelativeChange().eval(), (torch.rand(1, 3, 8, 8),),
+                                     tmp_path / "r.pte", precision="int8",
+                                     calibration_count=2, evaluation_count=1)
+    assert export.int8_report.psnr_db == -math.inf
+    with pytest.raises(lwcompile.Int8QualityError):
+        lwcompile.export_mobile(RelativeChange().eval(), (torch.rand(1, 3, 8, 8),),
+                                tmp_path / "s.pte", precision="int8", min_psnr=20,
+                                calibration_count=2, evaluation_count=1)
+    assert not (tmp_path / "s.pte").exists()
 
 
 @pytest.mark.slow

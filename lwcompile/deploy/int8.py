@@ -132,13 +132,18 @@ def float_outputs(model: nn.Module, inputs: list[tuple]) -> list[Tensor]:
 def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
     """(PSNR in dB, max abs error) of ``got`` against ``reference`` over all outputs; the peak
     is the reference's range (max - min), so the PSNR means the same whatever the output's
-    scale (an image in [0, 1], a predicted residual)."""
+    scale (an image in [0, 1], a predicted residual). An output that is not finite where the
+    reference is (int8 rounding a divisor to zero) is infinitely far: -inf dB."""
     ref = torch.cat([r.flatten() for r in reference])
     out = torch.cat([g.detach().float().flatten() for g in got])
     mse = float((out - ref).pow(2).mean())
     peak = float(ref.max() - ref.min()) or 1.0
     max_error = float((out - ref).abs().max())
-    return (math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)), max_error
+    if mse == 0:
+        return math.inf, max_error
+    if not math.isfinite(mse) or peak * peak / mse == 0:
+        return -math.inf, max_error
+    return 10 * math.log10(peak * peak / mse), max_error
 
 
 def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:
