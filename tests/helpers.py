@@ -80,3 +80,17 @@ def tiny_factory_in(folder: Path, monkeypatch: Any, module: str) -> None:
     monkeypatch.chdir(folder)
     monkeypatch.syspath_prepend(str(folder))
     (folder / f"{module}.py").write_text(TINY_FACTORY)
+
+
+class ConvThen(nn.Module):
+    """A seeded 3 -> 3 3x3 conv, then ``then(conv_output, input)``: the small models that each
+    reproduce one problem an exporter had with a real network."""
+
+    def __init__(self, then: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.then = then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.then(self.conv(x), x)

@@ -14,7 +14,7 @@ from torch import nn
 import lwcompile
 from lwcompile.deploy import int8, int8_inputs, int8_onnx
 from lwcompile.deploy.export import export_onnx
-from tests.helpers import image_and_mask
+from tests.helpers import ConvThen, image_and_mask
 from tests.lightened import inputs, light, original
 
 onnx = pytest.importorskip("onnx")
@@ -261,25 +261,15 @@ def test_int8_that_makes_outputs_infinite_is_measured_not_a_crash(tmp_path):
     """A division by a tensor int8 can round to zero: its calibrations were each refused
     with a bare "math domain error" and the export failed."""
 
-    class RelativeChange(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return (y - x) / (y.abs() + 1e-8)
-
     pytest.importorskip("executorch")
-    export = lwcompile.export_mobile(RelativeChange().eval(), (torch.rand(1, 3, 8, 8),),
-                                     tmp_path / "r.pte", precision="int8",
+    relative_change = ConvThen(lambda y, x: (y - x) / (y.abs() + 1e-8)).eval()
+    x = (torch.rand(1, 3, 8, 8),)
+    export = lwcompile.export_mobile(relative_change, x, tmp_path / "r.pte", precision="int8",
                                      calibration_count=2, evaluation_count=1)
     assert export.int8_report.psnr_db == -math.inf
     with pytest.raises(lwcompile.Int8QualityError):
-        lwcompile.export_mobile(RelativeChange().eval(), (torch.rand(1, 3, 8, 8),),
-                                tmp_path / "s.pte", precision="int8", min_psnr=20,
-                                calibration_count=2, evaluation_count=1)
+        lwcompile.export_mobile(relative_change, x, tmp_path / "s.pte", precision="int8",
+                                min_psnr=20, calibration_count=2, evaluation_count=1)
     assert not (tmp_path / "s.pte").exists()
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from lwcompile.deploy.aten_rewrites import float_op_forms, xnnpack_forms
 from lwcompile.deploy.identities import phase_weight
 from lwcompile.nn import LIST, Resize
-from tests.helpers import image_and_mask
+from tests.helpers import ConvThen, image_and_mask
 
 aten = torch.ops.aten
 
@@ -479,16 +479,8 @@ def test_a_channel_max_runs_in_executorch(tmp_path):
     pytest.importorskip("executorch")
     from lwcompile.deploy.mobile import export_mobile, load_pte
 
-    class Value(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x) * x.max(1, keepdim=True)[0]
-
-    model, x = Value().eval(), torch.rand(1, 3, 8, 8)
+    model = ConvThen(lambda y, x: y * x.max(1, keepdim=True)[0]).eval()
+    x = torch.rand(1, 3, 8, 8)
     export = export_mobile(model, (x,), tmp_path / "v.pte")
     assert export.forms == {"max-dim-as-amax": 1}
     (got,) = load_pte(export.path)(x)
