@@ -242,10 +242,10 @@ def _check_opset(opset: Any, new_exporter: bool) -> None:
 
 
 def _export_int8(model: nn.Module, args: tuple, path: OnnxFile, dynamic_hw: bool,
-                 opset: int | None,
-                 dynamo: bool, fast: bool, min_psnr: float | None, target_psnr: float,
-                 max_float_layers: int, calibration_count: int, evaluation_count: int,
-                 calibration: Any, degrade: Degrade | None, qat_steps: int) -> OnnxFile:
+                 opset: int | None, dynamo: bool | None, fast: bool,
+                 min_psnr: float | None, target_psnr: float, max_float_layers: int,
+                 calibration_count: int, evaluation_count: int, calibration: Any,
+                 degrade: Degrade | None, qat_steps: int) -> OnnxFile:
     """Float export to a temporary file (fine-tuned for int8 first with ``qat_steps``),
     quantised and measured; written only if accepted."""
     from .int8_onnx import prepare, quantization_aware, quantize_onnx
