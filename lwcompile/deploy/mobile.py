@@ -58,7 +58,7 @@ def _executorch() -> tuple[Any, Any]:
     """Import ExecuTorch lazily: it is an optional, heavy dependency of this module only."""
     try:
         import executorch.exir as exir
-        import executorch.kernels.quantized  # noqa: F401  out variants of (de)quantising
+        import executorch.kernels.quantized  # noqa: F401  (de)quantising outside XNNPACK
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
             XnnpackPartitioner,
         )
@@ -317,8 +317,9 @@ def _fold_constants_pass() -> Any:
     ``_to_dim_order_copy`` of a lifted 0-d tensor, which XNNPACK does not take. Quantising a
     constant is folded too (ExecuTorch's default leaves every quantisation op): the numbers
     XNNPACK's quantiser writes as 0-d tensors beside int8 operands (HVICIDNet's) were
-    otherwise quantised at run time, outside the delegate, where the program has no kernel
-    for it. Dequantisations stay, so that XNNPACK still sees int8 weights. A number read
+    otherwise quantised in the program, and XNNPACK's channels-last pass failed reading the
+    layout of such a constant (an ``IndexError``). Dequantisations stay, so that XNNPACK
+    still sees int8 weights. A number read
     from a constant tensor (``.item()`` of a parameter: HVICIDNet's learned exponent, a
     ``_local_scalar_dense``) is first written into the ops that use it: the folding would
     make it a Python number, of which it cannot make a constant, and failed.
