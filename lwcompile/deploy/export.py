@@ -286,12 +286,17 @@ class _Complaint(Exception):
 def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, path: Path,
                 dynamic_hw: bool, opset: int | None, dynamo: bool | None, fast: bool) -> str:
     """Write ``model`` to ``path`` with the exporter ``dynamo`` asks for (None: the
-    TorchScript-based one, else the torch.export-based one) and return which wrote it."""
-    if dynamo or isinstance(model, torch.export.ExportedProgram):
-        _write_with_torch_export(model, args, path, dynamic_hw, opset, fast)
+    TorchScript-based one, else the torch.export-based one) and return which wrote it. A
+    module is put in its exported form once, for whichever exporter writes it."""
+    if isinstance(model, torch.export.ExportedProgram):
+        _write_with_torch_export(model, args, path, dynamic_hw, opset)
+        return TORCH_EXPORT
+    model = _for_onnx(model, args, fast)
+    if dynamo:
+        _write_with_torch_export(model, args, path, dynamic_hw, opset)
         return TORCH_EXPORT
     try:
-        _write_with_torchscript(model, args, path, dynamic_hw, opset, fast)
+        _write_with_torchscript(model, args, path, dynamic_hw, opset)
         return TORCHSCRIPT
     except LwCompileError:
         raise
@@ -299,7 +304,7 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
         if dynamo is False:
             raise
         try:
-            _write_with_torch_export(model, args, path, dynamic_hw, opset, fast)
+            _write_with_torch_export(model, args, path, dynamic_hw, opset)
         except _Complaint as second:
             raise _Complaint(f"{one_line(first)} (TorchScript-based exporter); {second}"
                              ) from first
@@ -307,9 +312,9 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
 
 
 def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, args: tuple,
-                             path: Path, dynamic_hw: bool, opset: int | None,
-                             fast: bool) -> None:
-    """The torch.export-based exporter, its file checked: converted down from opset 18 it
+                             path: Path, dynamic_hw: bool, opset: int | None) -> None:
+    """The torch.export-based exporter (of a module in its exported form, changed by
+    ``_export``, or of a program), its file checked: converted down from opset 18 it
     can keep attributes the older opset lacks, which onnxruntime then refuses to load. Its
     failures are raised as a ``_Complaint`` naming their root cause (its own first line is
     a generic "Failed to convert")."""
@@ -318,7 +323,7 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     opset = opset or OPSET[TORCH_EXPORT]
     try:
         if not isinstance(model, torch.export.ExportedProgram):
-            model = _export(_for_onnx(model, args, fast), args, dynamic_hw)
+            model = _export(model, args, dynamic_hw)
         program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                     input_names=_tensor_names(args), output_names=["output"],
                                     verbose=False)
@@ -327,7 +332,8 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     except LwCompileError:
         raise
     except onnx.checker.ValidationError as exc:
-        advice = "; opset=18 is written without converting" if opset < 18 else ""
+        own = OPSET[TORCH_EXPORT]
+        advice = f"; opset={own} is written without converting" if opset < own else ""
         raise _Complaint(f"the torch.export-based exporter wrote a file that is not valid "
                          f"ONNX at opset {opset} ({one_line(exc)}){advice}") from exc
     except Exception as exc:
@@ -342,14 +348,15 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _write_with_torchscript(model: nn.Module, args: tuple, path: Path, dynamic_hw: bool,
-                            opset: int | None, fast: bool) -> None:
+                            opset: int | None) -> None:
+    """The TorchScript-based exporter, of a module in its exported form."""
     opset = opset or OPSET[TORCHSCRIPT]
     names = _tensor_names(args)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     axes = {name: {2: "height", 3: "width"} for name, a in zip(names, tensors, strict=True)
             if a.dim() == 4}
     with _torchscript_exporter():
-        torch.onnx.export(_tensors_only(_for_onnx(model, args, fast), args), tensors, str(path),
+        torch.onnx.export(_tensors_only(model, args), tensors, str(path),
                           dynamo=False, opset_version=opset, input_names=names,
                           output_names=["output"], dynamic_axes=axes if dynamic_hw else None)
 

@@ -141,9 +141,8 @@ def compare(reference: list[Tensor], got: list[Tensor]) -> tuple[float, float]:
     max_error = float((out - ref).abs().max())
     if mse == 0:
         return math.inf, max_error
-    if not math.isfinite(mse) or peak * peak / mse == 0:
-        return -math.inf, max_error
-    return 10 * math.log10(peak * peak / mse), max_error
+    ratio = peak * peak / mse if math.isfinite(mse) else 0.0
+    return (10 * math.log10(ratio) if ratio > 0 else -math.inf), max_error
 
 
 def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple[float, float]:

@@ -319,10 +319,10 @@ def _fold_constants_pass() -> Any:
     XNNPACK's quantiser writes as 0-d tensors beside int8 operands (HVICIDNet's) were
     otherwise quantised in the program, and XNNPACK's channels-last pass failed reading the
     layout of such a constant (an ``IndexError``). Dequantisations stay, so that XNNPACK
-    still sees int8 weights. A number read
-    from a constant tensor (``.item()`` of a parameter: HVICIDNet's learned exponent, a
-    ``_local_scalar_dense``) is first written into the ops that use it: the folding would
-    make it a Python number, of which it cannot make a constant, and failed.
+    still sees int8 weights. A number read from a constant tensor (``.item()`` of a
+    parameter: HVICIDNet's learned exponent, a ``_local_scalar_dense``) is first written
+    into the ops that use it: the folding would make it a Python number, of which it cannot
+    make a constant, and failed.
     """
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
@@ -344,7 +344,7 @@ def _fold_constants_pass() -> Any:
             if node.target not in read_scalar or node.args[0] not in constants:
                 continue
             for user in list(node.users):
-                user.args, user.kwargs = _replaced(
+                user.args, user.kwargs = _with_value(
                     (user.args, user.kwargs), node, constants[node.args[0]].item())
             graph.erase_node(node)
 
@@ -358,6 +358,6 @@ def _fold_constants_pass() -> Any:
     return FoldConstants()
 
 
-def _replaced(arguments: Any, node: Any, value: Any) -> Any:
+def _with_value(arguments: Any, node: Any, value: Any) -> Any:
     """``arguments`` (nested) with ``node`` replaced by ``value``."""
     return pytree.tree_map(lambda a: value if a is node else a, arguments)
