@@ -555,43 +555,45 @@ def _unit_dims_dropped(gm: fx.GraphModule) -> int:
 def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
     x, size = pool.args[:2]
     shape = node_shape(x)
-    values = [u for u in pool.users if u.target is operator.getitem and u.args[1] == 0]
-    unused = [u for u in pool.users if u.target is operator.getitem and u.args[1] == 1
-              and not u.users]
-    if shape is None or len(values) + len(unused) != len(pool.users) \
+    if shape is None or not _indices_unread(pool) \
             or not all(isinstance(s, int) and s > 0 and n % s == 0
                        for s, n in zip(size, shape[-2:], strict=True)):
         return 0
     ratio = [n // s for s, n in zip(size, shape[-2:], strict=True)]
     with gm.graph.inserting_before(pool):
         out = gm.graph.call_function(aten.max_pool2d.default, (x, ratio, ratio))
-    for value in values:
-        out.meta = dict(value.meta)
-        value.replace_all_uses_with(out)
-    for user in values + unused:
-        gm.graph.erase_node(user)
-    gm.graph.erase_node(pool)
-    return 1
+    return _values_from(gm, pool, out)
 
 
 def _max_dim_as_amax(gm: fx.GraphModule, top: fx.Node) -> int:
     x, shape = top.args[0], node_shape(top.args[0])
     dim, keepdim = _arg(top, 1), _arg(top, 2, False)
-    users = list(top.users)
-    if (shape is None or not isinstance(dim, int) or top.kwargs
-            or any(u.target is not operator.getitem for u in users)):
+    if shape is None or not isinstance(dim, int) or top.kwargs or not _indices_unread(top):
         return 0
     dim %= len(shape)
-    if (keepdim and dim in (2, 3)) or any(u.args[1] != 0 for u in users if u.users):
-        return 0  # XNNPACK runs it, or its indices are read
+    if keepdim and dim in (2, 3):
+        return 0  # XNNPACK runs it
     with gm.graph.inserting_before(top):
         amax = gm.graph.call_function(aten.amax.default, (x, [dim], keepdim))
-    for user in users:
+    return _values_from(gm, top, amax)
+
+
+def _indices_unread(op: fx.Node) -> bool:
+    """``op`` returns (values, indices) and nothing reads the indices: every user is a
+    getitem, of the values or of indices no one reads."""
+    return all(u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+               for u in op.users)
+
+
+def _values_from(gm: fx.GraphModule, op: fx.Node, new: fx.Node) -> int:
+    """``new`` computes the values of ``op`` (see ``_indices_unread``): the values' getitems
+    are replaced by it, ``op`` and its unread indices' getitems erased; one rewrite."""
+    for user in list(op.users):
         if user.args[1] == 0:
-            _replaced(gm, user, amax)
-    for user in list(top.users):  # the indices' getitems, unread
-        gm.graph.erase_node(user)
-    gm.graph.erase_node(top)
+            _replaced(gm, user, new)
+        else:
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(op)
     return 1
 
 
