@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import lwcompile
 from benchmarks.common import DENOISE, SR2, Task, held_out, load_teacher, score
 from benchmarks.quality_denoise import timed_distill
-from benchmarks.speed import CASES, THREADS, machine, medians_ms, table, write_json
+from benchmarks.speed import CASES, THREADS, hardware_label, machine, medians_ms, table, write_json
 from lwcompile.deploy.emit import emit_fast
 from lwcompile.deploy.export import export_onnx
 from lwcompile.deploy.int8_onnx import session as onnxruntime_session
@@ -237,7 +237,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": info, "runs": args.runs, "forms": forms,
                                "pause_ms": args.pause_ms, "onnxruntime_spinning": True,
                                "networks": [], "quality": []}
-    label = (f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads, onnxruntime "
+    label = (f"{hardware_label(info)}, onnxruntime "
              f"{info.get('onnxruntime')} (spin-waiting on), executorch "
              f"{info.get('executorch')}; medians of {args.runs} interleaved rounds, "
              f"{args.pause_ms:g} ms idle before each call")

@@ -25,7 +25,7 @@ import torch
 
 import lwcompile
 from benchmarks.common import DENOISE, held_out, score
-from benchmarks.speed import THREADS, machine, table, write_json
+from benchmarks.speed import THREADS, hardware_label, machine, table, write_json
 from examples import dncnn
 from lwcompile.deploy.int8_onnx import session as onnxruntime_session
 
@@ -75,8 +75,7 @@ def main() -> None:
              round(ms[f"{name} fp32"] / ms[f"{name} int8"], 2),
              round(reports[name]["psnr_db"], 2), reports[name]["float_layers"] or "-"]
             for name in models]
-    print(f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads, "
-          f"onnxruntime {info.get('onnxruntime')}; medians of {args.runs}")
+    print(f"{hardware_label(info)}, onnxruntime {info.get('onnxruntime')}; medians of {args.runs}")
     print(table(rows, ["DnCNN-17 1x1x256x256", "fp32 ms", "int8 ms", "fp32/int8",
                        "int8 vs float dB", "float layers"]))
     best = {n: min(ms[f"{n} fp32"], ms[f"{n} int8"]) for n in models}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import lwcompile
 from benchmarks.common import DENOISE, load_teacher
 from benchmarks.deploy import build_form, set_threads
-from benchmarks.speed import THREADS, machine, table, write_json
+from benchmarks.speed import THREADS, hardware_label, machine, table, write_json
 from lwcompile.measure.profile import time_interleaved
 
 
@@ -116,9 +116,8 @@ def main() -> None:
                         "max_abs_diff_vs_whole": diff})
         rows.append([form, n, rows_computed, f"{ms:.1f}", f"{whole_ms / ms:.2f}x",
                      f"{diff:.1e}"])
-    print(f"light DnCNN-17, 1x1x256x256, halo {halo} rows -- {info['cpu']}"
-          f" ({', '.join(info['isa'])}), {THREADS} threads; medians of {options.runs}"
-          " interleaved rounds")
+    print(f"light DnCNN-17, 1x1x256x256, halo {halo} rows -- {hardware_label(info)};"
+          f" medians of {options.runs} interleaved rounds")
     print(table(rows, ["form", "stripes", "rows computed", "ms", "speed vs whole",
                        "max |diff| vs whole"]))
     path = write_json(options.out, {"machine": info, "runs": options.runs, "rows": results})

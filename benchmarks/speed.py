@@ -180,6 +180,11 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, sorted(flag for flag in ISA_FLAGS if flag in flags)
 
 
+def hardware_label(info: dict[str, Any]) -> str:
+    """The CPU, its ISA flags and the thread count, as every benchmark table is headed."""
+    return f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads"
+
+
 def machine() -> dict[str, Any]:
     """CPU model, ISA flags, versions, threads and the load average (call at the start: a loaded
     machine skews timings)."""

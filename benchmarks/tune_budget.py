@@ -25,7 +25,7 @@ from torch import nn
 import lwcompile
 from benchmarks.common import DENOISE, held_out, load_teacher, score
 from benchmarks.deploy import trained
-from benchmarks.speed import THREADS, machine, table, write_json
+from benchmarks.speed import THREADS, hardware_label, machine, table, write_json
 from examples import dncnn
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
     info = machine()
-    print(f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads")
+    print(hardware_label(info))
     teacher = load_teacher(DENOISE).eval()
     torch.manual_seed(0)  # the LISTs' fresh weights
     light = lwcompile.lighten(teacher, dncnn.example_inputs())

@@ -16,7 +16,7 @@ import torch
 
 import lwcompile
 from benchmarks.common import DENOISE, load_teacher
-from benchmarks.speed import THREADS, machine
+from benchmarks.speed import THREADS, hardware_label, machine
 from examples import dncnn
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
     info = machine()
-    print(f"{info['cpu']} ({', '.join(info['isa'])}), {THREADS} threads")
+    print(hardware_label(info))
     light = lwcompile.lighten(load_teacher(DENOISE), dncnn.example_inputs())
     x = (torch.rand(1, 1, 256, 256, generator=torch.Generator().manual_seed(0)),)
     for target in ("onnxruntime", "xnnpack"):
