@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.deploy.aten_rewrites import float_op_forms, xnnpack_forms
+from lwcompile.deploy.aten_rewrites import (
+    float_op_forms,
+    strided_views_made_contiguous,
+    xnnpack_forms,
+)
 from lwcompile.deploy.identities import phase_weight
 from lwcompile.nn import LIST, Resize
 from tests.helpers import ConvThen, image_and_mask
@@ -486,3 +490,71 @@ def test_a_channel_max_runs_in_executorch(tmp_path):
     (got,) = load_pte(export.path)(x)
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+class MatrixAsImage(nn.Module):
+    """A per-pixel matrix product viewed back as an image through a transpose (KBNet's
+    kernel-basis attention): the view's strides are channels-last. The second view is of
+    a contiguous tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(4, 4))
+        self.beta = nn.Parameter(torch.full((1, 4, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pixels = x.reshape(b, c, h * w).transpose(1, 2) @ self.mix
+        image = pixels.transpose(1, 2).reshape(b, c, h, w)
+        return x + image * self.beta + pixels.reshape(b, c, h, w)
+
+
+def test_a_strided_view_gets_a_contiguous_copy():
+    x = torch.randn(1, 4, 5, 6)
+    model = MatrixAsImage().eval()
+    module = torch.export.export(model, (x,)).module()
+    assert strided_views_made_contiguous(module) == {"strided-view-made-contiguous": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+    again = torch.export.export(module, (x,)).module()
+    images = [n for n in again.graph.nodes if n.op == "call_function"
+              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4]
+    strided = [n for n in images if not n.meta["val"].is_contiguous()]
+    assert [n.target for n in strided] == [aten.reshape.default]  # the view itself
+    assert [u.target for u in strided[0].users] == [aten.clone.default]
+    assert len(images) > 4
+    # not a form of its own: export_mobile applies it only to an int8 program that failed
+    assert xnnpack_forms(torch.export.export(model, (x,)).module(), quantized=True) == {}
+
+
+@pytest.mark.slow  # quantises and lowers to ExecuTorch
+def test_an_int8_program_that_does_not_run_is_lowered_again_with_contiguous_views(
+        tmp_path, monkeypatch):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy import mobile
+
+    runs = []
+
+    def first_run_fails(buffer, inputs, leading):
+        runs.append(buffer)
+        if len(runs) == 1:
+            raise mobile.MobileExportError("the ExecuTorch runtime could not run it")
+        return run_program(buffer, inputs, leading)
+
+    run_program = mobile._run_program
+    monkeypatch.setattr(mobile, "_run_program", first_run_fails)
+    x = torch.rand(1, 4, 6, 6)
+    export = mobile.export_mobile(MatrixAsImage().eval(), (x,), tmp_path / "m.pte",
+                                  precision="int8", calibration=torch.rand(2, 4, 6, 6),
+                                  evaluation_count=1)
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert export.forms["strided-view-made-contiguous"] == 1
+    assert (tmp_path / "m.pte").read_bytes() == runs[1]
+    assert export.int8_report.psnr_db > 30
+
+    runs.clear()  # nothing to copy: the failure stands, and no file
+    with pytest.raises(mobile.MobileExportError, match="could not run"):
+        mobile.export_mobile(ConvThen(lambda y, x: torch.relu(y)).eval(), (x[:, :3],),
+                             tmp_path / "c.pte", precision="int8",
+                             calibration=torch.rand(2, 3, 6, 6), evaluation_count=1)
+    assert len(runs) == 1 and not (tmp_path / "c.pte").exists()

@@ -72,7 +72,17 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   HSV value) whose indices nothing reads -> ``amax``, unless XNNPACK can run it (over
   height or width, keeping the dimension). Not for speed: XNNPACK's partitioner takes any
   such max of a 4-D tensor and its lowering then refuses the others, so the program could
-  not be made; ``amax`` runs in ExecuTorch's own kernels.
+  not be made; ``amax`` runs in ExecuTorch's own kernels;
+- ``strided-view-made-contiguous`` (``strided_views_made_contiguous``, applied by
+  ``export_mobile`` to a quantised graph only when its int8 program did not run): a
+  reshape or view whose 4-D result is not contiguous (a transposed matrix viewed as an
+  image: KBNet's kernel-basis attention, ``y.transpose(-1, -2).reshape(b, c, h, w)``) ->
+  that view and a contiguous copy of it. Not for speed: ExecuTorch takes such a tensor's
+  layout from its strides, channels-last, and hands it so to the delegates that read it;
+  where it crossed from ExecuTorch's kernels into XNNPACK's int8 delegate beside a tensor
+  in NCHW, XNNPACK failed to propagate shapes and the program could not run. XNNPACK does
+  not take a copy that changes the layout, so each copy runs outside it; programs that
+  run without the copies keep their views.
 
 They work on the ATen graph of ``torch.export``, so they apply to any model, hand-written
 or lightened, and never touch the model itself.
@@ -160,6 +170,17 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
         elif node.target is aten.max.dim:
             done["max-dim-as-amax"] += _max_dim_as_amax(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
+    _tidied(gm)
+    return +done
+
+
+def strided_views_made_contiguous(gm: fx.GraphModule) -> Counter[str]:
+    """Give each reshape or view of ``gm`` whose 4-D result is not contiguous a contiguous
+    copy for its users, in place; returns the rewrites (``strided-view-made-contiguous``)."""
+    done: Counter[str] = Counter()
+    for node in list(gm.graph.nodes):
+        if node.target in _RESHAPES:
+            done["strided-view-made-contiguous"] += _made_contiguous(gm, node)
     _tidied(gm)
     return +done
 
@@ -550,6 +571,17 @@ def _unit_dims_dropped(gm: fx.GraphModule) -> int:
                 full = gm.graph.call_function(aten.reshape.default, (node, node_shape(node)))
             user.replace_input_with(node, full)
     return sum(1 for node in dropped if node.target in _RESHAPES)
+
+
+def _made_contiguous(gm: fx.GraphModule, view: fx.Node) -> int:
+    value = view.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.is_contiguous():
+        return 0
+    with gm.graph.inserting_after(view):
+        copy = gm.graph.call_function(aten.clone.default, (view,),
+                                      {"memory_format": torch.contiguous_format})
+    view.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    return 1
 
 
 def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:

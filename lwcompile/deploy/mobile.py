@@ -38,7 +38,7 @@ from ..measure.inputs import fresh
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
-from .aten_rewrites import float_op_forms, xnnpack_forms
+from .aten_rewrites import float_op_forms, strided_views_made_contiguous, xnnpack_forms
 from .delegation import DelegationReport, delegation_report
 from .keyword_calls import keyword_calls_exportable
 
@@ -131,6 +131,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     (``max_abs_error``, over every tensor of nested outputs); a program the runtime cannot
     run is a ``MobileExportError`` and no file; so is an int8 program whose output is further
     from float than the quantised model it was lowered from (by ``INT8_PROGRAM_SLACK_DB``).
+    An int8 program that does not run there is lowered once more with its strided image
+    views copied contiguous (``strided-view-made-contiguous``; KBNet's program ran only
+    so), and refused if it still does not run.
 
     ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
     symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` (and ``degrade``) as
@@ -175,17 +178,24 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
             if optimize:
                 forms += float_op_forms(quantized)
             exported = torch.export.export(quantized, example_inputs)
-        lowered = exir.to_edge_transform_and_lower(
-            exported, transform_passes=[_fold_constants_pass(), _pads_on_int8_pass()],
-            partitioner=[XnnpackPartitioner()],
-        )
-        report = delegation_report(lowered.exported_program())
-        leading = _leading_outputs(lowered.exported_program())
-        program = lowered.to_executorch()
+        program, report, leading = _lowered(exir, XnnpackPartitioner, exported)
         expected = model(*fresh(example_inputs)) if verify else None
         simulated = quantized(*fresh(example_inputs)) if verify and for_int8 else None
-    error = None if expected is None else _run_and_compare(
-        program.buffer, fresh(example_inputs), expected, leading, simulated)
+    error = None
+    if expected is not None:
+        try:
+            got = _run_program(program.buffer, fresh(example_inputs), leading)
+        except MobileExportError:
+            relaid = strided_views_made_contiguous(quantized) if for_int8 else None
+            if not relaid:
+                raise
+            forms += relaid
+            with raised_as(MobileExportError, "could not export for XNNPACK"), \
+                    torch.no_grad():
+                program, report, leading = _lowered(
+                    exir, XnnpackPartitioner, torch.export.export(quantized, example_inputs))
+            got = _run_program(program.buffer, fresh(example_inputs), leading)
+        error = _compared(got, expected, simulated)
     write_atomic(path, lambda f: f.write(program.buffer))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
@@ -208,21 +218,37 @@ INT8_PROGRAM_SLACK_DB = 3.0
 INT8_PROGRAM_CHECKED_DB = 45.0
 
 
-def _run_and_compare(buffer: bytes, example_inputs: tuple, expected: Any,
-                     leading: int, simulated: Any = None) -> float:
-    """Max |program - eager| over the tensors of the outputs (nested ones flattened, as the
-    program returns them, after the ``leading`` written inputs), running ``buffer`` from a
-    temporary file before it is written. ``simulated``: the quantised torch model's output
-    for an int8 program; a program further from float than it by more than
-    ``INT8_PROGRAM_SLACK_DB`` computes something else, and is refused."""
+def _lowered(exir: Any, partitioner: Any,
+             exported: torch.export.ExportedProgram) -> tuple[Any, DelegationReport, int]:
+    """``exported`` lowered to XNNPACK: the ExecuTorch program, what was delegated, and how
+    many written inputs lead its outputs."""
+    lowered = exir.to_edge_transform_and_lower(
+        exported, transform_passes=[_fold_constants_pass(), _pads_on_int8_pass()],
+        partitioner=[partitioner()],
+    )
+    edge = lowered.exported_program()
+    report, leading = delegation_report(edge), _leading_outputs(edge)  # before to_executorch
+    return lowered.to_executorch(), report, leading  # rewrites ``edge`` into out-variants
+
+
+def _run_program(buffer: bytes, example_inputs: tuple, leading: int) -> list[Tensor]:
+    """The tensors ``buffer``'s program returns (after the ``leading`` written inputs),
+    run from a temporary file before it is written."""
     with tempfile.TemporaryDirectory(prefix="lwcompile-pte-") as tmp:
         staged = Path(tmp) / "model.pte"
         staged.write_bytes(buffer)
         with raised_as(MobileExportError,
                        "the ExecuTorch runtime could not run the exported program",
                        " (its log on stderr names the failing operator; nothing was written)"):
-            got = [g for g in load_pte(staged)(*example_inputs)[leading:]
-                   if isinstance(g, Tensor)]
+            return [g for g in load_pte(staged)(*example_inputs)[leading:]
+                    if isinstance(g, Tensor)]
+
+
+def _compared(got: list[Tensor], expected: Any, simulated: Any = None) -> float:
+    """Max |program - eager| over the tensors of the outputs (nested ones flattened, as the
+    program returns them). ``simulated``: the quantised torch model's output for an int8
+    program; a program further from float than it by more than ``INT8_PROGRAM_SLACK_DB``
+    computes something else, and is refused."""
     want = [w for w in pytree.tree_leaves(expected) if isinstance(w, Tensor)]
     if len(got) != len(want):
         raise MobileExportError(f"the exported program returns {len(got)} tensors, the model "
