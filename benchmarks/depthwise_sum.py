@@ -29,7 +29,7 @@ import torch
 import lwcompile
 from benchmarks.common import DENOISE, load_teacher
 from benchmarks.deploy import build_form, set_threads
-from benchmarks.speed import THREADS, hardware_label, machine, table, write_json
+from benchmarks.speed import THREADS, hardware_label, machine, report_and_write
 from lwcompile.deploy import identities
 from lwcompile.measure.profile import time_interleaved
 
@@ -92,10 +92,9 @@ def main() -> None:
                      f"{row['int8_psnr_db_plain']:.2f} / {row['int8_psnr_db_depthwise_sum']:.2f}"])
     print(f"DnCNN-17 1x1x256x256 -- {hardware_label(info)}; medians of {options.runs}"
           " interleaved rounds")
-    print(table(rows, ["model", "form", "plain ms", "depthwise+sum ms", "speed-up",
-                       "int8 vs float dB (plain / depthwise+sum)"]))
-    path = write_json(options.out, {"machine": info, "runs": options.runs, "rows": results})
-    print(f"\nwrote {path}")
+    report_and_write(rows, ["model", "form", "plain ms", "depthwise+sum ms", "speed-up",
+                            "int8 vs float dB (plain / depthwise+sum)"],
+                     options.out, {"machine": info, "runs": options.runs, "rows": results})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import lwcompile
 from benchmarks.common import DENOISE, load_teacher
 from benchmarks.deploy import build_form, set_threads
-from benchmarks.speed import THREADS, hardware_label, machine, table, write_json
+from benchmarks.speed import THREADS, hardware_label, machine, report_and_write
 from lwcompile.measure.profile import time_interleaved
 
 
@@ -118,10 +118,9 @@ def main() -> None:
                      f"{diff:.1e}"])
     print(f"light DnCNN-17, 1x1x256x256, halo {halo} rows -- {hardware_label(info)};"
           f" medians of {options.runs} interleaved rounds")
-    print(table(rows, ["form", "stripes", "rows computed", "ms", "speed vs whole",
-                       "max |diff| vs whole"]))
-    path = write_json(options.out, {"machine": info, "runs": options.runs, "rows": results})
-    print(f"\nwrote {path}")
+    report_and_write(rows, ["form", "stripes", "rows computed", "ms", "speed vs whole",
+                            "max |diff| vs whole"],
+                     options.out, {"machine": info, "runs": options.runs, "rows": results})
 
 
 if __name__ == "__main__":

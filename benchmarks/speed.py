@@ -149,6 +149,15 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def report_and_write(rows: Sequence[Sequence[Any]], header: Sequence[str], name: str,
+                     data: dict) -> Path:
+    """Print the table of ``rows`` and write ``data`` to benchmarks/results/<name>.json."""
+    print(table(rows, header))
+    path = write_json(name, data)
+    print(f"\nwrote {path}")
+    return path
+
+
 def write_json(name: str, data: dict) -> Path:
     """Write benchmarks/results/<name>.json atomically."""
     RESULTS.mkdir(exist_ok=True)
