@@ -94,3 +94,16 @@ class ConvThen(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.then(self.conv(x), x)
+
+
+def runs_in_executorch_as_eager(model: nn.Module, x: torch.Tensor, path: Path,
+                                tolerance: float = 1e-5) -> Any:
+    """``model`` through ``export_mobile`` to ``path``, its program run by ExecuTorch on
+    ``x`` and held to eager within ``tolerance`` (rtol and atol); returns the export."""
+    from lwcompile.deploy.mobile import export_mobile, load_pte
+
+    export = export_mobile(model, (x,), path)
+    (got,) = load_pte(export.path)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=tolerance, atol=tolerance)
+    return export

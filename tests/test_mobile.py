@@ -17,7 +17,7 @@ from torch import nn
 import lwcompile
 from examples import dncnn, glcic, srresnet, unet
 from lwcompile.deploy.mobile import MobileExport, MobileUnavailableError, export_mobile, load_pte
-from tests.helpers import close
+from tests.helpers import close, runs_in_executorch_as_eager
 
 DNCNN_BLOCKS = 6  # LIST blocks: DnCNN-17 has 15 of the same block (its 100% share is in
 # benchmarks/results/mobile.json); 6 keep this file's lowering time within budget
@@ -152,11 +152,8 @@ class CropsItsSkip(nn.Module):
 @pytest.mark.slow
 def test_a_crop_by_negative_padding_runs_in_executorch(exported, tmp_path):
     model, x = CropsItsSkip().eval(), torch.rand(1, 3, 12, 12)
-    export = export_mobile(model, (x,), tmp_path / "c.pte")
+    export = runs_in_executorch_as_eager(model, x, tmp_path / "c.pte")
     assert export.forms == {"negative-pad-as-slice": 1}
-    (got,) = load_pte(export.path)(x)
-    with torch.no_grad():
-        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
 
 
 class ScalesItsInput(nn.Module):
@@ -200,10 +197,7 @@ class LearnedExponent(nn.Module):
 @pytest.mark.slow
 def test_a_number_read_from_a_parameter_is_written_into_the_program(exported, tmp_path):
     model, x = LearnedExponent().eval(), torch.rand(1, 3, 8, 8)
-    export = export_mobile(model, (x,), tmp_path / "k.pte")
-    (got,) = load_pte(export.path)(x)
-    with torch.no_grad():
-        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    runs_in_executorch_as_eager(model, x, tmp_path / "k.pte")
 
 
 class TimesAQuantisedConstant(nn.Module):
@@ -227,10 +221,8 @@ def test_a_constant_quantised_in_the_graph_is_quantised_once_at_export(exported,
     import torch.ao.quantization.fx._decomposed  # noqa: F401  the quantized_decomposed ops
 
     model, x = TimesAQuantisedConstant().eval(), torch.rand(1, 3, 8, 8)
-    export = export_mobile(model, (x,), tmp_path / "q.pte")
+    export = runs_in_executorch_as_eager(model, x, tmp_path / "q.pte", tolerance=0)
     assert export.report.delegated["quantized_decomposed.quantize_per_tensor"] == 1  # x only
-    (got,) = load_pte(export.path)(x)
-    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
 
 
 def test_missing_executorch_names_the_extra(monkeypatch, tmp_path):
