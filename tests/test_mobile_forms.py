@@ -552,3 +552,72 @@ def test_an_int8_program_that_does_not_run_is_lowered_again_with_contiguous_view
                              tmp_path / "c.pte", precision="int8",
                              calibration=torch.rand(2, 3, 6, 6), evaluation_count=1)
     assert len(runs) == 1 and not (tmp_path / "c.pte").exists()
+
+
+class Codebook(nn.Module):
+    """A vector quantiser as RestoreFormer's: latents permuted to channels-last order,
+    flattened to (N*H*W, C) for the distances to a codebook, the nearest entries put back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(16, 16, 1))
+        self.codes = nn.Embedding(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encode(x).permute(0, 2, 3, 1).contiguous()
+        flat = z.view(-1, 16)
+        distance = (flat ** 2).sum(1, keepdim=True) + (self.codes.weight ** 2).sum(1) \
+            - 2 * flat @ self.codes.weight.t()
+        nearest = self.codes(distance.argmin(1)).view(z.shape)
+        return (z + (nearest - z)).permute(0, 3, 1, 2)
+
+
+class TokensOnly(nn.Module):
+    """An image permuted to channels-last order and read by reshapes only (windowed
+    attention, HAT's and DAT's): left as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.permute(0, 2, 3, 1).reshape(1, -1, 4)
+        return tokens.softmax(-1).reshape(x.shape[0], x.shape[2], x.shape[3], 4)
+
+
+def test_a_channels_last_flatten_reads_a_3d_transpose_for_int8_only():
+    torch.manual_seed(0)
+    model = Codebook().eval()
+    x = torch.rand(1, 3, 8, 6)
+    assert rewrite(model, x)[1] == {}  # fp32 lowers the 4-D form
+    module = torch.export.export(model, (x,)).module()
+    assert xnnpack_forms(module, quantized=True) == {"channels-last-flatten-as-transpose": 1}
+    flat = next(n for n in module.graph.nodes if n.target is aten.pow.Tensor_Scalar).args[0]
+    tokens = flat.args[0]
+    assert flat.target is aten.reshape.default and tokens.target is aten.permute.default
+    assert list(tokens.args[1]) == [0, 2, 1] and tokens.args[0].meta["val"].shape == (1, 16, 48)
+    # the permuted image itself stays for its other readers
+    assert [list(n.args[1]) for n in module.graph.nodes if n.target is aten.permute.default] \
+        == [[0, 2, 3, 1], [0, 2, 1], [0, 3, 1, 2]]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+    tokens = torch.export.export(TokensOnly(), (x[:, :1].expand(1, 4, 8, 6),)).module()
+    assert xnnpack_forms(tokens, quantized=True) == {}
+
+
+@pytest.mark.slow  # quantises and lowers to ExecuTorch
+def test_a_codebook_lookup_deploys_to_xnnpack_int8(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import MobileExportError, export_mobile
+
+    torch.manual_seed(0)
+    x, data = torch.rand(1, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    options = {"precision": "int8", "calibration": data, "evaluation_count": 1,
+               "max_float_layers": 0}
+    # why the form exists: without it ExecuTorch's layout pass fails on this model
+    with pytest.raises(MobileExportError, match="ChannelsLastTaggedReshapePass"):
+        export_mobile(Codebook().eval(), (x,), tmp_path / "plain.pte", optimize=False,
+                      **options)
+    assert not (tmp_path / "plain.pte").exists()
+    export = export_mobile(Codebook().eval(), (x,), tmp_path / "m.pte", **options)
+    assert export.forms["channels-last-flatten-as-transpose"] == 1
+    assert (tmp_path / "m.pte").stat().st_size == export.size_bytes
+    assert export.int8_report.psnr_db > 20
+

@@ -169,6 +169,9 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
         elif node.target is aten.max.dim:
             done["max-dim-as-amax"] += _max_dim_as_amax(gm, node)
+        elif node.target in _RESHAPES and quantized:
+            done["channels-last-flatten-as-transpose"] += \
+                _channels_last_flatten_as_transpose(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
     _tidied(gm)
     return +done
@@ -582,6 +585,46 @@ def _made_contiguous(gm: fx.GraphModule, view: fx.Node) -> int:
                                       {"memory_format": torch.contiguous_format})
     view.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
     return 1
+
+
+def _channels_last_flatten_as_transpose(gm: fx.GraphModule, view: fx.Node) -> int:
+    """A reshape of an image permuted to channels-last order, ``x.permute(0, 2, 3, 1)``
+    (through copies), reads the same values in the same order from
+    ``x.reshape(N, C, H * W).permute(0, 2, 1)``: a 3-D transpose instead of a 4-D tensor.
+
+    Why (int8 only): XNNPACK's layout pass tags that 4-D tensor channels-last, and where
+    its quantised value was also a partition's output (RestoreFormer's vector quantiser
+    flattens its latents so and returns them), converting it for the reshape rewired the
+    output to a node of its own without a recorded value, and the lowering failed
+    (``KeyError: 'val'``). 3-D tensors keep their layout. Other readers of the permuted
+    image keep it; a permuted image read by reshapes only is left as it is (no output
+    then: the windowed attention of HAT, DAT, RGT, ... lowers in int8 as it is)."""
+    source = view.args[0]
+    while getattr(source, "target", None) in _COPIES:
+        source = source.args[0]
+    if getattr(source, "target", None) is not aten.permute.default \
+            or list(source.args[1]) != [0, 2, 3, 1] \
+            or all(r.target in _RESHAPES for r in _readers_through_copies(source)):
+        return 0
+    image = source.args[0]
+    shape = node_shape(image)
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+        return 0
+    n, c, h, w = shape
+    with gm.graph.inserting_before(view):
+        rows = gm.graph.call_function(aten.reshape.default, (image, [n, c, h * w]))
+        tokens = gm.graph.call_function(aten.permute.default, (rows, [0, 2, 1]))
+        flat = gm.graph.call_function(aten.reshape.default, (tokens, view.args[1]))
+    if isinstance(value := image.meta.get("val"), torch.Tensor):  # recorded, as the others
+        rows.meta["val"] = value.reshape(n, c, h * w)
+        tokens.meta["val"] = rows.meta["val"].permute(0, 2, 1)
+    return _replaced(gm, view, flat)
+
+
+def _readers_through_copies(node: fx.Node) -> list[fx.Node]:
+    """The nodes reading ``node``'s values, looking through copies of it."""
+    return [r for u in node.users
+            for r in (_readers_through_copies(u) if u.target in _COPIES else [u])]
 
 
 def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
