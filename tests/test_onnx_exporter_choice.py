@@ -46,6 +46,38 @@ class Gated(nn.Module):
         return a * b
 
 
+class MixtureOfExperts(nn.Module):
+    """A router picking one of two experts per image, the pick made in Python from tensor
+    values (SeemoRe's inference path): a trace keeps the example's pick."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(3, 2, bias=False)
+        self.experts = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1)])
+        with torch.no_grad():  # a red image goes to expert 0, a green one to expert 1
+            self.router.weight.copy_(torch.tensor([[5.0, 0, 0], [0, 5.0, 0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, chosen = self.router(x.mean((2, 3))).softmax(1).topk(1)
+        expert = [self.experts[i] for i in chosen.squeeze(0)][0]
+        return x + expert(x) * weight[:, :, None, None]
+
+
+class PaddedToEight(nn.Module):
+    """Padding to a multiple of 8 decided in Python from the input's size (windowed
+    attention's): the tracer warns, and the file is right at other sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % 8 or w % 8:
+            x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="reflect")
+        return self.conv(x)[..., :h, :w]
+
+
 def _run(path, x: torch.Tensor) -> torch.Tensor:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0])
@@ -99,3 +131,34 @@ def test_int8_export_falls_back_alike(tmp_path):
     assert path.exporter == TORCH_EXPORT
     assert path.int8_report.psnr_db > 35
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+
+def test_a_model_choosing_its_computation_from_data_is_refused_not_traced(tmp_path):
+    model = MixtureOfExperts().eval()
+    red, green = torch.zeros(2, 1, 3, 8, 8)
+    red[:, 0], green[:, 1] = 1, 1
+    with torch.no_grad():  # the pick depends on the image
+        assert model.router(red.mean((2, 3))).argmax() != model.router(green.mean((2, 3))).argmax()
+    for options in ({}, {"dynamo": False}, {"precision": "int8", "calibration_count": 2,
+                                            "evaluation_count": 1}):
+        with pytest.raises(lwcompile.ExportError, match=r"chooses its computation in Python "
+                           r"from tensor values .*Iterating over a tensor.*"
+                           r"GuardOnDataDependentSymNode"):
+            lwcompile.export_onnx(model, (red,), tmp_path / "a.onnx", **options)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trace_that_reads_sizes_is_kept_and_right_at_other_sizes(tmp_path, monkeypatch):
+    from lwcompile.deploy import export
+
+    probed = []
+    probe = export._refuse_data_dependent_trace
+    monkeypatch.setattr(export, "_refuse_data_dependent_trace",
+                        lambda *a: probed.append(a[2]) or probe(*a))
+    model = PaddedToEight().eval()
+    path = lwcompile.export_onnx(model, (torch.rand(1, 3, 12, 10),), tmp_path / "a.onnx")
+    assert path.exporter == TORCHSCRIPT and len(probed) == 1  # the tracer warned; kept
+    assert any("might cause the trace to be incorrect" in doubt for doubt in probed[0])
+    for x in (torch.rand(1, 3, 12, 10), torch.rand(1, 3, 20, 14)):
+        with torch.no_grad():
+            torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)

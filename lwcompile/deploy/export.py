@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .. import arguments as check
 from ..errors import (
@@ -296,8 +298,7 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
         _write_with_torch_export(model, args, path, dynamic_hw, opset)
         return TORCH_EXPORT
     try:
-        _write_with_torchscript(model, args, path, dynamic_hw, opset)
-        return TORCHSCRIPT
+        doubts = _write_with_torchscript(model, args, path, dynamic_hw, opset)
     except LwCompileError:
         raise
     except Exception as first:
@@ -309,6 +310,32 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
             raise _Complaint(f"{one_line(first)} (TorchScript-based exporter); {second}"
                              ) from first
         return TORCH_EXPORT
+    if doubts:
+        _refuse_data_dependent_trace(model, args, doubts)
+    return TORCHSCRIPT
+
+
+def _refuse_data_dependent_trace(model: nn.Module, args: tuple, doubts: list[str]) -> None:
+    """Raise a ``_Complaint`` if the trace just written holds a choice made from the
+    example's data.
+
+    The tracer warns wherever Python read a tensor's value. Reading a size is common and
+    harmless (padding to a multiple of a window); reading data is not: SeemoRe's mixture of
+    experts picks its expert in Python from the router's output, so a traced file always
+    ran the example's expert, and was wrong wherever the router chose another. torch.export
+    tells the two apart: it follows sizes symbolically and stops on a value computed from
+    the data. Where it stops so, the file is refused (neither exporter can write the
+    choice); where it fails for another reason, nothing says the trace is wrong."""
+    try:
+        _export(model, args, dynamic_hw=False)
+    except Exception as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, GuardOnDataDependentSymNode | DataDependentOutputException):
+            raise _Complaint(
+                f"the model chooses its computation in Python from tensor values (the "
+                f"TorchScript-based exporter's trace warned: {doubts[0].split('. ')[0]}; "
+                f"torch.export: {one_line(cause)}): a traced file would always compute the "
+                f"example's choice, so none is written") from exc
 
 
 def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, args: tuple,
@@ -348,17 +375,28 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _write_with_torchscript(model: nn.Module, args: tuple, path: Path, dynamic_hw: bool,
-                            opset: int | None) -> None:
-    """The TorchScript-based exporter, of a module in its exported form."""
+                            opset: int | None) -> list[str]:
+    """The TorchScript-based exporter, of a module in its exported form; returns the
+    tracer's warnings that the trace may be incorrect (Python read a tensor's value), which
+    are not shown: ``_refuse_data_dependent_trace`` decides on them."""
     opset = opset or OPSET[TORCHSCRIPT]
     names = _tensor_names(args)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     axes = {name: {2: "height", 3: "width"} for name, a in zip(names, tensors, strict=True)
             if a.dim() == 4}
-    with _torchscript_exporter():
+    with _torchscript_exporter(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(_tensors_only(model, args), tensors, str(path),
                           dynamo=False, opset_version=opset, input_names=names,
                           output_names=["output"], dynamic_axes=axes if dynamic_hw else None)
+    doubts = []
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, torch.jit.TracerWarning):
+            doubts.append(str(caught_warning.message))
+        else:  # recorded only to find the tracer's: shown as they would have been
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno)
+    return doubts
 
 
 class _FixedArguments(nn.Module):
