@@ -5,7 +5,8 @@
     python -m benchmarks.zoo_deploy --only IPT --keep   # the rest of the recorded JSON kept
 
 Per network (``examples/zoo.py``, random weights, its example input): ``lighten``, then
-``export_onnx`` fp32 (the file run in onnxruntime and compared with the eager light model),
+``export_onnx`` fp32 (the file run in onnxruntime and compared with the eager light model;
+"size fixed" where its height and width are the example's, not symbolic),
 ``export_mobile`` fp32 (ExecuTorch runs it and compares), then both in int8.
 A step ends ``ok``, with the ``LwCompileError`` subclass and message that refused it (an
 exporter's limit, named), or ``RAW`` with the exception type and where it came from: a raw
@@ -95,7 +96,9 @@ def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path
         got = session.run(None, {f"input_{i}": a.numpy() for i, a in enumerate(tensors)})[0]
         with torch.no_grad():
             want = first_image(light["model"](*x))
-        return f"onnx vs eager {float((torch.from_numpy(got) - want).abs().max()):.1e}"
+        fixed = not any(isinstance(d, str) for d in session.get_inputs()[0].shape)
+        return (f"onnx vs eager {float((torch.from_numpy(got) - want).abs().max()):.1e}"
+                + (", size fixed" if fixed else ""))
 
     def onnx_int8() -> str:
         path = lwcompile.export_onnx(light["model"], x, folder / "int8.onnx", precision="int8",

@@ -5,6 +5,8 @@ exporter writes invalid is refused, not written."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,9 +158,26 @@ def test_a_trace_that_reads_sizes_is_kept_and_right_at_other_sizes(tmp_path, mon
     monkeypatch.setattr(export, "_refuse_data_dependent_trace",
                         lambda *a: probed.append(a[2]) or probe(*a))
     model = PaddedToEight().eval()
-    path = lwcompile.export_onnx(model, (torch.rand(1, 3, 12, 10),), tmp_path / "a.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lwcompile.LwCompileWarning)  # sizes stay symbolic
+        path = lwcompile.export_onnx(model, (torch.rand(1, 3, 12, 10),), tmp_path / "a.onnx")
     assert path.exporter == TORCHSCRIPT and len(probed) == 1  # the tracer warned; kept
     assert any("might cause the trace to be incorrect" in doubt for doubt in probed[0])
     for x in (torch.rand(1, 3, 12, 10), torch.rand(1, 3, 20, 14)):
         with torch.no_grad():
             torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trace_wrong_at_other_sizes_keeps_the_examples_size(tmp_path):
+    # at 16x16 the padding branch is not taken, so a traced file never pads
+    model = PaddedToEight().eval()
+    with pytest.warns(lwcompile.LwCompileWarning, match=r"fixed to the example's \(16x16\).*"
+                      r"computed something else at 17x17"):
+        path = lwcompile.export_onnx(model, (torch.rand(1, 3, 16, 16),), tmp_path / "a.onnx")
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 16, 16]
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="invalid dimensions"):  # refused, not wrong
+        _run(path, torch.rand(1, 3, 12, 10))

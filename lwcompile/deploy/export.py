@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import Dim
@@ -165,7 +166,11 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram,
 
     Tensor arguments become the graph's inputs (``input_0``, ...) and its output
     ``output``; other arguments, and parameters left to their defaults, are baked in. With
-    ``dynamic_hw`` every 4-D input's height and width are symbolic. An ``ExportedProgram``
+    ``dynamic_hw`` every 4-D input's height and width are symbolic, unless a traced file
+    fails or computes otherwise at another size the model takes (``_wrong_at_other_sizes``):
+    then they are the example's, with an ``LwCompileWarning``. A model choosing its
+    computation from tensor values in Python is refused (``ExportError``), since a traced
+    file would keep the example's choice. An ``ExportedProgram``
     (from ``export_program``) is converted with the new exporter, keeping the shapes it was
     exported with.
 
@@ -312,7 +317,59 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
         return TORCH_EXPORT
     if doubts:
         _refuse_data_dependent_trace(model, args, doubts)
+        if dynamic_hw and (wrong := _wrong_at_other_sizes(model, args, path)):
+            _write_with_torchscript(model, args, path, False, opset)
+            h, w = next(a.shape[-2:] for a in args if isinstance(a, torch.Tensor)
+                        and a.dim() == 4)
+            warnings.warn(f"the ONNX file's height and width are fixed to the example's "
+                          f"({h}x{w}): its trace read sizes in Python, and with them left "
+                          f"symbolic the file {wrong}", LwCompileWarning, stacklevel=4)
     return TORCHSCRIPT
+
+
+#: where a traced file with symbolic height and width is checked, as offsets from the
+#: example's size: one that no window or stride divides, one that 8 does
+SIZE_PROBES = (1, 8)
+
+
+def _wrong_at_other_sizes(model: nn.Module, args: tuple, path: Path) -> str | None:
+    """How the file at ``path`` failed or differed from ``model`` at another size than the
+    example's (``SIZE_PROBES``; inputs resized nearest, so masks stay masks), or None.
+
+    A trace keeps the branch the example's size took: padding to a multiple of a window
+    skipped at the example's size was skipped at every size (a file 0.58 off at 12x10 in
+    the test), and a windowed transformer's reshapes held the example's window count
+    (SwinIR's file failed at any other size). Sizes the model itself refuses say nothing;
+    nothing is checked without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for offset in SIZE_PROBES:
+        probe = tuple(F.interpolate(a.float(), size=(a.shape[-2] + offset,
+                                                     a.shape[-1] + offset)).to(a.dtype)
+                      if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+        size = "x".join(map(str, next(a.shape[-2:] for a in probe
+                                      if isinstance(a, torch.Tensor) and a.dim() == 4)))
+        try:
+            with torch.no_grad():
+                want = int8.first_output(model(*fresh(probe)))
+        except Exception:  # the model does not take this size
+            continue
+        tensors = [a.numpy() for a in fresh(probe) if isinstance(a, torch.Tensor)]
+        try:
+            got = torch.from_numpy(session.run(None, dict(zip(_tensor_names(args), tensors,
+                                                               strict=True)))[0])
+        except Exception as exc:
+            return f"failed at {size} in onnxruntime ({one_line(exc)[:200]})"
+        if got.shape != want.shape:
+            return (f"returned shape {tuple(got.shape)} at {size}, where the model returns "
+                    f"{tuple(want.shape)}")
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+            return (f"computed something else at {size} (max |error| "
+                    f"{float((got - want).abs().max()):.2g})")
+    return None
 
 
 def _refuse_data_dependent_trace(model: nn.Module, args: tuple, doubts: list[str]) -> None:
