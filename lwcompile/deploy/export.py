@@ -294,7 +294,10 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
                 dynamic_hw: bool, opset: int | None, dynamo: bool | None, fast: bool) -> str:
     """Write ``model`` to ``path`` with the exporter ``dynamo`` asks for (None: the
     TorchScript-based one, else the torch.export-based one) and return which wrote it. A
-    module is put in its exported form once, for whichever exporter writes it."""
+    module is put in its exported form once, for whichever exporter writes it. A trace that
+    read tensor values in Python is checked: refused where the values were data
+    (``_refuse_data_dependent_trace``), fixed to the example's size where the file does not
+    hold at others (``_wrong_at_other_sizes``)."""
     if isinstance(model, torch.export.ExportedProgram):
         _write_with_torch_export(model, args, path, dynamic_hw, opset)
         return TORCH_EXPORT
@@ -336,11 +339,10 @@ def _wrong_at_other_sizes(model: nn.Module, args: tuple, path: Path) -> str | No
     """How the file at ``path`` failed or differed from ``model`` at another size than the
     example's (``SIZE_PROBES``; inputs resized nearest, so masks stay masks), or None.
 
-    A trace keeps the branch the example's size took: padding to a multiple of a window
-    skipped at the example's size was skipped at every size (a file 0.58 off at 12x10 in
-    the test), and a windowed transformer's reshapes held the example's window count
-    (SwinIR's file failed at any other size). Sizes the model itself refuses say nothing;
-    nothing is checked without onnxruntime."""
+    A trace keeps the branch the example's size took: padding to a multiple of a window,
+    skipped at the example's size, was skipped at every size, and a windowed transformer's
+    reshapes held the example's window count (SwinIR's file failed at any other size).
+    Sizes the model itself refuses say nothing; nothing is checked without onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
