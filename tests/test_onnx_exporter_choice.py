@@ -50,7 +50,8 @@ class Gated(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """A router picking one of two experts per image, the pick made in Python from tensor
-    values (SeemoRe's inference path): a trace keeps the example's pick."""
+    values, in a module lwcompile does not know (SeemoRe's it runs densely:
+    ``deploy.dense_mixtures``): a trace keeps the example's pick."""
 
     def __init__(self) -> None:
         super().__init__()

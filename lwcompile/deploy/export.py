@@ -48,6 +48,7 @@ from ..nn import ChannelsLast
 from ..tracing.fx_helpers import one_at_a_time
 from ..train.data import Degrade
 from . import int8
+from .dense_mixtures import dense_mixtures
 from .emit import emit_fast
 from .keyword_calls import keyword_calls_exportable
 from .module_rewrites import onnxruntime_forms
@@ -57,16 +58,20 @@ def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
     """An eval copy, by default in ``emit_fast``'s form (BN folded, LIST merged, concats
     sunk: exact, and faster in onnxruntime too); a ChannelsLast wrapper is dropped (memory
     format means nothing there). If the fast form cannot be made, the plain copy is
-    exported, with a warning."""
+    exported, with a warning. Either way, mixtures of experts picking in Python run every
+    expert (``dense_mixtures``), which exporters can record."""
     if isinstance(model, ChannelsLast):
         model = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
+    prepared = None
     if fast:
         try:
-            return emit_fast(model, args, channels_last=False)
+            prepared = emit_fast(model, args, channels_last=False)
         except Exception as exc:
             warnings.warn(f"exporting the plain form: emit_fast failed ({one_line(exc)})",
                           LwCompileWarning, stacklevel=3)
-    return copy.deepcopy(model).eval()
+    prepared = prepared if prepared is not None else copy.deepcopy(model).eval()
+    dense_mixtures(prepared)
+    return prepared
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from ..train.data import Degrade
 from . import int8
 from .aten_rewrites import float_op_forms, strided_views_made_contiguous, xnnpack_forms
 from .delegation import DelegationReport, delegation_report
+from .dense_mixtures import dense_mixtures
 from .keyword_calls import keyword_calls_exportable
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
@@ -133,7 +134,9 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     from float than the quantised model it was lowered from (by ``INT8_PROGRAM_SLACK_DB``).
     An int8 program that does not run there is lowered once more with its strided image
     views copied contiguous (``strided-view-made-contiguous``; KBNet's program ran only
-    so), and refused if it still does not run.
+    so), and refused if it still does not run. A mixture of experts picking its experts in Python
+    runs every expert, the unpicked weighted by zero (``dense_mixtures``; ``dense-mixture``
+    in ``forms``): exact, and what torch.export can record.
 
     ``precision="int8"`` quantises with pt2e and ``XNNPACKQuantizer`` (per-channel
     symmetric; ``deploy.int8_xnnpack``), calibrated on ``calibration`` (and ``degrade``) as
@@ -163,10 +166,12 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     int8_report = None
     model = copy.deepcopy(model).eval()
     keyword_calls_exportable(model)
+    mixtures = dense_mixtures(model)
     example_inputs = fresh(example_inputs)
     with raised_as(MobileExportError, "could not export for XNNPACK"), torch.no_grad():
         for_int8 = precision == "int8"
         exported, forms = _deployed(model, example_inputs, optimize, for_int8)
+        forms["dense-mixture"] += mixtures
         if for_int8:
             quantized, int8_report = quantize_pt2e(
                 exported.module(), model, example_inputs, calibration, degrade=degrade,
@@ -198,7 +203,7 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
         error = _compared(got, expected, simulated)
     write_atomic(path, lambda f: f.write(program.buffer))
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
-    return MobileExport(path, path.stat().st_size, shapes, report, dict(forms), error,
+    return MobileExport(path, path.stat().st_size, shapes, report, dict(+forms), error,
                         int8_report, leading)
 
 
