@@ -52,6 +52,7 @@ from .dense_mixtures import dense_mixtures
 from .emit import emit_fast
 from .keyword_calls import keyword_calls_exportable
 from .module_rewrites import onnxruntime_forms
+from .onnx_values import feeds
 
 
 def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
@@ -327,17 +328,22 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, args: tuple, pa
         _refuse_data_dependent_trace(model, args, doubts)
         if dynamic_hw and (wrong := _wrong_at_other_sizes(model, args, path)):
             _write_with_torchscript(model, args, path, False, opset)
-            h, w = next(a.shape[-2:] for a in args if isinstance(a, torch.Tensor)
-                        and a.dim() == 4)
             warnings.warn(f"the ONNX file's height and width are fixed to the example's "
-                          f"({h}x{w}): its trace read sizes in Python, and with them left "
-                          f"symbolic the file {wrong}", LwCompileWarning, stacklevel=4)
+                          f"({_image_size(args)}): its trace read sizes in Python, and with "
+                          f"them left symbolic the file {wrong}", LwCompileWarning,
+                          stacklevel=4)
     return TORCHSCRIPT
 
 
 #: where a traced file with symbolic height and width is checked, as offsets from the
 #: example's size: one that no window or stride divides, one that 8 does
 SIZE_PROBES = (1, 8)
+
+
+def _image_size(args: tuple) -> str:
+    """``HxW`` of the first 4-D tensor in ``args``."""
+    h, w = next(a.shape[-2:] for a in args if isinstance(a, torch.Tensor) and a.dim() == 4)
+    return f"{h}x{w}"
 
 
 def _wrong_at_other_sizes(model: nn.Module, args: tuple, path: Path) -> str | None:
@@ -357,17 +363,14 @@ def _wrong_at_other_sizes(model: nn.Module, args: tuple, path: Path) -> str | No
         probe = tuple(F.interpolate(a.float(), size=(a.shape[-2] + offset,
                                                      a.shape[-1] + offset)).to(a.dtype)
                       if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
-        size = "x".join(map(str, next(a.shape[-2:] for a in probe
-                                      if isinstance(a, torch.Tensor) and a.dim() == 4)))
+        size = _image_size(probe)
         try:
             with torch.no_grad():
                 want = int8.first_output(model(*fresh(probe)))
         except Exception:  # the model does not take this size
             continue
-        tensors = [a.numpy() for a in fresh(probe) if isinstance(a, torch.Tensor)]
-        try:
-            got = torch.from_numpy(session.run(None, dict(zip(_tensor_names(args), tensors,
-                                                               strict=True)))[0])
+        try:  # onnxruntime does not write into its inputs: ``probe`` itself
+            got = torch.from_numpy(session.run(None, feeds([probe], _tensor_names(args))[0])[0])
         except Exception as exc:
             return f"failed at {size} in onnxruntime ({one_line(exc)[:200]})"
         if got.shape != want.shape:
