@@ -110,3 +110,45 @@ def test_the_chosen_calibrations_all_int8_model_is_not_made_again():
     assert report.calibration_method == "b" and report.float_layers == ["conv9"]
     assert second.calls == [frozenset()]
     assert first.calls.count(frozenset()) == 1 and len(first.calls) == 1 + 10
+
+
+MANY = {f"conv{i}": 1e-6 * (i + 1) for i in range(30)}  # conv29 hurts most
+
+
+def screen_of(simulated: Simulated, misjudged: dict[str, float]):
+    """A screen that sees each layer's variance times ``misjudged[name]`` (1 elsewhere): a
+    cheap approximation of ``simulated`` that may rank layers wrongly."""
+    def one_float_from(excluded: frozenset[str]):
+        def one_float(name: str) -> int8.Runner:
+            seen = {n: v * misjudged.get(n, 1.0) for n, v in simulated.variances.items()}
+            variance = sum(v for n, v in seen.items() if n not in excluded | {name})
+            return lambda args: REFERENCE[0] + math.sqrt(variance) * SIGN
+        return one_float
+    return one_float_from
+
+
+def test_a_screen_ranks_many_layers_and_only_its_best_are_quantised():
+    quantize = Simulated(MANY)
+    # the screen overrates conv3 and underrates conv28 (it ranks 9th, not confirmed)
+    screen = screen_of(quantize, {"conv3": 100.0, "conv28": 0.2})
+    _, report = int8.choose_float_layers(quantize, list(MANY), [()], REFERENCE, 100.0, 2, 1,
+                                         screen=screen)
+    screened = list(report.screened)
+    assert len(screened) == 30 and screened[:2] == ["conv3", "conv29"]
+    assert "conv28" not in screened[:int8.SCREEN_CONFIRMED]
+    # all-int8, the confirmed ones, then one retried round
+    assert len(quantize.calls) == 1 + int8.SCREEN_CONFIRMED + int8.RETRIED_PER_ROUND
+    assert {next(iter(c)) for c in quantize.calls[1:1 + int8.SCREEN_CONFIRMED]} == set(
+        screened[:int8.SCREEN_CONFIRMED])
+    # the real trials decide: conv3 helps less than conv29 and conv27 once quantised for real
+    assert report.float_layers == ["conv29", "conv27"]
+    assert report.psnr_db == pytest.approx(quantize.psnr({"conv29", "conv27"}), abs=1e-4)
+    assert report.to_dict()["screened"]["conv3"] == round(report.screened["conv3"], 3)
+
+
+def test_few_layers_are_not_screened():
+    quantize = Simulated(VARIANCES)
+    _, report = int8.choose_float_layers(quantize, list(VARIANCES), [()], REFERENCE, 100.0, 1,
+                                         1, screen=screen_of(quantize, {}))
+    assert len(VARIANCES) <= int8.SCREEN_ABOVE and report.screened == {}
+    assert len(quantize.calls) == 1 + len(VARIANCES)

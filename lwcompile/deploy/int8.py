@@ -6,7 +6,11 @@ activation scales, and it changes the outputs: by how much depends on the model,
 export measures it on held-out crops instead of assuming it. When the int8 output is too far
 from float, the layers whose quantisation hurts most are kept float, chosen greedily by
 measurement: the first round restores every conv alone and keeps the one that raises the
-PSNR most; later rounds retry the few that helped most before. ``export_onnx`` (onnxruntime)
+PSNR most; later rounds retry the few that helped most before. Where a model has many convs
+and the runtime offers a cheap approximation of "this one conv float" (``Screen``: the
+quantised graph rewired, not quantised again), the first round ranks every conv with it and
+quantises only the best few for real, so a large graph's search costs a few quantisations
+instead of one per conv. ``export_onnx`` (onnxruntime)
 and ``export_mobile`` (XNNPACK) hand this module a function that quantises with a given set
 of layers left float; everything else here is runtime-agnostic.
 """
@@ -34,6 +38,10 @@ MIN_GAIN_DB = 0.1
 #: after the first round, which tries every conv, a round retries only this many of the
 #: convs that helped most in the rounds before
 RETRIED_PER_ROUND = 4
+#: with more candidates than this and a ``Screen``, the first round screens every candidate
+#: and quantises only the ``SCREEN_CONFIRMED`` that gained most in the screen
+SCREEN_ABOVE = 16
+SCREEN_CONFIRMED = 8
 #: the percentile calibration both runtimes try beside their default: activation ranges clip
 #: the top and bottom 0.05 % of the calibration values
 CALIBRATION_PERCENTILE = 99.95
@@ -42,6 +50,10 @@ CALIBRATION_PERCENTILE = 99.95
 Runner = Callable[[tuple], Tensor]
 #: quantises with the named layers left float; returns a runner and what to keep of it
 Quantize = Callable[[frozenset[str]], tuple[Runner, Any]]
+#: given what ``Quantize`` kept for a quantised model, a function giving a runner of that
+#: model with one more named layer float, made without quantising again: an approximation of
+#: ``Quantize`` with that layer excluded, cheap enough to rank every candidate
+Screen = Callable[[Any], Callable[[str], Runner]]
 
 
 class Int8Error(LwCompileError):
@@ -73,6 +85,9 @@ class Int8Report:
     restorations: list[tuple[str, float]] = field(default_factory=list)
     #: gains (dB) of restoring each layer alone, in the last round measured, worst first
     sensitivity: dict[str, float] = field(default_factory=dict)
+    #: where the first round was screened: each candidate's gain in the screen, largest
+    #: first (only the best ``SCREEN_CONFIRMED`` were then quantised and are in ``sensitivity``)
+    screened: dict[str, float] = field(default_factory=dict)
     #: PSNR with every layer quantised, before any was kept float
     all_int8_psnr_db: float | None = None
     #: how activation ranges were set, where several were measured: the one kept, and the
@@ -91,6 +106,7 @@ class Int8Report:
                 "evaluation_count": self.evaluation_count,
                 "restorations": [[n, round(p, 3)] for n, p in self.restorations],
                 "sensitivity": {n: round(g, 3) for n, g in self.sensitivity.items()},
+                "screened": {n: round(g, 3) for n, g in self.screened.items()},
                 "all_int8_psnr_db": (None if self.all_int8_psnr_db is None
                                      else round(self.all_int8_psnr_db, 3)),
                 "calibration_method": self.calibration_method,
@@ -153,14 +169,17 @@ def score(runner: Runner, inputs: list[tuple], reference: list[Tensor]) -> tuple
 def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: list[tuple],
                         reference: list[Tensor], target_psnr: float, max_float_layers: int,
                         calibration_count: int, min_psnr: float | None = None,
-                        all_int8: tuple[Runner, Any] | None = None) -> tuple[Any, Int8Report]:
+                        all_int8: tuple[Runner, Any] | None = None,
+                        screen: Screen | None = None) -> tuple[Any, Int8Report]:
     """Quantise everything; while the PSNR against ``reference`` is below ``target_psnr`` and
     fewer than ``max_float_layers`` are float, restore candidates one at a time and keep the
     one that helps most, if it helps by ``MIN_GAIN_DB`` or more.
 
     The first round tries every candidate; later rounds retry only the ``RETRIED_PER_ROUND``
     that helped most before (restoring one layer rarely reorders the rest), so the search
-    costs about one quantisation per conv, not one per conv and float layer. The report's
+    costs about one quantisation per conv, not one per conv and float layer; with ``screen``
+    and more than ``SCREEN_ABOVE`` candidates, the first round quantises only the
+    ``SCREEN_CONFIRMED`` that gain most in the screen. The report's
     ``sensitivity`` holds each still-quantised layer's gain from the latest round that
     measured it, largest first. With no round run (``max_float_layers=0``, or the target
     met) but the PSNR below ``min_psnr``, one round is measured anyway so that the refusal
@@ -173,6 +192,16 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
     first_psnr = psnr
     restorations: list[tuple[str, float]] = []
     sensitivity: dict[str, float] = {}
+    screened: dict[str, float] = {}
+
+    def first_round(names: list[str]) -> list[str]:
+        """The candidates the first round quantises: all, or the best few in the screen."""
+        if screen is None or len(names) <= SCREEN_ABOVE:
+            return names
+        one_float = screen(kept)
+        gains = {name: score(one_float(name), inputs, reference)[0] - psnr for name in names}
+        screened.update(sorted(gains.items(), key=lambda item: -item[1]))
+        return list(screened)[:SCREEN_CONFIRMED]
 
     def measure(names: Sequence[str]) -> tuple[str, tuple[float, float, Any, Any]] | None:
         """Each of ``names`` restored alone; the gains go into ``sensitivity``; the best
@@ -190,8 +219,8 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
         return best
 
     while psnr < target_psnr and len(excluded) < max_float_layers:
-        names = [n for n in candidates if n not in excluded] if not sensitivity else \
-            list(sensitivity)[:RETRIED_PER_ROUND]
+        names = first_round([n for n in candidates if n not in excluded]) if not sensitivity \
+            else list(sensitivity)[:RETRIED_PER_ROUND]
         best = measure(names)
         if best is None or sensitivity[best[0]] < MIN_GAIN_DB:
             break
@@ -200,20 +229,22 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
         del sensitivity[name]
         restorations.append((name, psnr))
     if not sensitivity and min_psnr is not None and psnr < min_psnr:
-        measure([n for n in candidates if n not in excluded])
+        measure(first_round([n for n in candidates if n not in excluded]))
     report = Int8Report(psnr, max_error, [n for n, _ in restorations], calibration_count,
-                        len(inputs), restorations, sensitivity, first_psnr)
+                        len(inputs), restorations, sensitivity, screened, first_psnr)
     return kept, report
 
 
 def choose_calibration(quantizers: dict[str, Quantize], candidates: Sequence[str],
                        inputs: list[tuple], reference: list[Tensor], target_psnr: float,
                        max_float_layers: int, calibration_count: int,
-                       min_psnr: float | None = None) -> tuple[Any, Int8Report]:
+                       min_psnr: float | None = None,
+                       screens: dict[str, Screen] | None = None) -> tuple[Any, Int8Report]:
     """Quantise everything once per activation calibration in ``quantizers`` (name ->
     quantise function), keep the one whose all-int8 model is closest to float, then choose
     the float layers with it (``choose_float_layers``, starting from that all-int8 model
-    rather than quantising it again); the report names the calibration
+    rather than quantising it again, screening with ``screens[name]`` where given); the
+    report names the calibration
     kept and the all-int8 PSNR each gave. A calibration that fails (a histogram over a
     tensor of one value, say) is left out and its error reported; if all fail, ``Int8Error``."""
     scores: dict[str, float] = {}
@@ -235,7 +266,8 @@ def choose_calibration(quantizers: dict[str, Quantize], candidates: Sequence[str
             f"{name}: {error}" for name, error in errors.items()))
     kept, report = choose_float_layers(quantizers[best[0]], candidates, inputs, reference,
                                        target_psnr, max_float_layers, calibration_count,
-                                       min_psnr, all_int8=best[1])
+                                       min_psnr, all_int8=best[1],
+                                       screen=(screens or {}).get(best[0]))
     report.calibration_method = best[0]
     report.calibration_psnr_db = scores
     report.calibration_errors = errors

@@ -38,7 +38,7 @@ import dataclasses
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from ..errors import one_line
 from ..train.data import Degrade
 from . import int8, int8_inputs, onnx_values
 from .int8_finetune import Tuned
+from .qdq_float_layer import FloatLayers
 
 INSTALL_HINT = "pip install lwcompile[export]"
 #: the largest weight magnitude, in grid steps, of onnxruntime's 7-bit (``reduce_range``)
@@ -154,8 +155,16 @@ def _quantize_static(source: Path, out: Path, feeds: list[dict[str, np.ndarray]]
                         calibration_cache_path=None if cache is None else str(cache))
 
 
-def session(path: str | Path, threads: int = 2, spinning: bool = False) -> Any:
-    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads. Without
+def _runner(sess: Any, names: Sequence[str]) -> int8.Runner:
+    """Runs ``sess`` on one tuple of inputs, returning its first output."""
+    def run(args: tuple) -> Tensor:
+        return torch.from_numpy(sess.run(None, onnx_values.feeds([args], names)[0])[0])
+    return run
+
+
+def session(path: str | Path | bytes, threads: int = 2, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session on ``path`` (or a model's bytes) with ``threads`` intra-op
+    threads. Without
     ``spinning`` its threads do not spin-wait after a run: spinning would take the CPU from
     whatever runs next (the next variant ``tune`` times). ``spinning=True`` is onnxruntime's
     default, what a deployed session gets: it shortens the hand-over between many small ops."""
@@ -164,7 +173,8 @@ def session(path: str | Path, threads: int = 2, spinning: bool = False) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
@@ -179,6 +189,11 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
     it is quantised too, with the activation ranges learned with it (``learned_overrides``)
     and with a percentile calibration, and the one closer to ``model`` is kept."""
     onnx, _ = _onnxruntime()
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    # the op types ``quantize_static`` quantises when not told which (both registries)
+    quantised_ops = set(QDQRegistry) | set(QLinearOpsRegistry)
+
     calib = int8_inputs.calibration_inputs(calibration, example_inputs, calibration_count, degrade)
     held = int8_inputs.evaluation_inputs(calibration, example_inputs, evaluation_count, len(calib),
                                   degrade)
@@ -208,20 +223,23 @@ def quantize_onnx(float_path: Path, model: nn.Module, example_inputs: tuple,
             out = work / "model.int8.onnx"
             _quantize_static(source, out, feeds, calibration_name, overrides=overrides,
                              excluded=excluded, cache=cache)
-            sess = session(out)
-
-            def run(args: tuple) -> Tensor:
-                feed = onnx_values.feeds([args], names)[0]
-                return torch.from_numpy(sess.run(None, feed)[0])
-
-            return run, out.read_bytes()
+            return _runner(session(out), names), out.read_bytes()
         return quantize
+
+    def screen(source: Path) -> int8.Screen:
+        def one_float_from(kept: bytes) -> Callable[[str], int8.Runner]:
+            layers = FloatLayers(onnx.load_from_string(kept), onnx.load(str(source)),
+                                 quantised_ops)
+            return lambda name: _runner(session(layers.with_float(name).SerializeToString()),
+                                        names)
+        return one_float_from
 
     try:
         data, report = int8.choose_calibration(
             {name: quantizer(*candidate) for name, candidate in candidates.items()},
             convs, held, reference,
-            target_psnr, max_float_layers, len(calib), min_psnr)
+            target_psnr, max_float_layers, len(calib), min_psnr,
+            {name: screen(source) for name, (_, source, _) in candidates.items()})
     finally:
         for f in work.iterdir():
             f.unlink()
