@@ -5,6 +5,7 @@ exporter writes invalid is refused, not written."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -97,10 +98,15 @@ def test_a_model_the_torchscript_exporter_takes_is_written_by_it(tmp_path):
     torch.testing.assert_close(_run(path, X), model(X).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_what_the_torchscript_exporter_lacks_goes_to_the_torch_export_based_one(tmp_path):
+def test_what_the_torchscript_exporter_lacks_goes_to_the_torch_export_based_one(tmp_path,
+                                                                               capfd):
     model = PooledToHalf().eval()
     path = lwcompile.export_onnx(model, (X,), tmp_path / "a.onnx")
     assert path.exporter == TORCH_EXPORT and _opset(path) == OPSET[TORCH_EXPORT] == 18
+    # the TorchScript exporter's failure logged its whole graph to stdout (torch forces its
+    # log on); now nothing is printed, and torch's flag is its function again
+    assert "Torch IR graph" not in capfd.readouterr().out
+    assert callable(torch._C._jit_is_onnx_log_enabled)
     for x in (X, torch.rand(1, 3, 24, 20)):  # height and width stay symbolic
         with torch.no_grad():
             torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)
@@ -182,3 +188,16 @@ def test_a_trace_wrong_at_other_sizes_keeps_the_examples_size(tmp_path):
         torch.testing.assert_close(_run(path, x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="invalid dimensions"):  # refused, not wrong
         _run(path, torch.rand(1, 3, 12, 10))
+
+
+def test_only_the_exporters_torchvision_notices_are_left_out_of_the_log(caplog):
+    from lwcompile.deploy.export import _without_torchvision_notices
+
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with caplog.at_level(logging.WARNING), _without_torchvision_notices():
+        registry_log.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+        registry_log.warning("Failed to register '%s'. Skipped", "aten::foo")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to register 'aten::foo'. Skipped"]
+    with caplog.at_level(logging.WARNING):  # outside an export, the log is as it was
+        registry_log.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+    assert len(caplog.records) == 2

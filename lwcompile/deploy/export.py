@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import shutil
 import tempfile
 import warnings
@@ -418,9 +419,10 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     try:
         if not isinstance(model, torch.export.ExportedProgram):
             model = _export(model, args, dynamic_hw)
-        program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
-                                    input_names=_tensor_names(args), output_names=["output"],
-                                    verbose=False)
+        with _without_torchvision_notices():
+            program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
+                                        input_names=_tensor_names(args),
+                                        output_names=["output"], verbose=False)
         program.save(str(path), external_data=False)
         onnx.checker.check_model(str(path), full_check=True)
     except LwCompileError:
@@ -433,6 +435,23 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     except Exception as exc:
         raise _Complaint(f"{one_line(_root_cause(exc))} (torch.export-based exporter)"
                          ) from exc
+
+
+@contextlib.contextmanager
+def _without_torchvision_notices() -> Iterator[None]:
+    """The torch.export-based exporter's notices that it skips torchvision's ops (detection
+    ops no image-to-image network here uses; lwcompile never installs torchvision) left out
+    of the log; its other messages kept."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+    def not_torchvision(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+    registry_log.addFilter(not_torchvision)
+    try:
+        yield
+    finally:
+        registry_log.removeFilter(not_torchvision)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -510,11 +529,21 @@ def _channel_shuffle(g: Any, x: Any, groups: Any) -> Any:
 
 @contextlib.contextmanager
 def _torchscript_exporter() -> Iterator[None]:
-    """channel_shuffle registered for the duration; the exporter's deprecation notice off."""
+    """channel_shuffle registered for the duration; the exporter's deprecation notice and its
+    log off.
+
+    The log: torch's ``setup_onnx_logging`` tests ``torch._C._jit_is_onnx_log_enabled``
+    without calling it, so it always finds it true and turns the ONNX log on; where the
+    export then fails, the exporter logs the whole TorchScript graph to stdout (hundreds of
+    kilobytes for a transformer) before ``export_onnx`` tries the other exporter or says
+    why. For the duration the name holds what the function returns."""
     torch.onnx.register_custom_op_symbolic("aten::channel_shuffle", _channel_shuffle, 9)
+    log_enabled = torch._C._jit_is_onnx_log_enabled
+    torch._C._jit_is_onnx_log_enabled = log_enabled()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
+        torch._C._jit_is_onnx_log_enabled = log_enabled
         torch.onnx.unregister_custom_op_symbolic("aten::channel_shuffle", 9)
