@@ -8,7 +8,10 @@ clips such outliers instead; which costs less depends on the model and the data.
 calibrated, the whole model quantised and scored against float on the held-out inputs, and
 the best kept. Its ranges are cached (``calibration_cache_path``), so the greedy search of
 ``int8.choose_float_layers`` requantises with convs excluded (``nodes_to_exclude``) without
-calibrating again.
+calibrating again. Each such call still rewrites the whole graph (seconds on a
+transformer's), so a model with many convs is first screened on the quantised graph itself
+(``qdq_float_layer``: one conv made float by rewiring, a session per conv) and only the
+best few are quantised again.
 
 On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) onnxruntime multiplies uint8 by int8
 with ``VPMADDUBSW``, whose 16-bit pair sums saturate on large activations and weights; there

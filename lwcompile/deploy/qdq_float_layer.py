@@ -10,9 +10,9 @@ excluded node:
   float file the graph was quantised from;
 - an activation it reads or writes stays quantised where anything else asks the quantiser
   to quantise it: the node producing it or another reader, if of an op type the quantiser
-  handles. Otherwise its QuantizeLinear / DequantizeLinear pair is
-  bypassed: only the excluded node had asked for it (the image a first conv reads, the
-  output a last conv writes).
+  handles. Otherwise its QuantizeLinear / DequantizeLinear pair is bypassed: only the
+  excluded node had asked for it (the image a first conv reads, the output a last conv
+  writes).
 
 One difference is left: where the quantiser had folded a ReLU or Clip into the node's output
 range (removing it), the output stays quantised, since that range also clamps as the
