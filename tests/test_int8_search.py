@@ -144,6 +144,8 @@ def test_a_screen_ranks_many_layers_and_only_its_best_are_quantised():
     assert report.float_layers == ["conv29", "conv27"]
     assert report.psnr_db == pytest.approx(quantize.psnr({"conv29", "conv27"}), abs=1e-4)
     assert report.to_dict()["screened"]["conv3"] == round(report.screened["conv3"], 3)
+    assert str(report).endswith(
+        f"float layers: conv29, conv27 (of the {int8.SCREEN_CONFIRMED} best of 30 screened)")
 
 
 def test_few_layers_are_not_screened():

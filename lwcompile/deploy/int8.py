@@ -120,9 +120,12 @@ class Int8Report:
         method = f" ({self.calibration_method})" if self.calibration_method else ""
         if self.weight_bits != 8:
             method += f", {self.weight_bits}-bit weights"
+        searched = (f" (of the {SCREEN_CONFIRMED} best of {len(self.screened)} screened)"
+                    if self.screened and self.float_layers else "")
         return (f"int8 vs float on {self.evaluation_count} held-out inputs: "
                 f"PSNR {self.psnr_db:.2f} dB, max |error| {self.max_abs_error:.3g}; "
-                f"calibrated on {self.calibration_count}{method}; float layers: {kept}")
+                f"calibrated on {self.calibration_count}{method}; float layers: {kept}"
+                f"{searched}")
 
 
 def check_precision(precision: str) -> str:
