@@ -6,13 +6,13 @@ activation scales, and it changes the outputs: by how much depends on the model,
 export measures it on held-out crops instead of assuming it. When the int8 output is too far
 from float, the layers whose quantisation hurts most are kept float, chosen greedily by
 measurement: the first round restores every conv alone and keeps the one that raises the
-PSNR most; later rounds retry the few that helped most before. Where a model has many convs
-and the runtime offers a cheap approximation of "this one conv float" (``Screen``: the
-quantised graph rewired, not quantised again), the first round ranks every conv with it and
-quantises only the best few for real, so a large graph's search costs a few quantisations
-instead of one per conv. ``export_onnx`` (onnxruntime)
-and ``export_mobile`` (XNNPACK) hand this module a function that quantises with a given set
-of layers left float; everything else here is runtime-agnostic.
+PSNR most; later rounds retry the few that helped most before. Where a model has many convs,
+the first round ranks every conv by a cheap "this one conv float" (``Screen``: the quantised
+graph rewired as leaving the conv out would, not quantised again) and quantises only the
+best few for real, so a large graph's search costs a few quantisations instead of one per
+conv. ``export_onnx`` (onnxruntime) and ``export_mobile`` (XNNPACK) hand this module a
+function that quantises with a given set of layers left float, and their screen
+(``qdq_float_layer``, ``pt2e_float_layer``); everything else here is runtime-agnostic.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ Runner = Callable[[tuple], Tensor]
 #: quantises with the named layers left float; returns a runner and what to keep of it
 Quantize = Callable[[frozenset[str]], tuple[Runner, Any]]
 #: given what ``Quantize`` kept for a quantised model, a function giving a runner of that
-#: model with one more named layer float, made without quantising again: an approximation of
-#: ``Quantize`` with that layer excluded, cheap enough to rank every candidate
+#: model with one more named layer float, made without quantising again: what ``Quantize``
+#: gives with that layer excluded, or close to it, and cheap enough to rank every candidate
 Screen = Callable[[Any], Callable[[str], Runner]]
 
 

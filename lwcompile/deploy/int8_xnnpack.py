@@ -16,6 +16,9 @@ node records (``nn_module_stack``); its float output is what the next quantised 
 The search for such convs quantises once per trial, but every trial observes the same float
 values, so each activation's range is computed once and reused (``_reuse_ranges``): the
 histogram observer's search for a range takes seconds per tensor, the same on every trial.
+A model with many convs is first screened on the converted graph itself
+(``pt2e_float_layer``: one conv made float by rewiring, as leaving it out would), and only
+the best few are quantised again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..measure.inputs import fresh
 from ..tracing.fx_helpers import stored_constant, stored_value
 from ..train.data import Degrade
 from . import int8, int8_inputs
+from .pt2e_float_layer import Pt2eFloatLayers
 
 INSTALL_HINT = "pip install lwcompile[mobile]"
 #: activation-range calibrations tried (the quantiser's default is its histogram observer)
@@ -235,10 +239,29 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
             return run, converted
         return quantize
 
+    def screen(calibration_name: str, pristine: torch.fx.GraphModule) -> int8.Screen:
+        def one_float_from(kept: torch.fx.GraphModule) -> Callable[[str], int8.Runner]:
+            config = _activation_config(config_for(is_per_channel=True), calibration_name)
+            prepared = prepare_pt2e(copy.deepcopy(pristine), XNNPACKQuantizer().set_global(
+                config))  # its annotation and float weights; never calibrated or run
+            layers = Pt2eFloatLayers(kept, prepared, _module_path)
+
+            def one_float(name: str) -> int8.Runner:
+                model = layers.with_float(name)
+
+                def run(args: tuple) -> Tensor:
+                    with torch.no_grad():
+                        return int8.first_output(model(*args))
+                return run
+            return one_float
+        return one_float_from
+
     converted, report = int8.choose_calibration(
         {name: quantizer(*candidate) for name, candidate in candidates.items()},
         conv_layers(graph_module), held,
-        reference, target_psnr, max_float_layers, len(calib), min_psnr)
+        reference, target_psnr, max_float_layers, len(calib), min_psnr,
+        {name: screen(calibration, pristine)
+         for name, (calibration, pristine, _) in candidates.items()})
     int8.refuse_below(report, min_psnr)
     return converted, report
 
