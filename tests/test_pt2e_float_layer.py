@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lwcompile
@@ -21,23 +22,38 @@ pytest.importorskip("torchao")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class TwoConvs(nn.Module):
+    """Two convs in one module's forward (as a lightened block's functional convs): leaving
+    the module out leaves both out, and what passes between them is not rounded."""
+
+    def __init__(self, channels: int, out: int) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.2)
+        self.second = nn.Parameter(torch.randn(out, channels, 1, 1) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, self.first, padding=1), self.second)
+
+
 class GatedWithNorm(nn.Module):
     """A conv + BatchNorm + ReLU block (prepare folds the norm into the conv's weights), a
-    conv read by a float op (sigmoid) and a multiply."""
+    conv read by a float op (sigmoid) and a multiply, an upsampled image read by a module of
+    two convs."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(1)
         self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.gate = nn.Conv2d(8, 8, 1)
-        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+        self.tail = TwoConvs(8, 3)
         with torch.no_grad():
             self.block[1].running_mean.uniform_(-0.5, 0.5)
             self.block[1].running_var.uniform_(0.5, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.block(x)
-        return self.tail(torch.sigmoid(self.gate(y)) * y)
+        gated = torch.sigmoid(self.gate(y)) * y
+        return self.tail(F.interpolate(gated, scale_factor=2, mode="nearest"))
 
 
 @pytest.mark.parametrize("model_class", [Mixed, GatedWithNorm])

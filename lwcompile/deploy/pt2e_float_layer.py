@@ -12,7 +12,9 @@ out changes, so the converted graph can be rewired to match:
   otherwise only this conv's input edge was, and the conv reads the float tensor (the image
   a first conv reads);
 - the tensor its pattern writes (the conv, or the ReLU fused with it) stays quantised if a
-  reader annotated its input edge for it; otherwise every reader gets the float tensor.
+  reader annotated its input edge for it; otherwise every reader gets the float tensor;
+- a layer is a module: every conv it calls is left out, and annotations of its own nodes
+  count for nothing (two convs in one module's forward pass their tensor unrounded).
 
 pt2e gives every reader its own dequantize and the search reuses each tensor's range, so
 the rewired graph computes what quantising with the conv left out computes (tested); the
@@ -73,6 +75,8 @@ class Pt2eFloatLayers:
         graph = model.graph
         convs = [node for node in graph.nodes if node.op == "call_function"
                  and node.target in _CONVS and self.module_path(node) == layer]
+        # the module's nodes are all left out: their annotations ask for nothing
+        left_out = {node.name for node in graph.nodes if self.module_path(node) == layer}
         for conv in convs:
             for index in (1, 2):
                 stored = conv.args[index] if len(conv.args) > index else None
@@ -83,16 +87,16 @@ class Pt2eFloatLayers:
             read = conv.args[0]
             if _dequantize(read) and _quantize(read.args[0]):
                 source = read.args[0].args[0]
-                if not self._output_annotated(source.name):
+                if source.name in left_out or not self._output_annotated(source.name):
                     conv.update_arg(0, source)
-            self._unround_output(conv)
+            self._unround_output(conv, left_out)
         graph.eliminate_dead_code()
         model.recompile()
         return model
 
-    def _unround_output(self, conv: fx.Node) -> None:
-        """Readers of the conv's pattern output get it unrounded where none of them had
-        annotated their input edge for it."""
+    def _unround_output(self, conv: fx.Node, left_out: set[str]) -> None:
+        """Readers of the conv's pattern output get it unrounded where none of them (but
+        those ``left_out``) had annotated their input edge for it."""
         written, users = conv, list(conv.users)
         if len(users) == 1 and not _quantize(users[0]) and \
                 self._output_annotated(users[0].name):  # a ReLU fused into its pattern
@@ -101,7 +105,8 @@ class Pt2eFloatLayers:
             return
         quantize = users[0]
         readers = [reader for dequantize in quantize.users for reader in dequantize.users]
-        if any(self._edge_annotated(reader.name, written.name) for reader in readers):
+        if any(self._edge_annotated(reader.name, written.name) for reader in readers
+               if reader.name not in left_out):
             return
         for dequantize in list(quantize.users):
             dequantize.replace_all_uses_with(written)
