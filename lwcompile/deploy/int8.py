@@ -85,8 +85,8 @@ class Int8Report:
     restorations: list[tuple[str, float]] = field(default_factory=list)
     #: gains (dB) of restoring each layer alone, in the last round measured, worst first
     sensitivity: dict[str, float] = field(default_factory=dict)
-    #: where the first round was screened: each candidate's gain in the screen, largest
-    #: first (only the best ``SCREEN_CONFIRMED`` were then quantised and are in ``sensitivity``)
+    #: where a round was screened: each candidate's gain in the latest screen, largest first
+    #: (only the best ``SCREEN_CONFIRMED`` were then quantised and are in ``sensitivity``)
     screened: dict[str, float] = field(default_factory=dict)
     #: PSNR with every layer quantised, before any was kept float
     all_int8_psnr_db: float | None = None
@@ -203,6 +203,7 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
             return names
         one_float = screen(kept)
         gains = {name: score(one_float(name), inputs, reference)[0] - psnr for name in names}
+        screened.clear()  # a later screen (of a model with more layers float) replaces it
         screened.update(sorted(gains.items(), key=lambda item: -item[1]))
         return list(screened)[:SCREEN_CONFIRMED]
 
