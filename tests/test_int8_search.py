@@ -154,3 +154,19 @@ def test_few_layers_are_not_screened():
                                          1, screen=screen_of(quantize, {}))
     assert len(VARIANCES) <= int8.SCREEN_ABOVE and report.screened == {}
     assert len(quantize.calls) == 1 + len(VARIANCES)
+
+
+def test_a_screen_that_fails_leaves_the_search_to_quantise_every_layer():
+    quantize = Simulated(MANY)
+
+    def broken(kept):
+        def one_float(name: str) -> int8.Runner:
+            raise KeyError(f"{name}_DequantizeLinear_Output")
+        return one_float
+
+    with pytest.warns(lwcompile.LwCompileWarning, match="could not screen this graph "
+                      r"\(KeyError: 'conv0_DequantizeLinear_Output'\); it quantises"):
+        _, report = int8.choose_float_layers(quantize, list(MANY), [()], REFERENCE, 100.0, 1,
+                                             1, screen=broken)
+    assert report.screened == {} and report.float_layers == ["conv29"]
+    assert len(quantize.calls) == 1 + len(MANY)

@@ -18,6 +18,7 @@ function that quantises with a given set of layers left float, and their screen
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import LwCompileError, one_line
+from ..errors import LwCompileError, LwCompileWarning, one_line
 from ..measure.inputs import fresh
 
 PRECISIONS = ("fp32", "int8")
@@ -201,8 +202,16 @@ def choose_float_layers(quantize: Quantize, candidates: Sequence[str], inputs: l
         """The candidates the first round quantises: all, or the best few in the screen."""
         if screen is None or len(names) <= SCREEN_ABOVE:
             return names
-        one_float = screen(kept)
-        gains = {name: score(one_float(name), inputs, reference)[0] - psnr for name in names}
+        try:
+            one_float = screen(kept)
+            gains = {name: score(one_float(name), inputs, reference)[0] - psnr
+                     for name in names}
+        except Exception as exc:  # a graph the rewiring does not understand
+            warnings.warn(LwCompileWarning(
+                f"int8: the float-layer search could not screen this graph "
+                f"({one_line(exc)}); it quantises the model once per layer instead"),
+                stacklevel=2)
+            return names
         screened.clear()  # a later screen (of a model with more layers float) replaces it
         screened.update(sorted(gains.items(), key=lambda item: -item[1]))
         return list(screened)[:SCREEN_CONFIRMED]
