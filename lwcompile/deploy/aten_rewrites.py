@@ -98,6 +98,7 @@ import torch
 from torch import fx
 
 from ..tracing.fx_helpers import (
+    ATEN_CONVS,
     channel_concat_parts,
     node_shape,
     stored_constant,
@@ -116,10 +117,6 @@ _ACTIVATIONS = {
                      aten.tanh.default, aten.silu.default, aten.gelu.default,
                      aten.hardswish.default), "activation-into-cat-parts"),
 }
-
-#: convs a BatchNorm right after is folded into (by XNNPACK, or the quantiser's patterns)
-_CONVS = frozenset({aten.conv2d.default, aten.convolution.default,
-                    aten.conv_transpose2d.input})
 
 _UPSAMPLE_MODES = {aten.upsample_bilinear2d.vec: "bilinear",
                    aten.upsample_bilinear2d.default: "bilinear",
@@ -264,7 +261,7 @@ def _batchnorm_as_depthwise(gm: fx.GraphModule, bn: fx.Node) -> int:
     x, shape = bn.args[0], node_shape(bn.args[0])
     if (shape is None or len(shape) != 4 or not all(map(_is_attr, bn.args[1:5]))
             or bn.args[3] is None or bn.args[4] is None
-            or (getattr(x, "target", None) in _CONVS and len(x.users) == 1)):
+            or (getattr(x, "target", None) in ATEN_CONVS and len(x.users) == 1)):
         return 0
     weight, bias, mean, var = (_tensor(gm, a) for a in bn.args[1:5])
     channels = int(shape[1])

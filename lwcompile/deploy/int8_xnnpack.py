@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import one_line
 from ..measure.inputs import fresh
-from ..tracing.fx_helpers import stored_constant, stored_value
+from ..tracing.fx_helpers import ATEN_CONVS, stored_constant, stored_value
 from ..train.data import Degrade
 from . import int8, int8_inputs
 from .pt2e_float_layer import Pt2eFloatLayers
@@ -86,9 +86,7 @@ def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
     """Module paths of the convs in an exported graph, in execution order."""
     names: list[str] = []
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in (
-                torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default,
-                torch.ops.aten.conv_transpose2d.input):
+        if node.op == "call_function" and node.target in ATEN_CONVS:
             name = _module_path(node)
             if name is not None and name not in names:
                 names.append(name)
@@ -182,6 +180,14 @@ def _reuse_ranges(prepared: torch.fx.GraphModule,
             quant_min=observer.quant_min, quant_max=observer.quant_max))
 
 
+def _runner(converted: torch.fx.GraphModule) -> int8.Runner:
+    """Runs the quantised graph ``converted`` on one tuple of inputs (its first output)."""
+    def run(args: tuple) -> Tensor:
+        with torch.no_grad():
+            return int8.first_output(converted(*args))
+    return run
+
+
 def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                   example_inputs: tuple, calibration: Any, *, min_psnr: float | None,
                   degrade: Degrade | None,
@@ -231,12 +237,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
                 apply_ranges(prepared, ranges)
             _reuse_ranges(prepared, known)
             converted = convert_pt2e(prepared)
-
-            def run(args: tuple) -> Tensor:
-                with torch.no_grad():
-                    return int8.first_output(converted(*args))
-
-            return run, converted
+            return _runner(converted), converted
         return quantize
 
     def screen(calibration_name: str, pristine: torch.fx.GraphModule) -> int8.Screen:
@@ -245,15 +246,7 @@ def quantize_pt2e(graph_module: torch.fx.GraphModule, model: nn.Module,
             prepared = prepare_pt2e(copy.deepcopy(pristine), XNNPACKQuantizer().set_global(
                 config))  # its annotation and float weights; never calibrated or run
             layers = Pt2eFloatLayers(kept, prepared, _module_path)
-
-            def one_float(name: str) -> int8.Runner:
-                model = layers.with_float(name)
-
-                def run(args: tuple) -> Tensor:
-                    with torch.no_grad():
-                        return int8.first_output(model(*args))
-                return run
-            return one_float
+            return lambda name: _runner(layers.with_float(name))
         return one_float_from
 
     converted, report = int8.choose_calibration(

@@ -30,10 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..tracing.fx_helpers import stored_constant, stored_value
-
-_CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default,
-          torch.ops.aten.conv_transpose2d.input)
+from ..tracing.fx_helpers import ATEN_CONVS, stored_constant, stored_value
 
 
 class Pt2eFloatLayers:
@@ -74,7 +71,7 @@ class Pt2eFloatLayers:
         model = copy.deepcopy(self.converted)
         graph = model.graph
         convs = [node for node in graph.nodes if node.op == "call_function"
-                 and node.target in _CONVS and self.module_path(node) == layer]
+                 and node.target in ATEN_CONVS and self.module_path(node) == layer]
         # the module's nodes are all left out: their annotations ask for nothing
         left_out = {node.name for node in graph.nodes if self.module_path(node) == layer}
         for conv in convs:

@@ -76,7 +76,7 @@ class FloatLayers:
             if dequantize is None or dequantize.op_type != "DequantizeLinear":
                 continue
             if dequantize.input[0] in initializers:  # a weight or bias, quantised offline
-                original = name[:-len(DEQUANTIZED)] if name.endswith(DEQUANTIZED) else name
+                original = name.removesuffix(DEQUANTIZED)
                 weight = onnx.TensorProto()
                 weight.CopyFrom(self.float_weights[original])
                 weight.name = f"{original}_float"

@@ -78,6 +78,11 @@ def one_at_a_time(entry_point: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+#: the convolutions of an exported (ATen) graph: 2-D, general and transposed
+ATEN_CONVS = frozenset({torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default,
+                        torch.ops.aten.conv_transpose2d.input})
+
+
 def stored_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a get_attr ``node`` of ``gm`` reads, detached."""
     return functools.reduce(getattr, node.target.split("."), gm).detach()
