@@ -621,3 +621,44 @@ def test_a_codebook_lookup_deploys_to_xnnpack_int8(tmp_path):
     assert (tmp_path / "m.pte").stat().st_size == export.size_bytes
     assert export.int8_report.psnr_db > 20
 
+
+
+class NormThenCrop(nn.Module):
+    """A token LayerNorm (run by ExecuTorch's own kernel), a conv and a pixel shuffle, the
+    mean added back and a crop to the whole size (ATD's tail): torch.export writes the
+    crop as an alias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv2d(8, 48, 3, padding=1)
+        self.register_buffer("mean", torch.rand(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        image = tokens.transpose(1, 2).reshape(b, c, h, w)
+        y = torch.pixel_shuffle(self.conv(image), 4) / 1.0 + self.mean.type_as(x)
+        return y[:, :, :h * 4, :w * 4]
+
+
+def test_aliases_of_computed_tensors_are_removed_and_the_output_kept():
+    x = torch.rand(1, 8, 6, 5)
+    model = NormThenCrop().eval()
+    module, forms = rewrite(model, x)
+    assert forms == {"alias-removed": 1}
+    assert aten.alias.default not in ops(module)
+    torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+    # an alias of an input is left alone: returning the input itself would alias it
+    module, forms = rewrite(ConvThen(lambda y, x: (y, x[:, :, :6, :5])), x[:, :3])
+    assert "alias-removed" not in forms and aten.alias.default in ops(module)
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_a_whole_size_crop_after_a_delegate_runs_in_executorch(tmp_path):
+    pytest.importorskip("executorch")
+    # without the form ExecuTorch's alias kernel refused the channels-last tensor XNNPACK
+    # returned, and the program did not run
+    export = runs_in_executorch_as_eager(NormThenCrop().eval(), torch.rand(1, 8, 16, 16),
+                                         tmp_path / "c.pte")
+    assert export.forms == {"alias-removed": 1}

@@ -60,6 +60,10 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   multiple of the window, when the size already is one: DAT, RGT) -> its input. Not for
   speed: XNNPACK refuses to build a quantised pad by nothing, so the int8 program could not
   load;
+- ``alias-removed``: an alias of a computed tensor (torch.export's form of a slice over a
+  whole dimension: ATD's final crop ``x[:, :, :h * scale, :w * scale]``) -> that tensor.
+  Not for speed: where the tensor came from an XNNPACK delegate in channels-last order,
+  ExecuTorch's alias kernel refused it, so the program could not run;
 - ``unit-dims-dropped``: a reshape to more than 6 dimensions whose leading ones are of size
   one (OmniSR's grid attention: ``(1, 4, 16, 8, 8, 8, 8)``), and the permutes and copies
   that follow it, drop those leading dimensions. Not for speed: XNNPACK defines tensors of
@@ -73,6 +77,9 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   height or width, keeping the dimension). Not for speed: XNNPACK's partitioner takes any
   such max of a 4-D tensor and its lowering then refuses the others, so the program could
   not be made; ``amax`` runs in ExecuTorch's own kernels;
+- ``sort-as-topk`` (``sort_as_topk``, which ``export_onnx`` applies too): a sort of
+  integers (ATD's tokens ordered by category) -> ``topk`` of distinct integer keys. Not for
+  speed: ExecuTorch has no sort kernel, so the program could not be made;
 - ``strided-view-made-contiguous`` (``strided_views_made_contiguous``, applied by
   ``export_mobile`` to a quantised graph only when its int8 program did not run): a
   reshape or view whose 4-D result is not contiguous (a transposed matrix viewed as an
@@ -105,6 +112,7 @@ from ..tracing.fx_helpers import (
     stored_value,
 )
 from . import identities
+from .sort_as_topk import sorts_as_topk
 
 aten = torch.ops.aten
 _CONV_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)  # aten.conv2d's own defaults
@@ -166,10 +174,15 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
         elif node.target is aten.max.dim:
             done["max-dim-as-amax"] += _max_dim_as_amax(gm, node)
+        elif node.target is aten.alias.default and node.args[0].op != "placeholder":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            done["alias-removed"] += 1
         elif node.target in _RESHAPES and quantized:
             done["channels-last-flatten-as-transpose"] += \
                 _channels_last_flatten_as_transpose(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
+    done["sort-as-topk"] += sorts_as_topk(gm)
     _tidied(gm)
     return +done
 

@@ -54,6 +54,7 @@ from .emit import emit_fast
 from .keyword_calls import keyword_calls_exportable
 from .module_rewrites import onnxruntime_forms
 from .onnx_values import feeds
+from .sort_as_topk import sorts_as_topk
 
 
 def _for_export(model: nn.Module, args: tuple, fast: bool) -> nn.Module:
@@ -418,7 +419,7 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     opset = opset or OPSET[TORCH_EXPORT]
     try:
         if not isinstance(model, torch.export.ExportedProgram):
-            model = _export(model, args, dynamic_hw)
+            model = _program_for_onnx(model, args, dynamic_hw)
         with _without_torchvision_notices():
             program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                         input_names=_tensor_names(args),
@@ -435,6 +436,15 @@ def _write_with_torch_export(model: nn.Module | torch.export.ExportedProgram, ar
     except Exception as exc:
         raise _Complaint(f"{one_line(_root_cause(exc))} (torch.export-based exporter)"
                          ) from exc
+
+
+def _program_for_onnx(model: nn.Module, args: tuple,
+                      dynamic_hw: bool) -> torch.export.ExportedProgram:
+    """``model`` exported, its integer sorts written as ``topk`` (``sort_as_topk``): the
+    exporter has no translation for ``aten.sort``."""
+    program = _export(model, args, dynamic_hw)
+    module = program.module()
+    return _export(module, args, dynamic_hw) if sorts_as_topk(module) else program
 
 
 @contextlib.contextmanager
