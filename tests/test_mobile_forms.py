@@ -662,3 +662,45 @@ def test_a_whole_size_crop_after_a_delegate_runs_in_executorch(tmp_path):
     export = runs_in_executorch_as_eager(NormThenCrop().eval(), torch.rand(1, 8, 16, 16),
                                          tmp_path / "c.pte")
     assert export.forms == {"alias-removed": 1}
+
+
+class Noise(nn.Module):
+    """Noise drawn like a tensor, both ways StyleGAN-style generators draw it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn_like(x), x.new_empty(x.shape).normal_(2.0, 3.0)
+
+
+def statistics(t: torch.Tensor) -> tuple[float, float]:
+    return float(t.mean()), float(t.std())
+
+
+def test_noise_drawn_like_a_tensor_becomes_randn_of_the_same_distribution():
+    x = torch.rand(1, 1, 64, 64)  # 4096 draws: the mean within 0.016 std, 0.1 is 6 of those
+    module, forms = rewrite(Noise(), x)
+    assert forms == {"noise-as-randn": 2}
+    assert ops(module).count(aten.randn.default) == 2
+    assert not {aten.randn_like.default, aten.normal_.default} & set(ops(module))
+    standard, scaled = module(x)
+    assert standard.shape == scaled.shape == x.shape
+    for got, (mean, std) in ((standard, (0.0, 1.0)), (scaled, (2.0, 3.0))):
+        got_mean, got_std = statistics(got)
+        assert abs(got_mean - mean) < 0.1 * std and abs(got_std - std) < 0.1 * std
+    assert not torch.equal(module(x)[0], standard)  # drawn anew on each run
+
+
+@pytest.mark.slow  # lowers to ExecuTorch
+def test_noise_drawn_in_executorch_is_new_standard_noise_on_each_run(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import export_mobile, load_pte
+
+    model = ConvThen(lambda y, x: y + torch.randn_like(y)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    export = export_mobile(model, (x,), tmp_path / "n.pte")  # refused before the form
+    assert export.forms["noise-as-randn"] == 1
+    run = load_pte(export.path)
+    with torch.no_grad():
+        first, second = (run(x)[0] - model.conv(x) for _ in range(2))
+    mean, std = statistics(first)
+    assert abs(mean) < 0.1 and abs(std - 1.0) < 0.1
+    assert not torch.equal(first, second)

@@ -60,6 +60,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   multiple of the window, when the size already is one: DAT, RGT) -> its input. Not for
   speed: XNNPACK refuses to build a quantised pad by nothing, so the int8 program could not
   load;
+- ``noise-as-randn``: noise drawn like a tensor (``randn_like``, or ``normal_`` filling a
+  fresh tensor: StyleGAN's noise injection in GFPGAN, AuraSR) -> ``randn`` of its shape
+  (scaled and shifted where ``normal_`` asks). Not for speed: ExecuTorch draws with
+  ``randn`` only, so the program could not be made. Each run draws new noise, as the
+  model does;
 - ``alias-removed``: an alias of a computed tensor (torch.export's form of a slice over a
   whole dimension: ATD's final crop ``x[:, :, :h * scale, :w * scale]``) -> that tensor.
   Not for speed: where the tensor came from an XNNPACK delegate in channels-last order,
@@ -77,6 +82,11 @@ them; the arithmetic is ``identities``', shared with the module-level rewrites o
   height or width, keeping the dimension). Not for speed: XNNPACK's partitioner takes any
   such max of a 4-D tensor and its lowering then refuses the others, so the program could
   not be made; ``amax`` runs in ExecuTorch's own kernels;
+- ``fft-as-matmul`` (``fft_as_matmul``): real 2-D FFTs over the last two axes and the
+  complex products between them (LaMa's Fourier convolutions, FFTformer's spectra) -> real
+  matrix products, each complex value a pair of real tensors. Not for speed: ExecuTorch has
+  no FFT or complex kernels, so the program could not be made. Like the other ops that stay
+  float, in int8 after quantising;
 - ``sort-as-topk`` (``sort_as_topk``, which ``export_onnx`` applies too): a sort of
   integers (ATD's tokens ordered by category) -> ``topk`` of distinct integer keys. Not for
   speed: ExecuTorch has no sort kernel, so the program could not be made;
@@ -112,6 +122,7 @@ from ..tracing.fx_helpers import (
     stored_value,
 )
 from . import identities
+from .fft_as_matmul import ffts_as_matmuls
 from .sort_as_topk import sorts_as_topk
 
 aten = torch.ops.aten
@@ -174,6 +185,8 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
             done["adaptive-max-pool-as-pool"] += _adaptive_max_pool_as_pool(gm, node)
         elif node.target is aten.max.dim:
             done["max-dim-as-amax"] += _max_dim_as_amax(gm, node)
+        elif node.target in _NOISE:
+            done["noise-as-randn"] += _noise_as_randn(gm, node)
         elif node.target is aten.alias.default and node.args[0].op != "placeholder":
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
@@ -200,7 +213,7 @@ def strided_views_made_contiguous(gm: fx.GraphModule) -> Counter[str]:
 
 def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
     """Rewrite, in place, the ops that stay float in an int8 program (``mish-as-exp``,
-    ``channel-mean-as-conv``, ``split-as-slices``);
+    ``channel-mean-as-conv``, ``split-as-slices``, ``fft-as-matmul``);
     returns rewrites per kind. ``xnnpack_forms`` runs them for fp32; for int8,
     ``export_mobile`` runs this on the quantised graph, since before the quantiser their
     rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
@@ -226,6 +239,7 @@ def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default,
                              aten.chunk.default):
             done["split-as-slices"] += _split_as_slices(gm, node)
+    done["fft-as-matmul"] += ffts_as_matmuls(gm)
     return +done
 
 
@@ -661,6 +675,31 @@ def _max_dim_as_amax(gm: fx.GraphModule, top: fx.Node) -> int:
     with gm.graph.inserting_before(top):
         amax = gm.graph.call_function(aten.amax.default, (x, [dim], keepdim))
     return _values_from(gm, top, amax)
+
+
+#: ops drawing standard normal noise of their input's shape: (mean, std) argument positions
+_NOISE = {aten.randn_like.default: None, aten.normal_.default: (1, 2),
+          aten.normal_functional.default: (1, 2)}
+
+
+def _noise_as_randn(gm: fx.GraphModule, noise: fx.Node) -> int:
+    like, shape = noise.args[0], node_shape(noise.args[0])
+    if shape is None or not all(isinstance(n, int) for n in shape) \
+            or noise.kwargs.get("generator") is not None:
+        return 0
+    if noise.target is aten.normal_.default and list(like.users) != [noise]:
+        return 0  # the tensor it fills is read elsewhere too
+    value = noise.meta["val"]
+    with gm.graph.inserting_before(noise):
+        drawn = gm.graph.call_function(aten.randn.default, (list(shape),),
+                                       {"dtype": value.dtype, "device": value.device})
+        if (places := _NOISE[noise.target]) is not None:
+            mean, std = (_arg(noise, places[0], 0.0), _arg(noise, places[1], 1.0))
+            if std != 1.0:
+                drawn = gm.graph.call_function(aten.mul.Tensor, (drawn, std))
+            if mean != 0.0:
+                drawn = gm.graph.call_function(aten.add.Tensor, (drawn, mean))
+    return _replaced(gm, noise, drawn)
 
 
 def _indices_unread(op: fx.Node) -> bool:
