@@ -11,8 +11,10 @@ Per network (``examples/zoo.py``, random weights, its example input): ``lighten`
 A step ends ``ok``, with the ``LwCompileError`` subclass and message that refused it (an
 exporter's limit, named), or ``RAW`` with the exception type and where it came from: a raw
 error is a bug of lwcompile. int8 uses 2 calibration crops and 1 held-out crop (the
-measurement is of the path, not of quality: the weights are random). Each network runs in
-its own process with one thread and a time limit, so a hang or a crash is one row.
+measurement is of the path, not of quality: the weights are random); a network reading an
+image and a noise-level map gets such inputs (``noise_map_calibration``), as its users
+must. Each network runs in its own process with one thread and a time limit, so a hang or a
+crash is one row.
 
 Writes ``benchmarks/results/zoo_deploy.json`` (with the machine; each network with the time
 limit it ran under, each step with the CPU it ran on, and ``cpus`` listing them: kept
@@ -39,6 +41,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 #: in the order they run: the fp32 paths first, so a time limit costs the int8 ones
 STEPS = ("lighten", "onnx fp32", "xnnpack fp32", "onnx int8", "xnnpack int8")
+#: noise levels (of 255) of the noise maps that stand in for a 4-channel network's data
+NOISE_LEVELS = (15, 25, 50)
+
+
+def noise_map_calibration(example: Any) -> Any:
+    """int8 data for a network reading an image and its noise-level map (FDnCNN, DRUNet),
+    which the bundled images cannot stand in for: the example's image, shifted, beside a
+    constant map at each of ``NOISE_LEVELS``. Enough to check the path, as the rest is."""
+    import torch
+
+    image = example[:, :3]
+    return torch.cat([torch.cat([image.roll(7 * k, -1), torch.full_like(image[:, :1], level / 255)],
+                                1) for k, level in enumerate(NOISE_LEVELS)])
 
 
 def _child(name: str, out: Path, steps: tuple[str, ...]) -> None:
@@ -100,15 +115,18 @@ def _steps(model: Any, x: tuple, folder: Path, record: dict[str, Any], out: Path
         return (f"onnx vs eager {float((torch.from_numpy(got) - want).abs().max()):.1e}"
                 + (", size fixed" if fixed else ""))
 
+    data = {"calibration": noise_map_calibration(x[0])} if x[0].shape[1] == 4 else {}
+
     def onnx_int8() -> str:
         path = lwcompile.export_onnx(light["model"], x, folder / "int8.onnx", precision="int8",
-                                     calibration_count=2, evaluation_count=1)
+                                     calibration_count=2, evaluation_count=1, **data)
         return f"int8 vs float {path.int8_report.psnr_db:.1f} dB"
 
     def mobile(precision: str) -> str:
+        int8_data = data if precision == "int8" else {}
         export = lwcompile.export_mobile(light["model"], x, folder / f"{precision}.pte",
                                          precision=precision, calibration_count=2,
-                                         evaluation_count=1)
+                                         evaluation_count=1, **int8_data)
         if precision == "int8":
             return f"int8 vs float {export.int8_report.psnr_db:.1f} dB"
         return f"pte vs eager {export.max_abs_error:.1e}"

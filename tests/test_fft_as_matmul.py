@@ -94,3 +94,33 @@ def test_a_fourier_convolution_runs_in_executorch(tmp_path):
     export = runs_in_executorch_as_eager(FourierConv().eval(), torch.randn(1, 4, 16, 16),
                                          tmp_path / "f.pte", tolerance=1e-4)
     assert export.forms["fft-as-matmul"] == 2
+
+
+class BetweenConvs(nn.Module):
+    """A Fourier convolution between two convs, as in LaMa: in int8 the convs are quantised
+    and the transform reads and writes rounded values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.tail = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+        self.fourier = FourierConv()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(torch.relu(self.fourier(torch.relu(self.head(x)))))
+
+
+@pytest.mark.slow  # quantises and lowers to ExecuTorch
+def test_a_fourier_convolution_between_int8_convs_runs_in_executorch(tmp_path):
+    pytest.importorskip("executorch")
+    from lwcompile.deploy.mobile import export_mobile
+
+    torch.manual_seed(0)
+    # the quantised graph's rounding nodes record no shape: the transform's is found
+    # through them (before, the rewrite did not apply and ExecuTorch refused the program)
+    export = export_mobile(BetweenConvs().eval(), (torch.rand(1, 3, 16, 16),),
+                           tmp_path / "f8.pte", precision="int8",
+                           calibration=torch.rand(4, 3, 16, 16), calibration_count=3,
+                           evaluation_count=1)
+    assert export.forms["fft-as-matmul"] == 2
+    assert export.int8_report.psnr_db > 40

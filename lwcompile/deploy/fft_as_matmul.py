@@ -88,7 +88,7 @@ class _RealPairs:
 
     def rfft2(self, fft: fx.Node) -> tuple[fx.Node, fx.Node]:
         x = fft.args[0]
-        height, width = node_shape(x)[-2:]
+        height, width = _shape(x)[-2:]
         scale = _scale(_norm(fft), height * width, inverse=False)
         on_width = _angles(width, width // 2 + 1, width)
         a = self.times(x, torch.cos(on_width) * scale)
@@ -168,13 +168,22 @@ def _arg(node: fx.Node, i: int, default: object = None) -> object:
 
 
 def _static(node: fx.Node) -> bool:
-    shape = node_shape(node)
+    shape = _shape(node)
     return shape is not None and all(isinstance(n, int) for n in shape)
+
+
+def _shape(node: object) -> torch.Size | None:
+    """``node``'s recorded shape; in a converted int8 graph, whose quantize and dequantize
+    nodes record none, that of the value they round."""
+    while node_shape(node) is None and isinstance(node, fx.Node) \
+            and str(node.target).startswith("quantized_decomposed.") and node.args:
+        node = node.args[0]
+    return node_shape(node)
 
 
 def _last_two_axes(fft: fx.Node) -> bool:
     """The transform runs over the last two axes of its input, and only those."""
-    shape = node_shape(fft.args[0])
+    shape = _shape(fft.args[0])
     dims = _arg(fft, 2, fft.kwargs.get("dim"))
     if shape is None:
         return False
