@@ -182,7 +182,8 @@ def _shape(node: object) -> torch.Size | None:
 
 
 def _last_two_axes(fft: fx.Node) -> bool:
-    """The transform runs over the last two axes of its input, and only those."""
+    """The transform runs over the last two axes of its input, in order (the last one is
+    the halved one), and only those."""
     shape = _shape(fft.args[0])
     dims = _arg(fft, 2, fft.kwargs.get("dim"))
     if shape is None:
@@ -191,7 +192,7 @@ def _last_two_axes(fft: fx.Node) -> bool:
     dims = [rank - 2, rank - 1] if dims is None and fft.target in (
         aten.fft_rfft2.default, aten.fft_irfft2.default) else dims
     dims = list(range(rank)) if dims is None else dims
-    return sorted(d % rank for d in dims) == [rank - 2, rank - 1]
+    return [d % rank for d in dims] == [rank - 2, rank - 1]
 
 
 def _inverse_fits(inverse: fx.Node) -> bool:
