@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lwcompile
@@ -164,4 +165,32 @@ def test_a_program_the_runtime_cannot_run_is_refused_and_not_written(tmp_path, m
     with pytest.raises(lwcompile.ExportError, match="could not run the exported program: "
                        "RuntimeError: method->execute.*nothing was written"):
         lwcompile.export_mobile(nn.Conv2d(3, 3, 3), X, tmp_path / "a.pte")
+    assert list(tmp_path.iterdir()) == []
+
+
+class ModulatedConv(nn.Module):
+    """A StyleGAN-style modulated conv between two plain ones: its weight is computed from
+    the input (GFPGAN, AuraSR)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.tail = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        self.style = nn.Linear(3, 8)
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * self.style(x.mean((2, 3))).view(1, 8, 1, 1)
+        h = F.conv2d(torch.relu(self.head(x)), weight, padding=1)
+        return self.tail(torch.relu(h))
+
+
+@pytest.mark.slow  # quantises and lowers to ExecuTorch
+def test_xnnpack_int8_of_a_modulated_conv_is_refused_naming_it(tmp_path):
+    pytest.importorskip("executorch")
+    with pytest.raises(lwcompile.ExportError, match=r"computes conv weights from its input "
+                       r"\(conv2d_1: modulated convs\), which XNNPACK cannot run in int8"):
+        lwcompile.export_mobile(ModulatedConv().eval(), X, tmp_path / "m.pte",
+                                precision="int8", calibration=torch.rand(3, 3, 16, 16),
+                                calibration_count=2, evaluation_count=1)
     assert list(tmp_path.iterdir()) == []

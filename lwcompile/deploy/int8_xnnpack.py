@@ -82,6 +82,23 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return path.removeprefix("L['self'].").removeprefix("L['self']")
 
 
+def computed_weight_convs(graph_module: torch.fx.GraphModule) -> list[str]:
+    """Module paths of the convs whose weight is computed from the input (modulated convs:
+    GFPGAN's, AuraSR's), which XNNPACK's int8 lowering cannot take: it quantises a conv's
+    weight per channel as a constant."""
+    names: list[str] = []
+    for node in graph_module.graph.nodes:
+        weight = node.args[1] if node.target in ATEN_CONVS and len(node.args) > 1 else None
+        while isinstance(weight, torch.fx.Node) and weight.args \
+                and str(weight.target).startswith("quantized_decomposed."):
+            weight = weight.args[0]  # a stored weight, quantised
+        if isinstance(weight, torch.fx.Node) and weight.op != "get_attr":
+            name = _module_path(node) or node.name
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def conv_layers(graph_module: torch.fx.GraphModule) -> list[str]:
     """Module paths of the convs in an exported graph, in execution order."""
     names: list[str] = []

@@ -183,16 +183,20 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
             if optimize:
                 forms += float_op_forms(quantized)
             exported = torch.export.export(quantized, example_inputs)
-        program, report, leading = _lowered(exir, XnnpackPartitioner, exported)
+        with raised_as(MobileExportError, "could not export for XNNPACK",
+                       _int8_limits(quantized) if for_int8 else ""):
+            program, report, leading = _lowered(exir, XnnpackPartitioner, exported)
         expected = model(*fresh(example_inputs)) if verify else None
         simulated = quantized(*fresh(example_inputs)) if verify and for_int8 else None
     error = None
     if expected is not None:
         try:
             got = _run_program(program.buffer, fresh(example_inputs), leading)
-        except MobileExportError:
+        except MobileExportError as failure:
             relaid = strided_views_made_contiguous(quantized) if for_int8 else None
             if not relaid:
+                if for_int8 and (limits := _int8_limits(quantized)):
+                    raise MobileExportError(f"{failure}{limits}") from failure
                 raise
             forms += relaid
             with raised_as(MobileExportError, "could not export for XNNPACK"), \
@@ -205,6 +209,20 @@ def export_mobile(model: nn.Module, example_inputs: tuple, path: str | Path, *,
     shapes = [tuple(a.shape) for a in example_inputs if isinstance(a, Tensor)]
     return MobileExport(path, path.stat().st_size, shapes, report, dict(+forms), error,
                         int8_report, leading)
+
+
+def _int8_limits(quantized: torch.fx.GraphModule) -> str:
+    """What in a quantised graph XNNPACK's int8 cannot take, worded for its refusal ("" if
+    nothing known): convs whose weights are computed."""
+    from .int8_xnnpack import computed_weight_convs
+
+    names = computed_weight_convs(quantized)
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"; the model computes conv weights from its input ({shown}: modulated convs), "
+            f"which XNNPACK cannot run in int8: export it in fp32, or in int8 with "
+            f"export_onnx")
 
 
 def _leading_outputs(program: torch.export.ExportedProgram) -> int:
