@@ -116,10 +116,12 @@ from torch import fx
 
 from ..tracing.fx_helpers import (
     ATEN_CONVS,
+    argument,
     channel_concat_parts,
     node_shape,
     stored_constant,
     stored_value,
+    tidied,
 )
 from . import identities
 from .fft_as_matmul import ffts_as_matmuls
@@ -149,7 +151,7 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
     done: Counter[str] = Counter()
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.target is aten.batch_norm.default and not _arg(node, 5, False):
+        if node.target is aten.batch_norm.default and not argument(node, 5, False):
             if _fold_bn(gm, node):
                 done["bn-into-cat-convs"] += 1
             elif quantized:
@@ -196,7 +198,7 @@ def xnnpack_forms(gm: fx.GraphModule, quantized: bool = False) -> Counter[str]:
                 _channels_last_flatten_as_transpose(gm, node)
     done["unit-dims-dropped"] += _unit_dims_dropped(gm)
     done["sort-as-topk"] += sorts_as_topk(gm)
-    _tidied(gm)
+    tidied(gm)
     return +done
 
 
@@ -207,7 +209,7 @@ def strided_views_made_contiguous(gm: fx.GraphModule) -> Counter[str]:
     for node in list(gm.graph.nodes):
         if node.target in _RESHAPES:
             done["strided-view-made-contiguous"] += _made_contiguous(gm, node)
-    _tidied(gm)
+    tidied(gm)
     return +done
 
 
@@ -218,15 +220,8 @@ def float_op_forms(gm: fx.GraphModule) -> Counter[str]:
     ``export_mobile`` runs this on the quantised graph, since before the quantiser their
     rewritten arithmetic (adds, muls) would be annotated for int8 like any other."""
     done = _float_op_forms(gm)
-    _tidied(gm)
+    tidied(gm)
     return done
-
-
-def _tidied(gm: fx.GraphModule) -> None:
-    """Drop the nodes the rewrites left unread, check the graph and regenerate its code."""
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
 
 
 def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
@@ -241,10 +236,6 @@ def _float_op_forms(gm: fx.GraphModule) -> Counter[str]:
             done["split-as-slices"] += _split_as_slices(gm, node)
     done["fft-as-matmul"] += ffts_as_matmuls(gm)
     return +done
-
-
-def _arg(node: fx.Node, i: int, default: object = None) -> object:
-    return node.args[i] if len(node.args) > i else default
 
 
 def _conv_args(node: fx.Node) -> list:
@@ -385,8 +376,8 @@ def _conv_before_upsample(gm: fx.GraphModule, up: fx.Node) -> int:
 def _scales(up: fx.Node) -> list[float | None]:
     """The scale factors an ``upsample_bilinear2d`` node was given (None where absent)."""
     if up.target is aten.upsample_bilinear2d.vec:
-        return list(_arg(up, 3) or [None, None])
-    return [_arg(up, 3), _arg(up, 4)]
+        return list(argument(up, 3) or [None, None])
+    return [argument(up, 3), argument(up, 4)]
 
 
 def _pointwise_user(up: fx.Node) -> fx.Node | None:
@@ -407,7 +398,7 @@ def _pointwise_user(up: fx.Node) -> fx.Node | None:
 def _halving_bilinear_as_conv(gm: fx.GraphModule, up: fx.Node) -> int:
     source = up.args[0]
     low, high = node_shape(up), node_shape(source)
-    if (low is None or high is None or len(high) != 4 or _arg(up, 2, False)
+    if (low is None or high is None or len(high) != 4 or argument(up, 2, False)
             or not identities.halves_exactly(high[-2:], low[-2:], _scales(up))):
         return 0
     dtype = _dtype(source)
@@ -498,9 +489,9 @@ def _mish_as_exp(gm: fx.GraphModule, mish: fx.Node) -> int:
 
 def _channel_mean_as_conv(gm: fx.GraphModule, mean: fx.Node) -> int:
     x, shape = mean.args[0], node_shape(mean.args[0])
-    dims = _arg(mean, 1)
+    dims = argument(mean, 1)
     if (shape is None or len(shape) != 4 or not isinstance(dims, list | tuple)
-            or [d % 4 for d in dims] != [1] or not _arg(mean, 2, False) or mean.kwargs):
+            or [d % 4 for d in dims] != [1] or not argument(mean, 2, False) or mean.kwargs):
         return 0
     dtype = _dtype(mean)
     weight = torch.full((1, int(shape[1]), 1, 1), 1.0 / int(shape[1]), dtype=dtype)
@@ -511,7 +502,7 @@ def _channel_mean_as_conv(gm: fx.GraphModule, mean: fx.Node) -> int:
 
 def _split_as_slices(gm: fx.GraphModule, split: fx.Node) -> int:
     x, shape = split.args[0], node_shape(split.args[0])
-    dim = _arg(split, 2, 0)
+    dim = argument(split, 2, 0)
     users = list(split.users)
     if (shape is None or not isinstance(dim, int) or split.kwargs or not users
             or any(u.target is not operator.getitem for u in users)):
@@ -545,9 +536,9 @@ def _empty_pad_removed(gm: fx.GraphModule, pad: fx.Node) -> bool:
 def _negative_pad_as_slice(gm: fx.GraphModule, pad: fx.Node) -> int:
     x, amounts = pad.args[:2]
     if pad.target is aten.pad.default:
-        mode, value = _arg(pad, 2, pad.kwargs.get("mode", "constant")), _arg(pad, 3, None)
+        mode, value = argument(pad, 2, pad.kwargs.get("mode", "constant")), argument(pad, 3, None)
     else:
-        mode, value = "constant", _arg(pad, 2, 0.0)
+        mode, value = "constant", argument(pad, 2, 0.0)
     shape = node_shape(x)
     if mode != "constant" or shape is None or not all(isinstance(a, int) for a in amounts) \
             or min(amounts, default=0) >= 0:
@@ -666,7 +657,7 @@ def _adaptive_max_pool_as_pool(gm: fx.GraphModule, pool: fx.Node) -> int:
 
 def _max_dim_as_amax(gm: fx.GraphModule, top: fx.Node) -> int:
     x, shape = top.args[0], node_shape(top.args[0])
-    dim, keepdim = _arg(top, 1), _arg(top, 2, False)
+    dim, keepdim = argument(top, 1), argument(top, 2, False)
     if shape is None or not isinstance(dim, int) or top.kwargs or not _indices_unread(top):
         return 0
     dim %= len(shape)
@@ -694,7 +685,7 @@ def _noise_as_randn(gm: fx.GraphModule, noise: fx.Node) -> int:
         drawn = gm.graph.call_function(aten.randn.default, (list(shape),),
                                        {"dtype": value.dtype, "device": value.device})
         if (places := _NOISE[noise.target]) is not None:
-            mean, std = (_arg(noise, places[0], 0.0), _arg(noise, places[1], 1.0))
+            mean, std = (argument(noise, places[0], 0.0), argument(noise, places[1], 1.0))
             if std != 1.0:
                 drawn = gm.graph.call_function(aten.mul.Tensor, (drawn, std))
             if mean != 0.0:

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import fx
 
-from ..tracing.fx_helpers import node_shape, stored_constant
+from ..tracing.fx_helpers import argument, node_shape, stored_constant, tidied, unrounded
 
 aten = torch.ops.aten
 _FORWARD = (aten.fft_rfft2.default, aten.fft_rfftn.default)
@@ -53,9 +53,7 @@ def ffts_as_matmuls(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         with gm.graph.inserting_before(node):
             done += rewrite.node(node, node in complex_nodes)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    tidied(gm)
     return done
 
 
@@ -155,16 +153,12 @@ def _rewritable(node: fx.Node) -> bool:
     supported ops."""
     if node.target in _FORWARD:  # of a real input of fixed size, at its own size
         made = _last_two_axes(node) and _static(node.args[0]) \
-            and _arg(node, 1, node.kwargs.get("s")) is None
+            and argument(node, 1, node.kwargs.get("s")) is None
     else:  # the other operands of a product are complex values (checked themselves) or real
         made = node.target in (_MUL, _MAKE)
     read = all(u.target in (_MUL, *_PARTS) or (u.target in _INVERSE and _inverse_fits(u))
                for u in node.users)
     return made and read
-
-
-def _arg(node: fx.Node, i: int, default: object = None) -> object:
-    return node.args[i] if len(node.args) > i else default
 
 
 def _static(node: fx.Node) -> bool:
@@ -175,17 +169,14 @@ def _static(node: fx.Node) -> bool:
 def _shape(node: object) -> torch.Size | None:
     """``node``'s recorded shape; in a converted int8 graph, whose quantize and dequantize
     nodes record none, that of the value they round."""
-    while node_shape(node) is None and isinstance(node, fx.Node) \
-            and str(node.target).startswith("quantized_decomposed.") and node.args:
-        node = node.args[0]
-    return node_shape(node)
+    return node_shape(unrounded(node))
 
 
 def _last_two_axes(fft: fx.Node) -> bool:
     """The transform runs over the last two axes of its input, in order (the last one is
     the halved one), and only those."""
     shape = _shape(fft.args[0])
-    dims = _arg(fft, 2, fft.kwargs.get("dim"))
+    dims = argument(fft, 2, fft.kwargs.get("dim"))
     if shape is None:
         return False
     rank = len(shape)
@@ -207,12 +198,12 @@ def _inverse_fits(inverse: fx.Node) -> bool:
 
 def _inverse_size(inverse: fx.Node) -> tuple[int, int]:
     spectrum = node_shape(inverse.args[0])
-    size = _arg(inverse, 1, inverse.kwargs.get("s"))
+    size = argument(inverse, 1, inverse.kwargs.get("s"))
     return tuple(size) if size is not None else (spectrum[-2], 2 * (spectrum[-1] - 1))
 
 
 def _norm(node: fx.Node) -> str:
-    return _arg(node, 3, node.kwargs.get("norm")) or "backward"
+    return argument(node, 3, node.kwargs.get("norm")) or "backward"
 
 
 def _scale(norm: str, count: int, inverse: bool) -> float:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import one_line
 from ..measure.inputs import fresh
-from ..tracing.fx_helpers import ATEN_CONVS, stored_constant, stored_value
+from ..tracing.fx_helpers import ATEN_CONVS, stored_constant, stored_value, unrounded
 from ..train.data import Degrade
 from . import int8, int8_inputs
 from .pt2e_float_layer import Pt2eFloatLayers
@@ -89,9 +89,7 @@ def computed_weight_convs(graph_module: torch.fx.GraphModule) -> list[str]:
     names: list[str] = []
     for node in graph_module.graph.nodes:
         weight = node.args[1] if node.target in ATEN_CONVS and len(node.args) > 1 else None
-        while isinstance(weight, torch.fx.Node) and weight.args \
-                and str(weight.target).startswith("quantized_decomposed."):
-            weight = weight.args[0]  # a stored weight, quantised
+        weight = unrounded(weight)  # a stored weight, quantised, is still stored
         if isinstance(weight, torch.fx.Node) and weight.op != "get_attr":
             name = _module_path(node) or node.name
             if name not in names:

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from ..errors import LwCompileWarning
-from ..tracing.fx_helpers import node_shape
+from ..tracing.fx_helpers import node_shape, tidied
 
 aten = torch.ops.aten
 _SORTS = (aten.sort.default, aten.sort.stable)
@@ -44,9 +44,7 @@ def sorts_as_topk(gm: fx.GraphModule) -> int:
             unstable += not _sort_arguments(node)[0]
             done += _as_topk(gm, node)
     if done:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        tidied(gm)
     if unstable:
         warnings.warn(f"{unstable} unstable sort(s) (torch.sort with stable=False) deployed "
                       "with equal values in index order; eager PyTorch may order them "

@@ -18,6 +18,8 @@
   eager runs alike); they are safe to call from several threads, one proceeding at a time.
 - ``make_picklable`` / ``picklable``: let ``torch.save`` pickle GraphModules whatever traced
   them, for good or for the duration of one save.
+- ``argument``, ``unrounded``, ``tidied``: reading and finishing the ATen graphs the
+  deployment forms rewrite.
 """
 
 from __future__ import annotations
@@ -96,6 +98,28 @@ def stored_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.
         name += "_"
     gm.register_buffer(name, value.detach().contiguous().clone())
     return gm.graph.get_attr(name)
+
+
+def argument(node: fx.Node, i: int, default: object = None) -> object:
+    """The ``i``-th positional argument of ``node``, or ``default`` where it has fewer."""
+    return node.args[i] if len(node.args) > i else default
+
+
+def unrounded(node: object) -> object:
+    """The value ``node`` rounds through a chain of pt2e's quantize and dequantize nodes
+    (``quantized_decomposed`` ops, which record no shape in a converted graph); ``node``
+    itself where it is none of them."""
+    while isinstance(node, fx.Node) and node.args \
+            and str(node.target).startswith("quantized_decomposed."):
+        node = node.args[0]
+    return node
+
+
+def tidied(gm: fx.GraphModule) -> None:
+    """Drop the nodes a rewrite left unread, check the graph and regenerate its code."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
 
 
 def node_shape(node: object) -> torch.Size | None:
